@@ -1,0 +1,138 @@
+"""``kilm-ray``: one command line for every stage. Each subcommand takes ``--config FILE`` and
+trailing dotted ``key=value`` overrides; errors in inputs or config end in one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, load_config
+
+log = logging.getLogger("kilm_ray")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def _config(args: argparse.Namespace) -> KilmConfig:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path, args.overrides)
+
+
+def _common(p: argparse.ArgumentParser, address: bool = True) -> None:
+    p.add_argument("--config", help="YAML config (default: configs/tiny.yaml, the embedded default)")
+    if address:
+        p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=1e-4")
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from kilm_ray.cluster import init_ray
+    from kilm_ray.data import preflight, preprocess
+
+    cfg = _config(args)
+    dumps = [d for item in args.dump for d in item.split(",") if d]
+    knowledge = [k for item in (args.knowledge or []) for k in item.split(",") if k]
+    preflight(dumps, knowledge)  # before Ray starts: a missing input costs nothing
+    init_ray(args.address)
+    stats = preprocess(cfg, dumps, args.out, knowledge)
+    samples = stats["samples"]
+    print(json.dumps({"out": args.out, "pages": {k: v for k, v in stats["pages"].items() if k != "error_examples"},
+                      "links": stats["links"], "samples": samples}, indent=2))
+    return 0
+
+
+def cmd_import_kb(args: argparse.Namespace) -> int:
+    from kilm_ray.corpus.knowledge import KBStats, iter_jsonl, parse_wordnet_database, select_best, write_kb_jsonl
+
+    stats = KBStats()
+    if args.wordnet_dir:
+        directory = Path(args.wordnet_dir)
+        rows = enumerate(parse_wordnet_database(directory / "data.noun", directory / "index.noun"), start=1)
+        table = select_best(rows, str(directory), stats)
+    else:
+        table = select_best(iter_jsonl(args.jsonl, stats), args.jsonl, stats)
+    n = write_kb_jsonl(table, args.out)
+    print(json.dumps({"out": args.out, "entities": n, "lines": stats.lines, "bad_lines": stats.bad_lines,
+                      "bad_examples": stats.bad_examples[:5]}, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "reference":
+        print(config_reference_markdown())
+    else:
+        print(_config(args).to_yaml(), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kilm-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="Wikipedia dump -> KILM chunk shards (Ray Data)")
+    p.add_argument("--dump", action="append", required=True, help="pages-articles .xml/.xml.bz2, local or s3:// (repeatable)")
+    p.add_argument("--out", required=True, help="output directory, local or s3://")
+    p.add_argument("--knowledge", action="append", help="external knowledge base JSONL(.gz) (repeatable)")
+    _common(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wordnet-dir", help="directory with WordNet's data.noun and index.noun")
+    src.add_argument("--jsonl", help="JSONL(.gz) with {name, description} or WordNet-shaped rows")
+    p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
+    p.set_defaults(func=cmd_import_kb)
+
+    p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
+    p.add_argument("action", choices=["show", "reference"])
+    _common(p, address=False)
+    p.set_defaults(func=cmd_config)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Callable] = []
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from kilm_ray.storage import InputError
+
+    try:
+        return args.func(args)
+    except (ConfigError, InputError) as exc:
+        print(f"kilm-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # known user-facing failures carry a clear message
+        from kilm_ray.loader import DataError
+        from kilm_ray.tokenizer import TokenizerError
+
+        if isinstance(exc, (DataError, TokenizerError)):
+            print(f"kilm-ray {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Connecting to Ray: an existing cluster (``ray job submit``, ``RAY_ADDRESS``) or a local one sized
+for a laptop, with the package shipped to every worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import kilm_ray
+
+log = logging.getLogger("kilm_ray")
+
+
+def package_runtime_env(extra_env: Optional[dict[str, str]] = None) -> dict:
+    """A runtime_env that ships this kilm_ray package to every task and actor (the cluster's image
+    provides the dependencies; see cluster.yaml)."""
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""), **(extra_env or {})}
+    return {"py_modules": [str(Path(kilm_ray.__file__).parent)],
+            "env_vars": {k: v for k, v in env.items() if v}}
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
+             ship_package: Optional[bool] = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``); else start a local Ray.
+
+    On a small machine the local cluster advertises at least 4 logical CPUs: Ray Train workers that
+    hold every CPU would otherwise starve the Ray Data tasks that feed them (DESIGN.md §4).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray runs this very interpreter, which imports kilm_ray already; a cluster gets a copy.
+    ship = bool(address) if ship_package is None else ship_package
+    runtime_env = package_runtime_env() if ship else None
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    memory = int(min(2 * 1024**3, _total_memory() * 0.2))
+    log.info("starting a local Ray with %d logical CPUs", cpus)
+    ray.init(num_cpus=cpus, object_store_memory=memory, include_dashboard=False, runtime_env=runtime_env,
+             configure_logging=True, logging_level=logging.WARNING)
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 1024**3

@@ -1,0 +1,602 @@
+"""One typed configuration tree for every kilm_ray command.
+
+A config is built from dataclass defaults, then a YAML file, then dotted ``key=value`` overrides
+(``train.lr=1e-4``). Every step validates: an unknown key, a value of the wrong type or out of range
+raises :class:`ConfigError` naming the dotted key (and the file), with a suggestion for typos.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text feeds the generated config reference."""
+    if "default_factory" in kwargs:
+        return field(default_factory=kwargs.pop("default_factory"), metadata={"help": text})
+    return field(default=kwargs.pop("default"), metadata={"help": text})
+
+
+# ----------------------------------------------------------------------------------------------
+# The tree
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorpusConfig:
+    mode: Literal["lead", "article"] = _doc(
+        "Text kept per article: the lead section (KILM) or the whole article minus reference sections.",
+        default="lead",
+    )
+    knowledge_sources: list[str] = _doc(
+        "Knowledge sources tried in order for each link target: template ({{Short description}}), "
+        "first_sentence (of the target's article in the dump), external (the --knowledge files).",
+        default_factory=lambda: ["template", "first_sentence", "external"],
+    )
+    max_pages: int = _doc("Stop after this many pages per dump file (0 = all). For quick runs.", default=0)
+    pages_per_block: int = _doc("Pages per Ray Data block coming out of the dump reader.", default=64)
+    valid_unseen_fraction: float = _doc(
+        "Fraction of articles held out of training entirely (valid_unseen).", default=0.05
+    )
+    valid_seen_fraction: float = _doc(
+        "Fraction of training articles whose chunks are also evaluated (valid_seen).", default=0.05
+    )
+    split_seed: int = _doc("Seed of the article-level split (a keyed hash of the title).", default=0)
+    max_description_chars: int = _doc(
+        "Descriptions longer than this are cut at a word boundary (first sentences can be long).",
+        default=400,
+    )
+
+    def validate(self, path: str) -> None:
+        allowed = {"template", "first_sentence", "external"}
+        bad = [s for s in self.knowledge_sources if s not in allowed]
+        if bad or not self.knowledge_sources:
+            raise ConfigError(
+                f"{path}.knowledge_sources: {bad or '[]'} not allowed; choose from {sorted(allowed)}"
+            )
+        _check_range(f"{path}.valid_unseen_fraction", self.valid_unseen_fraction, 0.0, 0.9)
+        _check_range(f"{path}.valid_seen_fraction", self.valid_seen_fraction, 0.0, 1.0)
+        _check_min(f"{path}.max_pages", self.max_pages, 0)
+        _check_min(f"{path}.pages_per_block", self.pages_per_block, 1)
+        _check_min(f"{path}.max_description_chars", self.max_description_chars, 16)
+
+
+@dataclass
+class TokenizerConfig:
+    source: str = _doc(
+        "Where the tokenizer comes from: 'train' (a byte-level BPE trained on the corpus), "
+        "'gpt2-bpe:DIR' (encoder.json + vocab.bpe), or a local directory / hub id such as "
+        "facebook/bart-base. The five KILM tokens are always added.",
+        default="train",
+    )
+    vocab_size: int = _doc("Vocabulary size when source=train.", default=8000)
+    train_max_paragraphs: int = _doc("Paragraphs sampled to train the BPE (source=train).", default=200_000)
+
+    def validate(self, path: str) -> None:
+        _check_min(f"{path}.vocab_size", self.vocab_size, 300)
+        _check_min(f"{path}.train_max_paragraphs", self.train_max_paragraphs, 1)
+
+
+@dataclass
+class DataConfig:
+    max_source_tokens: int = _doc(
+        "Longest encoder input (special tokens included); text is chunked to fit it with a knowledge slot.",
+        default=512,
+    )
+    max_knowledge_tokens: int = _doc(
+        "Longest 'Title<sep>description' knowledge string; target length = source + this.", default=128
+    )
+    min_chunk_tokens: int = _doc("Chunks shorter than this are dropped.", default=8)
+    max_eval_entities: int = _doc("Evaluation: samples per chunk, one per entity (the first N).", default=10)
+
+    def validate(self, path: str) -> None:
+        _check_min(f"{path}.max_source_tokens", self.max_source_tokens, 32)
+        _check_min(f"{path}.max_knowledge_tokens", self.max_knowledge_tokens, 4)
+        _check_min(f"{path}.min_chunk_tokens", self.min_chunk_tokens, 1)
+        _check_min(f"{path}.max_eval_entities", self.max_eval_entities, 1)
+
+    @property
+    def max_text_tokens(self) -> int:
+        # <s> </s> around the text, <ent> </ent> around the mention, <ent_desc> <mask> </ent_desc>.
+        return self.max_source_tokens - 7
+
+    @property
+    def max_target_tokens(self) -> int:
+        return self.max_source_tokens + self.max_knowledge_tokens
+
+
+@dataclass
+class MaskingConfig:
+    mask_ratio: float = _doc(
+        "BART text infilling: fraction of non-special source tokens masked (budget = ceil(ratio * n)).",
+        default=0.3,
+    )
+    poisson_lambda: float = _doc("Mean of the Poisson distribution of masked span lengths.", default=3.0)
+    knowledge_prob: float = _doc(
+        "Probability that a training chunk with linked entities gets a knowledge slot (one entity, its "
+        "knowledge masked). 1.0 = KILM; 0.0 = plain BART text infilling (the baseline).",
+        default=1.0,
+    )
+    knowledge_loss_weight: float = _doc(
+        "Weight of knowledge tokens (inside <ent_desc>...</ent_desc>) in the token-averaged loss.",
+        default=1.0,
+    )
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.mask_ratio", self.mask_ratio, 0.0, 0.95)
+        _check_range(f"{path}.poisson_lambda", self.poisson_lambda, 0.0, 64.0, low_open=True)
+        _check_range(f"{path}.knowledge_prob", self.knowledge_prob, 0.0, 1.0)
+        _check_range(f"{path}.knowledge_loss_weight", self.knowledge_loss_weight, 0.0, 100.0)
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # d_model, layers (each side), heads, ffn. base/large match facebook/bart-base / -large.
+    "tiny": {"d_model": 64, "layers": 2, "heads": 4, "ffn": 256},
+    "small": {"d_model": 256, "layers": 4, "heads": 4, "ffn": 1024},
+    "base": {"d_model": 768, "layers": 6, "heads": 12, "ffn": 3072},
+    "large": {"d_model": 1024, "layers": 12, "heads": 16, "ffn": 4096},
+}
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = _doc(
+        "A local directory or hub id (e.g. facebook/bart-base) to start from; null = random init "
+        "from the preset below.",
+        default=None,
+    )
+    preset: Literal["tiny", "small", "base", "large"] = _doc(
+        "Architecture when training from scratch.", default="tiny"
+    )
+    dropout: float = _doc("Dropout of the transformer (from scratch, or overriding the pretrained).", default=0.1)
+    attn_implementation: Literal["sdpa", "eager"] = _doc("Attention kernel.", default="sdpa")
+    gradient_checkpointing: bool = _doc("Recompute activations in backward to save memory.", default=False)
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.dropout", self.dropout, 0.0, 0.9)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = _doc("Seed of the data order, masking and dropout.", default=0)
+    epochs: int = _doc("Passes over the training split (each re-samples entities and masks).", default=10)
+    max_steps: int = _doc("Stop after this many optimizer steps (0 = run all epochs).", default=0)
+    global_batch_size: int = _doc(
+        "Sequences per optimizer step, whatever the worker count (gradient accumulation fills it).",
+        default=1024,
+    )
+    micro_batch_size: int = _doc("Sequences per forward/backward on one worker.", default=8)
+    lr: float = _doc("Peak learning rate (AdamW).", default=5e-5)
+    weight_decay: float = _doc("AdamW weight decay.", default=0.01)
+    adam_beta1: float = _doc("AdamW beta1.", default=0.9)
+    adam_beta2: float = _doc("AdamW beta2.", default=0.999)
+    adam_eps: float = _doc("AdamW epsilon.", default=1e-8)
+    warmup_steps: int = _doc("Linear warmup steps, then linear decay to 0.", default=0)
+    grad_clip: float = _doc("Gradient clipping by global norm (0 = off).", default=1.0)
+    precision: Literal["fp32", "fp16", "bf16"] = _doc(
+        "Training precision: fp16 on V100, bf16 on Ampere/Hopper, fp32 on CPU.", default="fp32"
+    )
+    zero_stage: int = _doc("DeepSpeed ZeRO stage 0-3.", default=0)
+    num_workers: Union[int, list[int]] = _doc(
+        "Ray Train workers: N, or [min, max] for an elastic run.", default=1
+    )
+    use_gpu: bool = _doc("One GPU per worker.", default=False)
+    cpus_per_worker: float = _doc("CPUs reserved per worker (fractional is fine).", default=1.0)
+    loader_workers: int = _doc("torch DataLoader processes per worker that mask and collate.", default=0)
+    log_every: int = _doc("Steps between metric lines / reports.", default=10)
+    eval_every: int = _doc("Steps between validation passes (0 = only at the end).", default=100)
+    eval_max_samples: int = _doc("Validation samples per split per pass (0 = all).", default=512)
+    eval_generate_samples: int = _doc(
+        "valid_seen samples whose description is generated at each validation (title accuracy).",
+        default=0,
+    )
+    checkpoint_every: int = _doc("Steps between checkpoints (a final one is always written).", default=100)
+    keep_checkpoints: int = _doc("Checkpoints kept (the newest).", default=3)
+    max_failures: int = _doc("Worker-group restarts tolerated (Ray FailureConfig).", default=3)
+    export_at_end: bool = _doc("Write a Hugging Face export of the final model into the run.", default=True)
+    peak_tflops: float = _doc(
+        "Peak dense TFLOP/s of one device for MFU (0 = look up the GPU, or omit MFU on CPU).", default=0.0
+    )
+    compile: bool = _doc("torch.compile the model (GPU).", default=False)
+
+    def validate(self, path: str) -> None:
+        _check_min(f"{path}.epochs", self.epochs, 1)
+        _check_min(f"{path}.max_steps", self.max_steps, 0)
+        _check_min(f"{path}.global_batch_size", self.global_batch_size, 1)
+        _check_min(f"{path}.micro_batch_size", self.micro_batch_size, 1)
+        _check_range(f"{path}.lr", self.lr, 0.0, 1.0, low_open=True)
+        _check_range(f"{path}.weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_min(f"{path}.warmup_steps", self.warmup_steps, 0)
+        _check_min(f"{path}.grad_clip", self.grad_clip, 0.0)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{path}.zero_stage: {self.zero_stage!r} is not one of 0, 1, 2, 3")
+        lo, hi = self.worker_bounds
+        if lo < 1 or hi < lo:
+            raise ConfigError(f"{path}.num_workers: {self.num_workers!r} must be N >= 1 or [min, max] with 1 <= min <= max")
+        if self.global_batch_size < hi:
+            raise ConfigError(
+                f"{path}.global_batch_size: {self.global_batch_size} is smaller than the {hi} workers"
+            )
+        _check_range(f"{path}.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            _check_min(f"{path}.{name}", getattr(self, name), 1)
+        for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers", "max_failures"):
+            _check_min(f"{path}.{name}", getattr(self, name), 0)
+
+    @property
+    def worker_bounds(self) -> tuple[int, int]:
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        if len(self.num_workers) != 2:
+            raise ConfigError(f"train.num_workers: {self.num_workers!r} must be N or [min, max]")
+        return int(self.num_workers[0]), int(self.num_workers[1])
+
+
+@dataclass
+class SearchParam:
+    kind: Literal["loguniform", "uniform", "choice", "randint"] = _doc("Distribution.", default="uniform")
+    low: float = _doc("Lower bound (loguniform/uniform/randint).", default=0.0)
+    high: float = _doc("Upper bound (loguniform/uniform/randint, exclusive for randint).", default=1.0)
+    values: list[Any] = _doc("Candidates (choice).", default_factory=list)
+
+    def validate(self, path: str) -> None:
+        if self.kind == "choice":
+            if not self.values:
+                raise ConfigError(f"{path}.values: a choice needs at least one value")
+        elif not self.low < self.high:
+            raise ConfigError(f"{path}: low={self.low} must be < high={self.high}")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ConfigError(f"{path}.low: loguniform needs low > 0, got {self.low}")
+
+
+def _default_search_space() -> dict[str, SearchParam]:
+    return {
+        "train.lr": SearchParam(kind="loguniform", low=1e-5, high=1e-3),
+        "masking.mask_ratio": SearchParam(kind="uniform", low=0.15, high=0.45),
+        "masking.poisson_lambda": SearchParam(kind="choice", values=[2.0, 3.0, 4.0]),
+        "masking.knowledge_loss_weight": SearchParam(kind="choice", values=[1.0, 2.0, 4.0]),
+    }
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = _doc("Trials to run.", default=8)
+    max_concurrent_trials: int = _doc("Trials at once (0 = as many as the cluster fits).", default=0)
+    metric: Literal["valid_seen_loss", "valid_unseen_loss", "description_accuracy"] = _doc(
+        "Objective: validation loss on valid_seen / valid_unseen, or title accuracy of generated "
+        "descriptions on valid_seen (needs train.eval_generate_samples > 0).",
+        default="valid_seen_loss",
+    )
+    grace_period: int = _doc("ASHA: validations a trial gets before it can be stopped.", default=1)
+    reduction_factor: float = _doc("ASHA: keep the top 1/reduction_factor at each rung.", default=2.0)
+    search_space: dict[str, SearchParam] = _doc(
+        "Dotted config key -> distribution. Any numeric or choice key of the tree can be searched.",
+        default_factory=_default_search_space,
+    )
+    trial_cpus: float = _doc("CPUs reserved by each trial's driver function (not its workers).", default=0.01)
+
+    def validate(self, path: str) -> None:
+        _check_min(f"{path}.num_samples", self.num_samples, 1)
+        _check_min(f"{path}.max_concurrent_trials", self.max_concurrent_trials, 0)
+        _check_min(f"{path}.grace_period", self.grace_period, 1)
+        _check_range(f"{path}.reduction_factor", self.reduction_factor, 1.0, 100.0, low_open=True)
+        for key, param in self.search_space.items():
+            if key.startswith("tune.") or not _is_leaf_key(key):
+                raise ConfigError(f"{path}.search_space: {key!r} is not a searchable config key")
+            param.validate(f"{path}.search_space.{key}")
+
+
+@dataclass
+class ServeConfig:
+    host: str = _doc("HTTP bind address.", default="127.0.0.1")
+    port: int = _doc("HTTP port.", default=8000)
+    num_replicas: int = _doc("Model replicas (ignored when autoscaling).", default=1)
+    autoscaling: bool = _doc("Scale replicas between min_replicas and max_replicas on load.", default=False)
+    min_replicas: int = _doc("Autoscaling lower bound.", default=1)
+    max_replicas: int = _doc("Autoscaling upper bound.", default=4)
+    target_ongoing_requests: float = _doc("Autoscaling target of requests per replica.", default=32.0)
+    num_cpus: float = _doc("CPUs per model replica.", default=1.0)
+    num_gpus: float = _doc("GPUs per model replica.", default=0.0)
+    max_batch_size: int = _doc("Dynamic batching: most requests per model call.", default=32)
+    batch_wait_timeout_s: float = _doc("Dynamic batching: wait this long to fill a batch.", default=0.01)
+    max_ongoing_requests: int = _doc("Requests a replica accepts at once (>= 2x batch to fill batches).", default=128)
+    max_queued_requests: int = _doc("Requests queued before the service answers 503 (back-pressure).", default=256)
+    max_input_tokens: int = _doc("Longest accepted encoder input, in tokens (longer: 413).", default=512)
+    max_candidates: int = _doc("Most candidates in one /v1/disambiguate request.", default=32)
+    default_max_new_tokens: int = _doc("Generation length when a request does not say.", default=48)
+    max_new_tokens_limit: int = _doc("Largest max_new_tokens a request may ask for.", default=128)
+    max_beams: int = _doc("Largest num_beams a request may ask for.", default=4)
+    max_request_bytes: int = _doc("Largest request body (larger: 413).", default=65536)
+    auth_token: Optional[str] = _doc(
+        "Bearer token required on /v1/* when set (null = open). Prefer the env KILM_SERVE_TOKEN.", default=None
+    )
+    app_name: str = _doc("Serve application name.", default="kilm")
+    device: Literal["auto", "cpu", "cuda"] = _doc("Device of a replica.", default="auto")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _doc("Weights dtype of a replica (auto: bf16 on GPU).", default="auto")
+
+    def validate(self, path: str) -> None:
+        _check_range(f"{path}.port", self.port, 1, 65535)
+        for name in ("num_replicas", "min_replicas", "max_batch_size", "max_ongoing_requests", "max_input_tokens",
+                     "max_candidates", "default_max_new_tokens", "max_new_tokens_limit", "max_beams",
+                     "max_request_bytes"):
+            _check_min(f"{path}.{name}", getattr(self, name), 1)
+        _check_min(f"{path}.max_queued_requests", self.max_queued_requests, -1)
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(f"{path}.max_replicas: {self.max_replicas} < min_replicas {self.min_replicas}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError(f"{path}.default_max_new_tokens: above max_new_tokens_limit {self.max_new_tokens_limit}")
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int = _doc("Samples per split for description generation (0 = all).", default=500)
+    batch_size: int = _doc("Sequences per generation / scoring batch.", default=16)
+    num_beams: int = _doc("Beams for description generation.", default=1)
+    max_new_tokens: int = _doc("Longest generated knowledge string.", default=48)
+    max_disambiguation_mentions: int = _doc("Mentions scored in entity disambiguation (0 = all).", default=500)
+    max_candidates: int = _doc("Candidates per mention in disambiguation.", default=8)
+    retention_max_chunks: int = _doc("Held-out chunks for the text-infilling (retention) loss.", default=200)
+    qa_file: Optional[str] = _doc("A question<TAB>answer[<TAB>answer...] file for zero-shot QA.", default=None)
+    seed: int = _doc("Seed of the masks in the retention test.", default=1234)
+
+    def validate(self, path: str) -> None:
+        for name in ("batch_size", "num_beams", "max_new_tokens", "max_candidates"):
+            _check_min(f"{path}.{name}", getattr(self, name), 1)
+        for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks"):
+            _check_min(f"{path}.{name}", getattr(self, name), 0)
+
+
+@dataclass
+class KilmConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "KilmConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.data.max_knowledge_tokens >= self.data.max_source_tokens * 4:
+            raise ConfigError("data.max_knowledge_tokens: unreasonably long next to data.max_source_tokens")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "KilmConfig":
+        """A copy with dotted-key overrides applied (values already typed, e.g. from Tune)."""
+        new = copy.deepcopy(self)
+        for key, value in overrides.items():
+            _set_dotted(new, key, value, source="override")
+        return new.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, coercion
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> KilmConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated. ``path=None`` gives defaults."""
+    cfg = KilmConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        cfg = _build(KilmConfig, data, "", str(path))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(cfg, key, value, source="command line")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any], source: str = "dict") -> KilmConfig:
+    return _build(KilmConfig, data, "", source).validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(cfg: KilmConfig, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, dict):  # e.g. tune.search_space.<dotted key>
+            rest = ".".join(parts[depth:])
+            hint = _type_of_dict_values(cfg, ".".join(parts[:depth]))
+            node[rest] = _coerce(value, hint, key, source)
+            return
+        names = {f.name: f for f in dataclasses.fields(node)}
+        if part not in names:
+            raise ConfigError(_unknown_key_message(here, part, names, source))
+        hints = typing.get_type_hints(type(node))
+        if depth == len(parts) - 1:
+            setattr(node, part, _coerce(value, hints[part], here, source))
+            return
+        node = getattr(node, part)
+    raise ConfigError(f"{key}: is a section, not a value ({source})")
+
+
+def _type_of_dict_values(cfg: KilmConfig, section_key: str) -> Any:
+    parent_key, _, attr = section_key.rpartition(".")
+    parent = cfg
+    for part in parent_key.split(".") if parent_key else []:
+        parent = getattr(parent, part)
+    hint = typing.get_type_hints(type(parent))[attr]
+    return typing.get_args(hint)[1]
+
+
+def _unknown_key_message(here: str, part: str, names: dict, source: str) -> str:
+    close = difflib.get_close_matches(part, list(names), n=1)
+    prefix = here.rsplit(".", 1)[0] + "." if "." in here else ""
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(names))})"
+    return f"unknown config key '{here}'{hint} [{source}]"
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} [{source}]")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    obj = cls()
+    for key, value in data.items():
+        here = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(_unknown_key_message(here, str(key), names, source))
+        setattr(obj, key, _coerce(value, hints[key], here, source))
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; convert where unambiguous (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    where = f"{key}: {value!r}"
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return _build(hint, value, key, source)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where} does not fit {_type_name(hint)} [{source}]")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} is not one of {list(args)} [{source}]")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} should be a list [{source}]")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} should be a mapping [{source}]")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} should be true or false [{source}]")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} should be an integer [{source}]")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} should be a number [{source}]")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} should be a string [{source}]")
+    raise ConfigError(f"{key}: unsupported type {_type_name(hint)} [{source}]")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_min(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: {value!r} must be >= {low}")
+
+
+def _check_range(key: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if (value <= low if low_open else value < low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{key}: {value!r} must be in {bracket}{low}, {high}]")
+
+
+def _is_leaf_key(key: str) -> bool:
+    parts = key.split(".")
+    node: Any = KilmConfig()
+    for part in parts:
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return not dataclasses.is_dataclass(node)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference documentation, generated so it cannot drift from the code
+# ----------------------------------------------------------------------------------------------
+
+
+def config_reference_markdown() -> str:
+    """A Markdown table per section: key, type, default, meaning."""
+    lines: list[str] = []
+    root = KilmConfig()
+    for section in dataclasses.fields(root):
+        obj = getattr(root, section.name)
+        lines.append(f"#### `{section.name}`\n")
+        lines.append("| key | type | default | meaning |")
+        lines.append("| --- | --- | --- | --- |")
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            default = getattr(obj, f.name)
+            if isinstance(default, dict) and default and all(dataclasses.is_dataclass(v) for v in default.values()):
+                shown = ", ".join(f"{k}: {v.kind}" for k, v in default.items())
+            else:
+                shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            type_name = _type_name(hints[f.name]).replace("|", "\\|")
+            help_text = f.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | {type_name} | `{shown}` | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)

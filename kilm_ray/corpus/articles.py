@@ -1,0 +1,146 @@
+"""From a raw dump page to KILM chunks: the per-page and per-article steps of preprocessing, as pure
+functions that the Ray Data pipeline (``kilm_ray.data``) maps over blocks and that a plain loop
+(``bench/preprocess_throughput.py``) calls directly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from kilm_ray.chunking import Chunk, Encode, knowledge_ids, pack_chunks, tokenize_paragraph
+from kilm_ray.corpus.dump import MalformedPage, RawPage, parse_page_xml, title_of_raw
+from kilm_ray.corpus.knowledge import KnowledgeLookup
+from kilm_ray.corpus.wikitext import (
+    Paragraph, clean_description, first_sentence, is_article_title, normalize_title, parse_article,
+    redirect_target,
+)
+
+SPLITS = ("train", "valid_seen", "valid_unseen")
+
+
+def page_record(raw: RawPage, mode: str = "lead", max_description_chars: int = 400) -> dict[str, Any]:
+    """One row per dump page: what it is (article / redirect / skipped / error), why, and for
+    articles the cleaned paragraphs (JSON) with their own short description and first sentence."""
+    row: dict[str, Any] = {"kind": "skipped", "reason": None, "title": None, "page_id": -1, "redirect": None,
+                           "short_description": None, "first_sentence": None, "doc": None,
+                           "where": f"{raw.source}#page{raw.index}"}
+    if raw.xml is None:
+        row.update(kind="error", reason="truncated_input", title=raw.error)
+        return row
+    try:
+        page = parse_page_xml(raw.xml)
+    except MalformedPage as exc:
+        row.update(kind="error", reason="malformed_page", title=f"{title_of_raw(raw.xml)}: {exc}")
+        return row
+    row.update(title=page.title, page_id=page.page_id)
+    target = normalize_title(page.redirect) if page.redirect else redirect_target(page.text)
+    if target:
+        row.update(kind="redirect", redirect=target)
+        return row
+    if not is_article_title(page.title, page.ns):
+        row.update(reason="namespace")
+        return row
+    try:
+        article = parse_article(page.text, mode)
+    except Exception as exc:  # the parser is robust, but one page must never stop the job
+        row.update(kind="error", reason="unparsable_wikitext", title=f"{page.title}: {type(exc).__name__}: {exc}")
+        return row
+    if not article.paragraphs:
+        row.update(reason="empty_text")
+        return row
+    row.update(
+        kind="article",
+        short_description=clean_description(article.short_description, max_description_chars),
+        first_sentence=clean_description(first_sentence(article.paragraphs[0].text), max_description_chars),
+        doc=json.dumps([[p.text, [[l.start, l.end, l.target] for l in p.links]] for p in article.paragraphs],
+                       ensure_ascii=False),
+    )
+    return row
+
+
+def paragraphs_from_doc(doc: str) -> list[Paragraph]:
+    from kilm_ray.corpus.wikitext import Link
+
+    return [Paragraph(text, [Link(s, e, t) for s, e, t in links]) for text, links in json.loads(doc)]
+
+
+def split_of(title: str, seed: int, unseen_fraction: float, seen_fraction: float) -> tuple[str, ...]:
+    """The splits an article's chunks go to, from a keyed hash of its title (a seeded shuffle that
+    needs no global pass): ('valid_unseen',), ('train',) or ('train', 'valid_seen')."""
+    def unit(salt: str) -> float:
+        digest = hashlib.blake2b(f"{seed}:{salt}:{title}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    if unit("unseen") < unseen_fraction:
+        return ("valid_unseen",)
+    if unit("seen") < seen_fraction:
+        return ("train", "valid_seen")
+    return ("train",)
+
+
+@dataclass
+class LinkCounts:
+    links: int = 0
+    template: int = 0
+    first_sentence: int = 0
+    external: int = 0
+    no_knowledge: int = 0
+
+    def add(self, other: "LinkCounts") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def article_chunks(paragraphs: list[Paragraph], lookup: KnowledgeLookup, encode: Encode,
+                   decode: Callable[[list[int]], str], sep_id: int, newline_ids: list[int],
+                   max_text_tokens: int, max_knowledge_tokens: int, min_chunk_tokens: int,
+                   knowledge_cache: Optional[dict] = None) -> tuple[list[Chunk], LinkCounts]:
+    """Resolve each link (redirects, then knowledge sources in order), tokenize, and chunk."""
+    cache = {} if knowledge_cache is None else knowledge_cache
+    counts = LinkCounts()
+    pieces = []
+    for para in paragraphs:
+        links = []
+        for link in para.links:
+            counts.links += 1
+            title = lookup.resolve(link.target)
+            if title not in cache:
+                found = lookup.describe(title)
+                cache[title] = None if found is None else (
+                    found[1], knowledge_ids(encode, title, found[0], sep_id, max_knowledge_tokens))
+            hit = cache[title]
+            if hit is None:
+                counts.no_knowledge += 1  # stays plain surface text
+                continue
+            source, k_ids = hit
+            setattr(counts, source, getattr(counts, source) + 1)
+            links.append((link.start, link.end, title, source, k_ids))
+        pieces.append(tokenize_paragraph(encode, para.text, links))
+    chunks = pack_chunks(pieces, max_text_tokens, newline_ids, min_chunk_tokens, decode)
+    return chunks, counts
+
+
+def chunk_rows(page_id: int, title: str, chunks: list[Chunk], splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Parquet rows of an article's chunks. ``sample_id = page_id * 10000 + chunk index``: stable
+    across runs and independent of how Ray scheduled the work."""
+    rows = []
+    for index, chunk in enumerate(chunks):
+        for split in splits:
+            if split != "train" and not chunk.mentions:
+                continue  # evaluation samples are per entity
+            rows.append({
+                "split": split,
+                "sample_id": page_id * 10_000 + index,
+                "article": title,
+                "chunk_index": index,
+                "text": chunk.text,
+                "input_ids": chunk.input_ids,
+                "ent_start": [m.start for m in chunk.mentions],
+                "ent_end": [m.end for m in chunk.mentions],
+                "ent_title": [m.title for m in chunk.mentions],
+                "ent_source": [m.source for m in chunk.mentions],
+                "ent_knowledge": [m.knowledge for m in chunk.mentions],
+            })
+    return rows

@@ -1,0 +1,324 @@
+"""Wikitext -> clean paragraphs with entity links, as KILM (DESIGN.md §1) prescribes.
+
+Parsing uses mwparserfromhell (a maintained MediaWiki parser with a C tokenizer): nested templates,
+links inside emphasis, file captions holding links and tables are handled structurally rather than
+with regexes. ``bench/wikitext_parsers.py`` measures it against a regex cleaner on the real dump
+excerpt. Everything here is a pure function of its input text.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mwparserfromhell
+from mwparserfromhell import nodes as mwnodes
+
+# Namespaces whose links are not entity mentions (dropped with their text), lower-cased.
+LINK_NAMESPACES = {
+    "file", "image", "media", "category", "template", "wikipedia", "wp", "portal", "draft", "mediawiki",
+    "help", "user", "special", "talk", "module", "book", "timedtext", "wiktionary", "wikt", "wikisource",
+    "wikiquote", "wikibooks", "wikinews", "wikiversity", "wikivoyage", "commons", "meta", "species", "s",
+    "q", "n", "b", "v", "voy", "d", "m", "c", "mw", "w", "wikidata", "foundation", "outreach",
+    "user talk", "wikipedia talk", "file talk", "template talk", "category talk", "help talk", "portal talk",
+}
+# Title prefixes of pages that are not articles (DESIGN.md §1); pages outside namespace 0 go too.
+PAGE_NAMESPACES = ("Category:", "File:", "Template:", "Draft:", "Wikipedia:", "Portal:", "MediaWiki:")
+_LANG_PREFIX = re.compile(r"^[a-z]{2,3}(?:-[a-z]{2,8})*$")
+
+# Tags whose content is not running text.
+DROP_TAGS = {
+    "ref", "references", "math", "chem", "ce", "gallery", "timeline", "score", "syntaxhighlight", "source",
+    "pre", "nowiki", "imagemap", "graph", "mapframe", "maplink", "table", "tr", "td", "th", "caption",
+    "hiero", "inputbox", "categorytree", "templatedata", "templatestyles", "poem", "noinclude",
+    "includeonly", "onlyinclude", "div", "style", "script", "li", "dt", "dd", "ul", "ol", "dl",
+}
+# Templates that render inline text worth keeping; every other template is dropped.
+KEEP_TEMPLATE_PARAM = {"nowrap": 1, "nobr": 1, "small": 1, "smaller": 1, "big": 1, "lang": 2, "transl": 2,
+                       "nobold": 1, "noitalic": 1, "em": 1, "strong": 1, "ill": 1}
+SKIP_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography",
+                 "sources", "citations", "footnotes", "notes and references", "works cited"}
+BAD_DESCRIPTIONS = {"thumb", "right", "wikipedia list article", "none", "left"}
+BAD_PARAGRAPH_MARKERS = ("File:", "http:", "https:", "Image:")
+_REDIRECT_RE = re.compile(r"^\s*#redirect\s*:?\s*\[\[([^\]|#]*)", re.I)
+_FIRST_HEADING_RE = re.compile(r"^==[^=].*$|^==$", re.M)
+_LIST_LINE_RE = re.compile(r"^[*#:;].*$\n?", re.M)
+_TRAIL_RE = re.compile(r"^[a-z]+")
+
+
+@dataclass
+class Link:
+    start: int
+    end: int
+    target: str
+
+
+@dataclass
+class Paragraph:
+    text: str
+    links: list[Link] = field(default_factory=list)
+
+
+@dataclass
+class ParsedArticle:
+    paragraphs: list[Paragraph]
+    short_description: Optional[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Titles and descriptions
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_title(raw: str) -> Optional[str]:
+    """Canonical page title of a link target: no anchor, spaces not underscores, first letter upper."""
+    title = html.unescape(raw).replace("_", " ").replace("\u200e", "").split("#", 1)[0]
+    title = re.sub(r"\s+", " ", title).strip().lstrip(":").strip()
+    if not title:
+        return None
+    return title[0].upper() + title[1:]
+
+
+def is_namespaced(title: str) -> bool:
+    """True for links into other namespaces or other wikis (``File:x``, ``fr:x``, ``:Category:x``)."""
+    stripped = title.strip()
+    if stripped.startswith(":"):
+        stripped = stripped[1:]
+    if ":" not in stripped:
+        return False
+    prefix = stripped.split(":", 1)[0].strip().lower()
+    return prefix in LINK_NAMESPACES or bool(_LANG_PREFIX.match(prefix))
+
+
+def is_article_title(title: str, ns: int) -> bool:
+    return ns == 0 and not title.startswith(PAGE_NAMESPACES)
+
+
+def redirect_target(text: str) -> Optional[str]:
+    """Target of a ``#REDIRECT [[X]]`` page text, normalized, else None."""
+    match = _REDIRECT_RE.match(text)
+    return normalize_title(match.group(1)) if match else None
+
+
+def clean_description(desc: Optional[str], max_chars: int = 400) -> Optional[str]:
+    """Apply DESIGN.md's filters to a description; None when it must be dropped."""
+    if desc is None:
+        return None
+    desc = re.sub(r"\s+", " ", desc).strip()
+    lowered = desc.lower()
+    if (not desc or "may refer to:" in lowered or lowered.startswith("redirect")
+            or lowered.strip(" .") in BAD_DESCRIPTIONS):
+        return None
+    if len(desc) > max_chars:
+        desc = desc[:max_chars].rsplit(" ", 1)[0]
+    return desc
+
+
+_ABBREVIATIONS = {
+    "mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "u.s", "u.k", "no", "co", "inc", "ltd",
+    "mt", "gen", "col", "lt", "prof", "rev", "fr", "ft", "approx", "c", "ca", "cf", "al", "vol", "sgt", "capt",
+    "gov", "sen", "rep", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+}
+_SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]?\s+[\"'(\[]?[A-Z0-9])")
+
+
+def first_sentence(text: str) -> Optional[str]:
+    """The first sentence of a paragraph, skipping abbreviations and initials (``J. R. R.``)."""
+    text = text.strip()
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        word = re.search(r"(\S+)$", text[: end - 1])
+        token = word.group(1).lower().lstrip("(\"'") if word else ""
+        if token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha()) or re.fullmatch(r"(\w\.)+\w", token):
+            continue
+        return text[:end].strip()
+    return text or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering wikicode into text with link spans
+# ----------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Accumulates text; each character remembers the link (index) it belongs to, or -1."""
+
+    def __init__(self) -> None:
+        self.chars: list[str] = []
+        self.owner: list[int] = []
+        self.targets: list[str] = []
+        self._after_link = False
+
+    def add(self, text: str) -> None:
+        if not text:
+            return
+        if self._after_link:
+            trail = _TRAIL_RE.match(text)
+            if trail:  # [[Anarchist]]s: MediaWiki renders the trail as part of the link
+                self._extend(trail.group(0), len(self.targets) - 1)
+                text = text[trail.end():]
+        self._after_link = False
+        self._extend(text, -1)
+
+    def add_link(self, surface: str, target: str) -> None:
+        if not surface.strip():
+            return
+        self.targets.append(target)
+        self._extend(surface, len(self.targets) - 1)
+        self._after_link = True
+
+    def _extend(self, text: str, owner: int) -> None:
+        self.chars.extend(text)
+        self.owner.extend([owner] * len(text))
+
+
+def _plain(code) -> str:
+    builder = _Builder()
+    _render_nodes(code.nodes, builder, links=False, state={})
+    return "".join(builder.chars)
+
+
+def _template_name(node: mwnodes.Template) -> str:
+    return re.sub(r"\s+", " ", str(node.name).replace("_", " ")).strip().lower()
+
+
+def _render_nodes(nodes, out: _Builder, links: bool, state: dict) -> None:
+    for node in nodes:
+        if isinstance(node, mwnodes.Text):
+            out.add(str(node.value))
+        elif isinstance(node, mwnodes.Wikilink):
+            raw_title = str(node.title)
+            if is_namespaced(raw_title):
+                continue
+            surface = _plain(node.text) if node.text is not None else raw_title
+            surface = re.sub(r"\s+", " ", surface)
+            target = normalize_title(raw_title) if not raw_title.strip().startswith("#") else None
+            if links and target:
+                out.add_link(surface, target)
+            else:
+                out.add(surface)
+        elif isinstance(node, mwnodes.Template):
+            name = _template_name(node)
+            if name == "short description":
+                if node.params and state.get("short_description") is None:
+                    state["short_description"] = _plain(node.params[0].value)
+            elif name in ("convert", "cvt"):  # {{convert|52,419|sqmi}} -> "52,419 sqmi"
+                positional = [str(p.value).strip() for p in node.params if not p.showkey][:2]
+                out.add(" ".join(positional))
+            elif name in KEEP_TEMPLATE_PARAM:
+                index = KEEP_TEMPLATE_PARAM[name]
+                positional = [p for p in node.params if not p.showkey]
+                if len(positional) >= index:
+                    _render_nodes(positional[index - 1].value.nodes, out, links, state)
+        elif isinstance(node, mwnodes.Tag):
+            tag = str(node.tag).strip().lower()
+            if tag in DROP_TAGS:
+                continue
+            if tag in ("br", "hr"):
+                out.add(" ")
+            elif node.contents is not None:
+                _render_nodes(node.contents.nodes, out, links, state)
+        elif isinstance(node, mwnodes.ExternalLink):
+            if node.title is not None:
+                _render_nodes(node.title.nodes, out, links=False, state=state)
+        elif isinstance(node, mwnodes.HTMLEntity):
+            out.add(node.normalize())
+        # Comments, arguments, headings (handled by the caller) and anything else: dropped.
+
+
+# Deletions that tidy text after markup is gone; each is (pattern, group to delete).
+_TIDY_STEPS = [
+    (re.compile(r"__[A-Z]+__"), 0),  # magic words such as __NOTOC__
+    (re.compile(r"\(\s*[,;:]*\s*\)"), 0),  # "( )" left by a removed template
+    (re.compile(r"\((\s*[,;:][\s,;:]*)"), 1),  # "(; , Greek: ...)" -> "(Greek: ...)"
+    (re.compile(r"([\s,;:]*[,;:]\s*)\)"), 1),
+    (re.compile(r" (?= )"), 0),  # collapse runs of spaces
+    (re.compile(r" (?=[,.;:!?)])"), 0),  # no space before punctuation
+    (re.compile(r"(?<=\() "), 0),
+]
+
+
+def _tidy(chars: list[str], owner: list[int]) -> tuple[str, list[int]]:
+    text = "".join(" " if c.isspace() else c for c in chars)
+    for pattern, group in _TIDY_STEPS:
+        keep = [True] * len(text)
+        for match in pattern.finditer(text):
+            for i in range(match.start(group), match.end(group)):
+                keep[i] = False
+        if not all(keep):
+            text = "".join(c for c, k in zip(text, keep) if k)
+            owner = [o for o, k in zip(owner, keep) if k]
+    start, end = 0, len(text)
+    while start < end and text[start] == " ":
+        start += 1
+    while end > start and text[end - 1] == " ":
+        end -= 1
+    return text[start:end], owner[start:end]
+
+
+def _paragraph(text: str, owner: list[int], targets: list[str]) -> Paragraph:
+    links: list[Link] = []
+    i = 0
+    while i < len(text):
+        if owner[i] < 0:
+            i += 1
+            continue
+        j = i
+        while j < len(text) and owner[j] == owner[i]:
+            j += 1
+        start, end = i, j
+        while start < end and text[start] == " ":
+            start += 1
+        while end > start and text[end - 1] == " ":
+            end -= 1
+        if end > start:
+            links.append(Link(start, end, targets[owner[i]]))
+        i = j
+    return Paragraph(text, links)
+
+
+def _keep_paragraph(text: str) -> bool:
+    return bool(text) and not text.lower().startswith("redirect") and not any(
+        marker in text for marker in BAD_PARAGRAPH_MARKERS)
+
+
+def _split_paragraphs(builder: _Builder) -> list[Paragraph]:
+    paragraphs = []
+    chars, owner = builder.chars, builder.owner
+    start = 0
+    for i in range(len(chars) + 1):
+        if i == len(chars) or chars[i] == "\n":
+            if i > start:
+                text, own = _tidy(chars[start:i], owner[start:i])
+                if _keep_paragraph(text):
+                    paragraphs.append(_paragraph(text, own, builder.targets))
+            start = i + 1
+    return paragraphs
+
+
+def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
+    """Clean paragraphs (with links) of an article's lead section or of the whole article."""
+    if mode == "lead":
+        heading = _FIRST_HEADING_RE.search(wikitext)
+        if heading:
+            wikitext = wikitext[: heading.start()]
+    wikitext = _LIST_LINE_RE.sub("", wikitext)  # lists are not running text
+    code = mwparserfromhell.parse(wikitext, skip_style_tags=False)
+    builder = _Builder()
+    state: dict = {}
+    skipping = False
+    for node in code.nodes:
+        if isinstance(node, mwnodes.Heading):
+            if mode == "lead":
+                break
+            skipping = _plain(node.title).strip().lower() in SKIP_SECTIONS
+            builder.add("\n")
+            continue
+        if skipping:
+            if isinstance(node, mwnodes.Template) and _template_name(node) == "short description":
+                _render_nodes([node], builder, links=True, state=state)
+            continue
+        _render_nodes([node], builder, links=True, state=state)
+    return ParsedArticle(_split_paragraphs(builder), state.get("short_description"))

@@ -1,0 +1,194 @@
+"""KILM sample construction and BART text infilling: pure functions of token ids (numpy, no Ray,
+no torch). Every random choice is drawn from ``sample_rng(seed, epoch, sample_id)``, so the same
+sample is built identically in preprocessing tests, the training loader, Ray Data, Tune trials and
+the benchmark, and after any resume or re-scale.
+
+Formats (DESIGN.md §1)::
+
+    source: <s>{left}<ent>{mention}</ent><ent_desc><mask></ent_desc>{right}</s>   (+ text infilling)
+    target: <s>{left}<ent>{mention}</ent><ent_desc>{Title}<sep>{description}</ent_desc>{right}</s>
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+LABEL_PAD = -100
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+    mask: int
+    ent: int
+    ent_end: int
+    desc: int
+    desc_end: int
+    sep: int
+
+    def all(self) -> np.ndarray:
+        return np.array([self.bos, self.eos, self.pad, self.mask, self.ent, self.ent_end, self.desc,
+                         self.desc_end, self.sep], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class MaskingParams:
+    mask_ratio: float = 0.3
+    poisson_lambda: float = 3.0
+    knowledge_prob: float = 1.0
+
+
+@dataclass
+class Entity:
+    start: int  # token span of the mention inside the chunk's text tokens, [start, end)
+    end: int
+    knowledge: Sequence[int]  # token ids of "Title<sep>description"
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # encoder tokens
+    labels: np.ndarray  # decoder targets (the whole target sequence)
+    knowledge: np.ndarray  # bool per label: inside the knowledge slot (knowledge tokens and </ent_desc>)
+    sample_id: int
+    entity: int = -1  # index of the entity given a knowledge slot, -1 for none
+
+
+def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
+    """The only source of randomness for one sample in one epoch."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, int(epoch), int(sample_id) & 0x7FFFFFFFFFFFFFFF])
+
+
+def slot_sequences(ids: Sequence[int], start: int, end: int, knowledge: Optional[Sequence[int]],
+                   sp: SpecialIds, slot: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source, target, knowledge mask over target) with the mention ``ids[start:end]`` marked and a
+    knowledge slot after token ``slot`` (default: right after the mention). ``knowledge=None`` gives
+    the source only (the target equals the source then; for probes)."""
+    slot = end if slot is None else slot
+    if not (0 <= start < end <= slot <= len(ids)):
+        raise ValueError(f"bad mention span [{start}, {end}) / slot {slot} for {len(ids)} tokens")
+    ids = list(ids)
+    head = [sp.bos, *ids[:start], sp.ent, *ids[start:end], sp.ent_end, *ids[end:slot], sp.desc]
+    tail = [sp.desc_end, *ids[slot:], sp.eos]
+    source = np.array(head + [sp.mask] + tail, dtype=np.int64)
+    if knowledge is None:
+        return source, source.copy(), np.zeros(len(source), dtype=bool)
+    knowledge = list(knowledge)
+    target = np.array(head + knowledge + tail, dtype=np.int64)
+    in_slot = np.zeros(len(target), dtype=bool)
+    in_slot[len(head): len(head) + len(knowledge) + 1] = True  # + </ent_desc>: knowing where to stop
+    return source, target, in_slot
+
+
+def plain_sequences(ids: Sequence[int], sp: SpecialIds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    seq = np.array([sp.bos, *ids, sp.eos], dtype=np.int64)
+    return seq, seq.copy(), np.zeros(len(seq), dtype=bool)
+
+
+def text_infilling(tokens: np.ndarray, rng: np.random.Generator, ratio: float, poisson_lambda: float,
+                   sp: SpecialIds, return_spans: bool = False):
+    """BART text infilling. Budget = ceil(ratio * non-special tokens); span lengths ~ Poisson(lambda),
+    zero lengths dropped; spans stop at special tokens and at already-masked tokens; each run of
+    masked tokens becomes one ``<mask>``. Returns the new tokens (and the drawn span lengths)."""
+    maskable = ~np.isin(tokens, sp.all())
+    n_maskable = int(maskable.sum())
+    budget = math.ceil(ratio * n_maskable - 1e-9)
+    drawn: list[int] = []
+    if budget == 0:
+        return (tokens.copy(), drawn) if return_spans else tokens.copy()
+    masked = np.zeros(len(tokens), dtype=bool)
+    remaining = budget
+    while remaining > 0:
+        for length in rng.poisson(poisson_lambda, size=int(remaining / max(poisson_lambda, 0.5)) + 4):
+            if length == 0:
+                continue
+            drawn.append(int(length))
+            free = np.flatnonzero(maskable & ~masked)
+            pos = int(free[rng.integers(len(free))])
+            span = 0
+            while span < length and remaining > 0 and pos < len(tokens) and maskable[pos] and not masked[pos]:
+                masked[pos] = True
+                pos += 1
+                span += 1
+                remaining -= 1
+            if remaining == 0:
+                break
+    # Collapse: keep unmasked tokens and the first token of each masked run (as <mask>).
+    run_start = masked & ~np.concatenate(([False], masked[:-1]))
+    out = tokens.copy()
+    out[run_start] = sp.mask
+    out = out[~masked | run_start]
+    return (out, drawn) if return_spans else out
+
+
+def build_train_example(ids: Sequence[int], entities: Sequence[Entity], sample_id: int, seed: int,
+                        epoch: int, params: MaskingParams, sp: SpecialIds) -> Example:
+    """One training example: with probability ``knowledge_prob`` one entity (uniform) gets a knowledge
+    slot, the other links stay plain text; then text infilling on the source."""
+    rng = sample_rng(seed, epoch, sample_id)
+    entity = -1
+    if entities and params.knowledge_prob > 0 and rng.random() < params.knowledge_prob:
+        entity = int(rng.integers(len(entities)))
+        ent = entities[entity]
+        source, target, in_slot = slot_sequences(ids, ent.start, ent.end, ent.knowledge, sp)
+    else:
+        source, target, in_slot = plain_sequences(ids, sp)
+    source = text_infilling(source, rng, params.mask_ratio, params.poisson_lambda, sp)
+    return Example(source, target, in_slot, sample_id, entity)
+
+
+def build_eval_examples(ids: Sequence[int], entities: Sequence[Entity], sample_id: int, max_entities: int,
+                        sp: SpecialIds) -> list[Example]:
+    """Evaluation: one example per entity (the first ``max_entities``), only its knowledge masked."""
+    out = []
+    for index, ent in enumerate(entities[:max_entities]):
+        source, target, in_slot = slot_sequences(ids, ent.start, ent.end, ent.knowledge, sp)
+        out.append(Example(source, target, in_slot, sample_id, index))
+    return out
+
+
+def build_retention_example(ids: Sequence[int], sample_id: int, seed: int, params: MaskingParams,
+                            sp: SpecialIds) -> Example:
+    """Plain BART text infilling on text without entity structure (the retention test)."""
+    rng = sample_rng(seed, 0, sample_id)
+    source, target, in_slot = plain_sequences(ids, sp)
+    return Example(text_infilling(source, rng, params.mask_ratio, params.poisson_lambda, sp), target, in_slot,
+                   sample_id)
+
+
+def collate(examples: Sequence[Example], sp: SpecialIds, knowledge_weight: float = 1.0,
+            pad_to_multiple: int = 8, weights_scale: Optional[Sequence[float]] = None) -> dict[str, np.ndarray]:
+    """Pad a list of examples into arrays: input_ids, attention_mask, decoder_input_ids (labels
+    shifted right after ``</s>``, as BART), labels (-100 on padding), label_weights (0 on padding,
+    ``knowledge_weight`` on knowledge tokens, 1 elsewhere; times ``weights_scale[i]`` per example),
+    knowledge_mask."""
+    def padded_len(n: int) -> int:
+        return int(math.ceil(n / pad_to_multiple) * pad_to_multiple)
+
+    batch = len(examples)
+    src_len = padded_len(max(len(e.input_ids) for e in examples))
+    tgt_len = padded_len(max(len(e.labels) for e in examples))
+    input_ids = np.full((batch, src_len), sp.pad, dtype=np.int64)
+    attention = np.zeros((batch, src_len), dtype=np.int64)
+    labels = np.full((batch, tgt_len), LABEL_PAD, dtype=np.int64)
+    decoder_in = np.full((batch, tgt_len), sp.pad, dtype=np.int64)
+    weights = np.zeros((batch, tgt_len), dtype=np.float32)
+    knowledge = np.zeros((batch, tgt_len), dtype=bool)
+    for i, ex in enumerate(examples):
+        n, m = len(ex.input_ids), len(ex.labels)
+        input_ids[i, :n] = ex.input_ids
+        attention[i, :n] = 1
+        labels[i, :m] = ex.labels
+        decoder_in[i, 0] = sp.eos
+        decoder_in[i, 1:m] = ex.labels[: m - 1]
+        w = np.where(ex.knowledge, knowledge_weight, 1.0).astype(np.float32)
+        weights[i, :m] = w * (1.0 if weights_scale is None else weights_scale[i])
+        knowledge[i, :m] = ex.knowledge
+    return {"input_ids": input_ids, "attention_mask": attention, "decoder_input_ids": decoder_in,
+            "labels": labels, "label_weights": weights, "knowledge_mask": knowledge}

@@ -1,0 +1,142 @@
+"""Local paths and ``s3://`` URIs behind one small interface (pyarrow filesystems).
+
+S3 endpoints other than AWS (MinIO, a moto server in tests) come from the standard
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables, as boto3 and the AWS CLI read them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import pyarrow.fs as pafs
+
+
+class InputError(FileNotFoundError):
+    """An input file or URI is missing or unreadable; the message names it."""
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    return "://" in str(uri)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["scheme"] = "http"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an ``s3://bucket/key`` URI."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if is_remote(uri):
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    uri = str(uri)
+    if is_remote(uri):
+        return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(uri, *parts))
+
+
+def check_readable(uri: str | os.PathLike, what: str = "input") -> None:
+    """Raise a one-line :class:`InputError` naming ``uri`` if it is not a readable file."""
+    try:
+        fs, path = resolve(uri)
+        info = fs.get_file_info(path)
+    except Exception as exc:  # credentials, bad bucket name, endpoint down...
+        raise InputError(f"cannot read {what} {uri}: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{what} not found: {uri}")
+    if info.type != pafs.FileType.File:
+        raise InputError(f"{what} is not a file: {uri}")
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str | os.PathLike) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def open_input(uri: str | os.PathLike) -> BinaryIO:
+    fs, path = resolve(uri)
+    return fs.open_input_stream(path, compression=None)  # we decompress ourselves (multistream bz2)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    with open_input(uri) as f:
+        return f.read()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
+    """Files under a directory (recursive), as URIs of the same scheme, sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = "s3://" if str(uri).startswith("s3://") else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy a local directory tree to ``uri`` (local or remote)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> Path:
+    fs, path = resolve(uri)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(Path(local_dir).resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return Path(local_dir)
+
+
+def local_copy(uri: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
+    """A local directory holding ``uri``'s contents: the path itself if local, else a download."""
+    if not is_remote(uri):
+        return Path(uri).expanduser()
+    root = Path(cache_root or tempfile.mkdtemp(prefix="kilm_ray_dl_"))
+    target = root / str(uri).replace("://", "_").replace("/", "_")
+    if target.exists():
+        shutil.rmtree(target)
+    return download_dir(uri, target)
+
+
+def iter_lines(uri: str | os.PathLike) -> Iterator[str]:
+    """Text lines of a local or remote file, gunzipped when it ends in .gz."""
+    import gzip
+    import io
+
+    stream = open_input(uri)
+    raw: BinaryIO = gzip.GzipFile(fileobj=stream) if str(uri).endswith(".gz") else stream
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as text:
+        yield from text
