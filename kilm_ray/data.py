@@ -172,7 +172,7 @@ def prepare_tokenizer(cfg: KilmConfig, parsed, local_dir: Path):
         tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer.source)
-    tokenizer.model_max_length = cfg.data.max_target_tokens
+    tokenizer.model_max_length = 1_000_000  # paragraphs are chunked after tokenization, not truncated
     tokenizer.save_pretrained(str(local_dir))
     return tokenizer
 
@@ -283,6 +283,7 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     """Run the whole pipeline on the current Ray cluster; returns the stats (also in out/stats.json)."""
     import ray
     import ray.data
+    from ray.data.expressions import col
 
     knowledge = list(knowledge or [])
     preflight(dumps, knowledge)
@@ -310,18 +311,19 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         files = {f.name: f.read_bytes() for f in tokenizer_dir.iterdir() if f.is_file()}
         n_cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         builder_kwargs = {"lookup": ray.put(lookup), "tokenizer_files": files, "cfg_dict": cfg.to_dict()}
-        built = parsed.filter(expr="kind == 'article'").map_batches(
+        built = parsed.filter(expr=col("kind") == "article").map_batches(
             ChunkBuilder, batch_format="pyarrow", batch_size=8, fn_constructor_kwargs=builder_kwargs,
             concurrency=(1, n_cpus), num_cpus=1).materialize()
         stats.update(_sample_stats(built, cfg.data.max_eval_entities))
+        stats_columns = ["split", "links", "links_template", "links_first_sentence", "links_external",
+                         "links_no_knowledge"]
         for split in SPLITS:
             fs, path = storage.resolve(storage.join(out, split))
-            part = built.filter(expr=f"split == '{split}'").drop_columns(
-                ["split", "links", "links_template", "links_first_sentence", "links_external", "links_no_knowledge"])
-            if part.count() == 0:
-                log.warning("split %s is empty", split)
+            if not stats["samples"][split].get("chunks"):
+                log.warning("split %s is empty (a small corpus?)", split)
+                _write_empty_split(fs, path, stats_columns)
                 continue
-            part.write_parquet(path, filesystem=fs)
+            built.filter(expr=col("split") == split).drop_columns(stats_columns).write_parquet(path, filesystem=fs)
 
     stats["tokenizer"] = {"source": cfg.tokenizer.source, "vocab_size": len(tokenizer)}
     stats["elapsed_s"] = round(time.time() - started, 2)
@@ -332,6 +334,14 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     storage.write_bytes(storage.join(out, "stats.json"), json.dumps(stats, indent=2).encode())
     storage.write_bytes(storage.join(out, "meta.json"), json.dumps(meta, indent=2).encode())
     return stats
+
+
+def _write_empty_split(fs, path: str, dropped: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([f for f in CHUNK_SCHEMA if f.name not in dropped])
+    fs.create_dir(path, recursive=True)
+    pq.write_table(schema.empty_table(), f"{path}/empty.parquet", filesystem=fs)
 
 
 def tokenizer_from_files(files: dict[str, bytes]):

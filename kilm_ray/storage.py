@@ -92,7 +92,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
+    with fs.open_output_stream(path, compression=None) as f:
         f.write(data)
 
 

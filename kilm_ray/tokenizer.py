@@ -30,7 +30,7 @@ def _check_tokenizer(tokenizer) -> None:
     # transformers 5 silently builds an empty vocabulary from unknown keyword arguments: catch that.
     probe = tokenizer(" the history of the world", add_special_tokens=False)["input_ids"]
     unk = tokenizer.unk_token_id
-    if not probe or all(i == unk for i in probe) or len(tokenizer) < 300:
+    if not probe or all(i == unk for i in probe) or len(tokenizer) < 256:
         raise TokenizerError(f"tokenizer looks empty (vocab {len(tokenizer)}, ' the history' -> {probe})")
     for token in BART_BASE_TOKENS:
         if tokenizer.convert_tokens_to_ids(token) in (None, unk) and token != "<unk>":

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import bz2
 import codecs
-import gzip
 import re
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Optional
 
@@ -46,12 +46,32 @@ class MalformedPage(ValueError):
     """A ``<page>`` that is not well-formed XML or lacks a required field."""
 
 
-def _decompressed(stream: BinaryIO, uri: str) -> BinaryIO:
+def _decompressed_chunks(stream: BinaryIO, uri: str) -> Iterator[bytes]:
+    """Decompressed bytes as they come. Decompressing by hand (not BZ2File) hands over everything
+    before a truncation point, then raises EOFError; multistream .bz2 and multi-member .gz work."""
     if uri.endswith(".bz2"):
-        return bz2.BZ2File(stream)  # handles multistream dumps
-    if uri.endswith(".gz"):
-        return gzip.GzipFile(fileobj=stream)
-    return stream
+        new = bz2.BZ2Decompressor
+    elif uri.endswith(".gz"):
+        def new():
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    else:
+        while chunk := stream.read(READ_SIZE):
+            yield chunk
+        return
+    decompressor = new()
+    while True:
+        data = stream.read(READ_SIZE)
+        if not data:
+            if not decompressor.eof:
+                raise EOFError("compressed stream ended before its end-of-stream marker")
+            return
+        while data:
+            yield decompressor.decompress(data)
+            if decompressor.eof:
+                data = decompressor.unused_data
+                decompressor = new() if data else decompressor
+            else:
+                data = b""
 
 
 def iter_raw_pages(uri: str, max_pages: int = 0) -> Iterator[RawPage]:
@@ -59,11 +79,12 @@ def iter_raw_pages(uri: str, max_pages: int = 0) -> Iterator[RawPage]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     buffer = ""
     index = 0
-    with storage.open_input(uri) as raw, _decompressed(raw, uri) as stream:
+    with storage.open_input(uri) as raw:
+        chunks = _decompressed_chunks(raw, uri)
         while True:
             try:
-                chunk = stream.read(READ_SIZE)
-            except (EOFError, OSError) as exc:  # truncated or corrupt compressed data
+                chunk = next(chunks, b"")
+            except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt compressed data
                 yield RawPage(uri, index, None, f"input ended early after {index} pages: {exc}")
                 return
             final = not chunk

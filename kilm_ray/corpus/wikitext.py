@@ -44,7 +44,8 @@ BAD_DESCRIPTIONS = {"thumb", "right", "wikipedia list article", "none", "left"}
 BAD_PARAGRAPH_MARKERS = ("File:", "http:", "https:", "Image:")
 _REDIRECT_RE = re.compile(r"^\s*#redirect\s*:?\s*\[\[([^\]|#]*)", re.I)
 _FIRST_HEADING_RE = re.compile(r"^==[^=].*$|^==$", re.M)
-_LIST_LINE_RE = re.compile(r"^[*#:;].*$\n?", re.M)
+LIST_TAGS = {"li", "dt", "dd"}  # how mwparserfromhell marks "*", "#", ";" and ":" line starts
+TABLE_LINE_STARTS = ("{|", "|", "!")  # rows of a table the parser could not take as a table
 _TRAIL_RE = re.compile(r"^[a-z]+")
 
 
@@ -230,6 +231,10 @@ def _render_nodes(nodes, out: _Builder, links: bool, state: dict) -> None:
 
 # Deletions that tidy text after markup is gone; each is (pattern, group to delete).
 _TIDY_STEPS = [
+    # Markup the parser left as text because something before it was unbalanced.
+    (re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?(?:</ref>|$)", re.I), 0),
+    (re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(?:\s[^<>]*)?/?>"), 0),
+    (re.compile(r"'{2,}"), 0),
     (re.compile(r"__[A-Z]+__"), 0),  # magic words such as __NOTOC__
     (re.compile(r"\(\s*[,;:]*\s*\)"), 0),  # "( )" left by a removed template
     (re.compile(r"\((\s*[,;:][\s,;:]*)"), 1),  # "(; , Greek: ...)" -> "(Greek: ...)"
@@ -280,8 +285,8 @@ def _paragraph(text: str, owner: list[int], targets: list[str]) -> Paragraph:
 
 
 def _keep_paragraph(text: str) -> bool:
-    return bool(text) and not text.lower().startswith("redirect") and not any(
-        marker in text for marker in BAD_PARAGRAPH_MARKERS)
+    return (bool(text) and not text.lower().startswith("redirect") and not text.startswith(TABLE_LINE_STARTS)
+            and not any(marker in text for marker in BAD_PARAGRAPH_MARKERS))
 
 
 def _split_paragraphs(builder: _Builder) -> list[Paragraph]:
@@ -304,12 +309,22 @@ def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
         heading = _FIRST_HEADING_RE.search(wikitext)
         if heading:
             wikitext = wikitext[: heading.start()]
-    wikitext = _LIST_LINE_RE.sub("", wikitext)  # lists are not running text
     code = mwparserfromhell.parse(wikitext, skip_style_tags=False)
     builder = _Builder()
     state: dict = {}
     skipping = False
+    in_list_item = False
     for node in code.nodes:
+        if in_list_item:  # lists are not running text: drop up to the end of the line
+            if isinstance(node, mwnodes.Text) and "\n" in str(node.value):
+                in_list_item = False
+                node = mwnodes.Text(str(node.value).split("\n", 1)[1])
+                builder.add("\n")
+            else:
+                continue
+        if isinstance(node, mwnodes.Tag) and str(node.tag).lower() in LIST_TAGS and node.wiki_markup:
+            in_list_item = True
+            continue
         if isinstance(node, mwnodes.Heading):
             if mode == "lead":
                 break

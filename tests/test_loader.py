@@ -1,0 +1,58 @@
+"""The deterministic training order: every sample once per epoch, independent of the worker count
+and of where a run resumed."""
+
+import numpy as np
+import pytest
+import torch
+
+from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+from kilm_ray.masking import MaskingParams
+
+
+@pytest.mark.parametrize("n, batch, micro, world", [(37, 8, 2, 1), (37, 8, 2, 2), (37, 8, 3, 3), (5, 8, 4, 2)])
+def test_each_sample_exactly_once_per_epoch_on_any_worker_count(n, batch, micro, world):
+    plan = BatchPlan(n_samples=n, global_batch=batch, micro_batch=micro, world_size=world, epochs=2, seed=3)
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch):
+            counts = set()
+            for rank in range(world):
+                e, micro_batches = plan.worker_micro_batches(step, rank)
+                assert e == epoch and all(len(m) <= micro for m in micro_batches)
+                counts.add(len(micro_batches))
+                seen += [int(p) for m in micro_batches for p in m]
+            assert counts == {plan.grad_accum}  # DeepSpeed needs the same count on every worker
+        assert sorted(seen) == list(range(n))
+
+
+def test_global_batches_do_not_depend_on_world_size_but_on_seed_and_epoch():
+    one = BatchPlan(100, 16, 4, 1, 3, seed=5)
+    four = BatchPlan(100, 16, 2, 4, 3, seed=5)
+    for step in range(one.total_steps):
+        a = sorted(one.step_positions(step)[1].tolist())
+        b = sorted(p for r in range(4) for m in four.worker_micro_batches(step, r)[1] for p in m.tolist())
+        assert a == b
+    assert not np.array_equal(one.step_positions(0)[1], one.step_positions(one.steps_per_epoch)[1])
+    assert not np.array_equal(one.step_positions(0)[1], BatchPlan(100, 16, 4, 1, 3, seed=6).step_positions(0)[1])
+    assert one.samples_consumed(9) == (1, 32) and one.total_steps == 21
+    assert BatchPlan(100, 16, 4, 1, 3, seed=5, max_steps=4).total_steps == 4
+
+
+def test_resumed_dataset_yields_the_same_batches(tiny_data, tiny_config):
+    store = SampleStore.load(tiny_data, "train")
+    sp = special_ids_of(tiny_data)
+    plan = BatchPlan(len(store), 8, 4, 2, epochs=2, seed=1)
+    params = MaskingParams(0.3, 3.0, 1.0)
+    full = StepDataset(store, plan, rank=1, start_step=0, params=params, sp=sp, knowledge_weight=2.0)
+    resumed = StepDataset(store, plan, rank=1, start_step=7, params=params, sp=sp, knowledge_weight=2.0)
+    assert len(full) == plan.total_steps and len(resumed) == plan.total_steps - 7
+    for k in range(3):
+        a, b = full[7 + k], resumed[k]
+        assert a["step"] == b["step"] == 7 + k
+        for ma, mb in zip(a["micro_batches"], b["micro_batches"]):
+            assert all(torch.equal(ma[key], mb[key]) for key in ma)
+    # Filler micro-batches (a share smaller than the accumulation count) carry zero weight.
+    tiny_plan = BatchPlan(len(store), 3, 1, 2, epochs=1, seed=0)
+    item = StepDataset(store, tiny_plan, rank=1, start_step=0, params=params, sp=sp, knowledge_weight=1.0)[0]
+    weights = [float(mb["label_weights"].sum()) for mb in item["micro_batches"]]
+    assert len(weights) == tiny_plan.grad_accum == 2 and weights[-1] == 0.0 and weights[0] > 0
