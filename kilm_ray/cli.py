@@ -68,6 +68,36 @@ def cmd_import_kb(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.no_ray:
+        from kilm_ray.train.local import run_local
+
+        metrics = run_local(cfg, args.data, args.run_dir)
+        print(json.dumps({"run": args.run_dir, "metrics": metrics}, indent=2, default=str))
+        return 0
+    from kilm_ray.cluster import init_ray
+    from kilm_ray.train.ray_trainer import run_training
+
+    init_ray(args.address)
+    result = run_training(cfg, args.data, args.run_dir, args.name)
+    if result.error:
+        print(f"kilm-ray train: error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    print(json.dumps({"run": str(result.path), "checkpoint": checkpoint, "metrics": result.metrics}, indent=2,
+                     default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kilm_ray.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(json.dumps({"export": out}, indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         print(config_reference_markdown())
@@ -90,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knowledge", action="append", help="external knowledge base JSONL(.gz) (repeatable)")
     _common(p)
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="continued pretraining with the KILM objective (Ray Train + DeepSpeed)")
+    p.add_argument("--data", required=True, help="a preprocessed dataset directory, local or s3://")
+    p.add_argument("--run-dir", required=True, help="where runs live, local or s3:// (Ray storage_path)")
+    p.add_argument("--name", default="kilm", help="run name; rerunning the same --run-dir/--name resumes")
+    p.add_argument("--no-ray", action="store_true",
+                   help="run the same loop without Ray (one process, or one per GPU under torchrun)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="checkpoint -> Hugging Face directory (safetensors + tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, local or s3://")
+    p.add_argument("--out", required=True, help="output directory, local or s3://")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")
     src = p.add_mutually_exclusive_group(required=True)

@@ -39,13 +39,26 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     logging.getLogger("ray").setLevel(logging.WARNING)
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     memory = int(min(2 * 1024**3, _total_memory() * 0.2))
     log.info("starting a local Ray with %d logical CPUs", cpus)
     ray.init(num_cpus=cpus, object_store_memory=memory, include_dashboard=False, runtime_env=runtime_env,
-             configure_logging=True, logging_level=logging.WARNING)
+             configure_logging=True, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+
+
+def worker_logging() -> None:
+    """INFO lines of kilm_ray (progress, resume notices) from inside Ray workers, whatever logging
+    setup the worker process inherited."""
+    logger = logging.getLogger("kilm_ray")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "_kilm", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._kilm = True
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _total_memory() -> int:

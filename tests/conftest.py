@@ -65,7 +65,7 @@ def ray_cluster():
     must not starve the Ray Data tasks that feed them (DESIGN.md §4)."""
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=1024**3, include_dashboard=False,
+    ray.init(num_cpus=4, object_store_memory=1024**3, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

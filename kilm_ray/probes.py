@@ -1,0 +1,135 @@
+"""Knowledge-probe prompts and the parsing of their outputs (DESIGN.md §1 "Probing"). Pure functions
+shared by the Serve endpoints and the evaluation harness, so both ask the model the same way::
+
+    describe:   encoder <s>{left}<ent>{mention}</ent><ent_desc><mask></ent_desc>{right}</s>
+                decoder </s><s>{left}<ent>{mention}</ent><ent_desc>  ... -> "{Title}<sep>{description}"
+    appositive: the entity's last mention before the slot in <ent></ent>, the slot as <ent_desc><mask></ent_desc>;
+                the answer is the text after <sep>
+    qa:         encoder "Question: {q}? Answer: <mask>", decoder </s><s> Question: {q}? Answer:
+    fill:       encoder = the text with <mask>, decoder </s><s>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from kilm_ray.chunking import char_span_to_tokens
+from kilm_ray.masking import SpecialIds, slot_sequences
+
+
+class ProbeError(ValueError):
+    """A probe request that cannot be built; the message says what is wrong with the input."""
+
+
+@dataclass
+class Prompt:
+    encoder_ids: list[int]
+    decoder_prefix: list[int]  # forced decoder tokens, starting with </s>
+    stop_id: int  # generation ends at this token (or </s>)
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def _slot_prompt(tokenizer, sp: SpecialIds, text: str, start: int, end: int, slot_char: Optional[int]) -> Prompt:
+    ids, offsets = _encode(tokenizer, text)
+    span = char_span_to_tokens(offsets, start, end)
+    if span is None:
+        raise ProbeError("the mention covers no tokens")
+    slot = span[1]
+    if slot_char is not None:
+        slot = next((i for i, (s, _) in enumerate(offsets) if s >= slot_char), len(ids))
+        slot = max(slot, span[1])
+    source, _, _ = slot_sequences(ids, span[0], span[1], None, sp, slot=slot)
+    desc_at = int(list(source).index(sp.desc))
+    return Prompt([int(t) for t in source], [sp.eos] + [int(t) for t in source[: desc_at + 1]], sp.desc_end)
+
+
+def describe_prompt(tokenizer, sp: SpecialIds, left: str, mention: str, right: str) -> Prompt:
+    if not mention.strip():
+        raise ProbeError("'mention' is empty")
+    text = left + mention + right
+    return _slot_prompt(tokenizer, sp, text, len(left), len(left) + len(mention), None)
+
+
+def split_marked_text(text: str, open_tag: str = "<ent>", close_tag: str = "</ent>") -> tuple[str, str, str]:
+    """``"... <ent>Aristotle</ent> ..."`` -> (left, mention, right)."""
+    a = text.find(open_tag)
+    b = text.find(close_tag, a + len(open_tag)) if a >= 0 else -1
+    if a < 0 or b < 0:
+        raise ProbeError(f"'text' must mark the mention as {open_tag}...{close_tag}")
+    if text.find(open_tag, b) >= 0:
+        raise ProbeError(f"'text' marks more than one mention with {open_tag}")
+    return text[:a], text[a + len(open_tag): b], text[b + len(close_tag):]
+
+
+def appositive_prompt(tokenizer, sp: SpecialIds, text: str, mention: str, slot_marker: str = "<appos>") -> Prompt:
+    """``text`` holds the slot marker once; the last occurrence of ``mention`` before it is the entity."""
+    if text.count(slot_marker) != 1:
+        raise ProbeError(f"'text' must contain the slot marker {slot_marker} exactly once")
+    slot_char = text.index(slot_marker)
+    plain = text.replace(slot_marker, "")
+    start = plain.rfind(mention, 0, slot_char) if mention else -1
+    if start < 0:
+        raise ProbeError(f"the mention {mention!r} does not occur before the slot")
+    return _slot_prompt(tokenizer, sp, plain, start, start + len(mention), slot_char)
+
+
+def qa_prompt(tokenizer, sp: SpecialIds, question: str) -> Prompt:
+    question = question.strip().rstrip("?").strip()
+    if not question:
+        raise ProbeError("'question' is empty")
+    stem = f"Question: {question}? Answer:"
+    stem_ids = _encode(tokenizer, stem)[0]
+    return Prompt([sp.bos, *stem_ids, sp.mask, sp.eos],
+                  [sp.eos, sp.bos, *stem_ids], sp.eos)
+
+
+def fill_prompt(tokenizer, sp: SpecialIds, text: str) -> Prompt:
+    if "<mask>" not in text:
+        raise ProbeError("'text' must contain at least one <mask>")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Prompt([sp.bos, *ids, sp.eos], [sp.eos, sp.bos], sp.eos)
+
+
+def prompt_from_example(input_ids: Sequence[int], labels: Sequence[int], sp: SpecialIds) -> Prompt:
+    """The describe prompt of a stored evaluation example (its slot already masked)."""
+    labels = [int(t) for t in labels]
+    desc_at = labels.index(sp.desc)
+    return Prompt([int(t) for t in input_ids], [sp.eos] + labels[: desc_at + 1], sp.desc_end)
+
+
+def parse_knowledge(tokenizer, sp: SpecialIds, generated: Sequence[int]) -> tuple[str, str]:
+    """Generated tokens after ``<ent_desc>`` -> (title, description), cut at ``</ent_desc>``."""
+    ids = _until(generated, (sp.desc_end, sp.eos))
+    if sp.sep in ids:
+        cut = ids.index(sp.sep)
+        title_ids, desc_ids = ids[:cut], ids[cut + 1:]
+    else:
+        title_ids, desc_ids = ids, []
+    return _decode(tokenizer, title_ids), _decode(tokenizer, desc_ids)
+
+
+def parse_text(tokenizer, sp: SpecialIds, generated: Sequence[int]) -> str:
+    return _decode(tokenizer, _until(generated, (sp.eos,)))
+
+
+def gold_knowledge(tokenizer, sp: SpecialIds, labels: Sequence[int]) -> tuple[str, str]:
+    labels = [int(t) for t in labels]
+    return parse_knowledge(tokenizer, sp, labels[labels.index(sp.desc) + 1:])
+
+
+def _until(ids: Sequence[int], stops: tuple[int, ...]) -> list[int]:
+    out = []
+    for t in ids:
+        if int(t) in stops:
+            break
+        out.append(int(t))
+    return out
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()

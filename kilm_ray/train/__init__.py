@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, consolidated checkpoints, and launchers with and without Ray."""

@@ -1,0 +1,421 @@
+"""The per-worker training loop: one function, run by Ray Train workers and by the launcher without
+Ray (one process or torchrun), so both can be timed on the same hardware.
+
+Contracts kept here:
+- Data: global step ``s`` consumes the same samples whatever the worker count (``loader.BatchPlan``).
+- Loss: the token-weighted mean over the whole global batch, so gradients do not depend on how the
+  batch is split across workers and micro-batches.
+- Randomness: dropout is reseeded from ``(seed, step, rank, micro-batch)``; masks come from
+  ``(seed, epoch, sample_id)``. A resumed run therefore replays exactly what an uninterrupted run does.
+- Checkpoints: consolidated full state (``train.checkpoint``), every ``checkpoint_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kilm_ray import storage
+from kilm_ray.config import ConfigError, KilmConfig
+from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, eval_example_list, read_meta
+from kilm_ray.masking import MaskingParams, SpecialIds, collate
+from kilm_ray.train.checkpoint import (
+    Checkpoint, adam_step, gather_state, load_weights_into_module, loss_scale_state, restore_loss_scale,
+    restore_optimizer, write_checkpoint,
+)
+from kilm_ray.train.metrics import LossSums, format_eta, mfu, peak_tflops, token_losses
+
+log = logging.getLogger("kilm_ray.train")
+
+
+class RunEnv(abc.ABC):
+    """Where a worker runs: rank and device, where checkpoints go, how metrics are reported."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+    @abc.abstractmethod
+    def resume_checkpoint(self) -> Optional[Path]:
+        """A local directory holding the checkpoint to resume from, or None."""
+
+    @abc.abstractmethod
+    def staging_dir(self, step: int) -> Path:
+        """An empty local directory to write checkpoint ``step`` into (rank 0)."""
+
+    @abc.abstractmethod
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+        """Called by every rank at the same steps; rank 0 passes the checkpoint directory."""
+
+    @property
+    @abc.abstractmethod
+    def run_uri(self) -> str:
+        """The run directory (local or s3://) for metrics, TensorBoard events and the export."""
+
+
+class Artifacts:
+    """metrics.jsonl and TensorBoard events of rank 0, written locally and synced to the run dir."""
+
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+        if storage.is_remote(run_uri):
+            import tempfile
+
+            self.local = Path(tempfile.mkdtemp(prefix="kilm_run_"))
+            # A restarted worker continues the run's history rather than replacing it.
+            for part in ("metrics.jsonl", "tensorboard"):
+                source = storage.join(run_uri, part)
+                if part.endswith(".jsonl") and storage.exists(source):
+                    (self.local / part).write_bytes(storage.read_bytes(source))
+                elif storage.is_dir(source):
+                    storage.download_dir(source, self.local / part)
+        else:
+            self.local = Path(run_uri)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = self.local / "metrics.jsonl"
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.local / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+
+    def event(self, step: int, **fields: Any) -> None:
+        """A non-metric line (e.g. a resume) in metrics.jsonl, so curves show where a run restarted."""
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
+
+    def sync(self) -> None:
+        self.tb.flush()
+        if storage.is_remote(self.run_uri):
+            storage.upload_dir(self.local, self.run_uri)
+
+    def close(self) -> None:
+        self.tb.close()
+        self.sync()
+
+
+def setup_distributed(env: RunEnv) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+
+
+def _all_reduce(values: list[float], env: RunEnv, device: torch.device) -> list[float]:
+    if env.world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _reseed(seed: int, step: int, rank: int, micro: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank * 31 + micro) % (2**63 - 1))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_losses(engine, batch: dict) -> torch.Tensor:
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+    return token_losses(out.logits, batch["labels"])
+
+
+class Validation:
+    """Validation loss on valid_seen / valid_unseen: the evaluation format (one sample per entity,
+    only its knowledge masked), fixed across epochs and masking settings so trials compare."""
+
+    def __init__(self, data_dir: str, cfg: KilmConfig, sp: SpecialIds, env: RunEnv):
+        self.sets = {}
+        for split in ("valid_seen", "valid_unseen"):
+            try:
+                store = SampleStore.load(data_dir, split)
+            except Exception as exc:  # an empty or missing split: nothing to validate on
+                log.warning("no %s validation: %s", split, exc)
+                continue
+            examples = eval_example_list(store, cfg.train.eval_max_samples, cfg.data.max_eval_entities, sp)
+            if examples:
+                self.sets[split] = examples
+        self.cfg, self.sp, self.env = cfg, sp, env
+
+    @torch.no_grad()
+    def run(self, engine, device: torch.device) -> dict[str, float]:
+        engine.eval()
+        metrics: dict[str, float] = {}
+        micro = self.cfg.train.micro_batch_size
+        weight = self.cfg.masking.knowledge_loss_weight
+        for split, examples in self.sets.items():
+            shard = examples[self.env.rank:: self.env.world_size]
+            # Every rank runs the same number of forwards (ZeRO-3 gathers weights in forward).
+            n_batches = math.ceil(math.ceil(len(examples) / self.env.world_size) / micro)
+            sums = LossSums()
+            for b in range(n_batches):
+                part = shard[b * micro: (b + 1) * micro]
+                batch = collate(part or examples[:1], self.sp, weight, weights_scale=None if part else [0.0])
+                if not part:
+                    batch["knowledge_mask"][:] = False
+                    batch["labels"][:] = -100
+                batch = _to_device({k: torch.from_numpy(v) for k, v in batch.items()}, device)
+                sums.add_batch(_forward_losses(engine, batch), batch)
+            total = LossSums.from_vector(_all_reduce(sums.vector(), self.env, device))
+            metrics.update(total.summary(prefix=f"{split}_"))
+        engine.train()
+        return metrics
+
+
+def _describe_accuracy(engine, validation: Validation, tokenizer, sp: SpecialIds, n: int) -> dict[str, float]:
+    """Title exact match of greedy descriptions on the first ``n`` valid_seen samples (rank 0)."""
+    from kilm_ray.eval.metrics import exact_match
+    from kilm_ray.generation import greedy_describe
+    from kilm_ray.probes import gold_knowledge, parse_knowledge, prompt_from_example
+
+    examples = validation.sets.get("valid_seen", [])[:n]
+    if not examples:
+        return {}
+    model = engine.module
+    model.eval()
+    prompts = [prompt_from_example(e.input_ids, e.labels, sp) for e in examples]
+    outputs = greedy_describe(model, prompts, sp, max_new_tokens=48, batch_size=16)
+    hits = [exact_match(parse_knowledge(tokenizer, sp, o.tokens)[0], gold_knowledge(tokenizer, sp, e.labels)[0])
+            for o, e in zip(outputs, examples)]
+    model.train()
+    return {"description_accuracy": sum(hits) / len(hits)}
+
+
+def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
+    """Train (or resume) until the configured steps are done; returns the last metrics."""
+    import deepspeed
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from kilm_ray.model import build_model, check_tokenizer_matches, count_parameters
+    from kilm_ray.train.deepspeed_config import deepspeed_config
+
+    t_cfg = cfg.train
+    setup_distributed(env)
+    device = env.device
+    is_rank0 = env.rank == 0
+
+    meta = read_meta(data_dir)
+    sp = SpecialIds(**meta["special_ids"])
+    tokenizer_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    check_tokenizer_matches(cfg.model.pretrained, tokenizer)
+    store = SampleStore.load(data_dir, "train")
+    if len(store) == 0:
+        raise ConfigError(f"{data_dir}: the train split is empty")
+    plan = BatchPlan(len(store), t_cfg.global_batch_size, t_cfg.micro_batch_size, env.world_size, t_cfg.epochs,
+                     t_cfg.seed, t_cfg.max_steps)
+
+    resume_dir = env.resume_checkpoint()
+    resume: Optional[Checkpoint] = None
+    if resume_dir is not None:
+        from kilm_ray.train.checkpoint import read_checkpoint
+
+        resume = read_checkpoint(resume_dir)
+        saved = resume.state
+        if saved["global_batch_size"] != t_cfg.global_batch_size:
+            raise ConfigError(f"train.global_batch_size={t_cfg.global_batch_size} differs from the checkpoint's "
+                              f"{saved['global_batch_size']}: the data position would not carry over")
+
+    torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, len(tokenizer), sp, cfg.data.max_target_tokens)
+    if resume is not None:
+        load_weights_into_module(model, resume.weights)
+    model.to(device)
+    n_params = count_parameters(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr,
+                                  betas=(t_cfg.adam_beta1, t_cfg.adam_beta2), eps=t_cfg.adam_eps,
+                                  fused=device.type == "cuda")
+    scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps, plan.total_steps)
+    ds_config = deepspeed_config(t_cfg, env.world_size, plan.grad_accum, device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    if t_cfg.compile:
+        engine.compile()
+    start_step = 0
+    if resume is not None:
+        restore_optimizer(engine, resume.weights, resume.moments, int(resume.state["adam_step"]))
+        engine.lr_scheduler.load_state_dict(resume.state["scheduler"])
+        # load_state_dict restores the schedule's position, not the lr the optimizer holds until the
+        # next scheduler step: set it, or the first resumed step would run at the initial lr.
+        for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        restore_loss_scale(engine, resume.state.get("loss_scale"))
+        start_step = int(resume.state["step"])
+        if is_rank0:
+            log.info("resumed from %s at step %d (saved by %d workers, now %d)", resume.path, start_step,
+                     resume.state["world_size"], env.world_size)
+        del resume
+
+    params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
+    dataset = StepDataset(store, plan, env.rank, start_step, params, sp, cfg.masking.knowledge_loss_weight)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=t_cfg.loader_workers,
+        prefetch_factor=4 if t_cfg.loader_workers else None, persistent_workers=False,
+        pin_memory=device.type == "cuda")
+    validation = Validation(data_dir, cfg, sp, env)
+    artifacts = Artifacts(env.run_uri) if is_rank0 else None
+    if artifacts is not None and start_step:
+        artifacts.event(start_step, event="resumed", world_size=env.world_size)
+    peak = peak_tflops(t_cfg.peak_tflops, device)
+    total = plan.total_steps
+    if is_rank0:
+        log.info("training %s params on %d worker(s): %d steps (%d/epoch), global batch %d = %d x %d micro x %d "
+                 "accumulation, ZeRO-%d %s", f"{n_params:,}", env.world_size, total, plan.steps_per_epoch,
+                 t_cfg.global_batch_size, env.world_size, t_cfg.micro_batch_size, plan.grad_accum, t_cfg.zero_stage,
+                 t_cfg.precision)
+
+    def save(step: int, metrics: dict) -> Optional[Path]:
+        weights, moments = gather_state(engine)  # collective
+        if not is_rank0:
+            return None
+        epoch, consumed = plan.samples_consumed(step)
+        state = {
+            "step": step, "epoch": epoch, "samples_consumed_in_epoch": consumed,
+            "samples_consumed_total": step * t_cfg.global_batch_size, "total_steps": total,
+            "global_batch_size": t_cfg.global_batch_size, "adam_step": adam_step(engine),
+            "scheduler": engine.lr_scheduler.state_dict(), "loss_scale": loss_scale_state(engine),
+            "rng": {"seed": t_cfg.seed, "scheme": "dropout reseeded from (seed, step, rank, micro); masks from "
+                                                  "(seed, epoch, sample_id): nothing else to restore"},
+            "world_size": env.world_size, "zero_stage": t_cfg.zero_stage, "precision": t_cfg.precision,
+            "data_dir": data_dir, "n_train_samples": len(store), "metrics": metrics, "config": cfg.to_dict(),
+            "saved_at": time.time(),
+        }
+        return write_checkpoint(env.staging_dir(step), weights, moments, state, engine.module.config.to_dict(),
+                                tokenizer_dir)
+
+    sums = LossSums()
+    window_start = time.time()
+    run_start = time.time()
+    last: dict[str, Any] = {}
+    engine.train()
+    step = start_step
+    for item in loader:
+        step = item["step"]
+        micro_batches = [_to_device(mb, device) for mb in item["micro_batches"]]
+        local_weight = float(sum(mb["label_weights"].sum() for mb in micro_batches))
+        global_weight = _all_reduce([local_weight], env, device)[0] or 1.0
+        for i, mb in enumerate(micro_batches):
+            _reseed(t_cfg.seed, step, env.rank, i)
+            ce = _forward_losses(engine, mb)
+            loss = (ce * mb["label_weights"]).sum() * (env.world_size / global_weight)
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+            sums.add_batch(ce.detach(), mb)
+        done = step + 1
+
+        log_due = done % t_cfg.log_every == 0 or done == total
+        eval_due = done == total or (t_cfg.eval_every and done % t_cfg.eval_every == 0)
+        ckpt_due = done % t_cfg.checkpoint_every == 0 or done == total
+        if not (log_due or eval_due or ckpt_due):
+            continue
+        total_sums = LossSums.from_vector(_all_reduce(sums.vector(), env, device))
+        elapsed = max(time.time() - window_start, 1e-9)
+        tokens_per_s = total_sums.tokens / elapsed
+        epoch, consumed = plan.samples_consumed(done)
+        metrics: dict[str, Any] = {
+            "step": done, "epoch": epoch, "samples_consumed_in_epoch": consumed,
+            **{f"train_{k}": v for k, v in total_sums.summary().items()},
+            "lr": engine.lr_scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tokens_per_s, "sequences_per_s": total_sums.sequences / elapsed,
+            "nonpad_share": total_sums.nonpad_tokens / max(total_sums.tokens, 1.0),
+            "mfu": mfu(n_params, tokens_per_s, env.world_size, peak), "world_size": env.world_size,
+        }
+        if eval_due and validation.sets:
+            metrics.update(validation.run(engine, device))
+            if t_cfg.eval_generate_samples and t_cfg.zero_stage < 3:
+                if is_rank0:
+                    metrics.update(_describe_accuracy(engine, validation, tokenizer, sp, t_cfg.eval_generate_samples))
+                if env.world_size > 1:  # rank 0 shares its number so every rank reports the same
+                    acc = _all_reduce([metrics.get("description_accuracy", 0.0)], env, device)[0]
+                    metrics["description_accuracy"] = acc
+        checkpoint_dir = save(done, metrics) if ckpt_due else None
+        if is_rank0:
+            eta = (time.time() - run_start) / max(done - start_step, 1) * (total - done)
+            log.info("step %d/%d ep %d | loss %.4f knowledge %.4f copy %.4f | lr %.2e | %.0f tok/s%s%s | ETA %s",
+                     done, total, epoch, metrics["train_loss"], metrics["train_knowledge_loss"],
+                     metrics["train_copy_loss"], metrics["lr"], tokens_per_s,
+                     f" MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "",
+                     "".join(f" | {k} {metrics[k]:.4f}" for k in ("valid_seen_loss", "valid_unseen_loss",
+                                                                   "description_accuracy") if k in metrics),
+                     format_eta(eta))
+            artifacts.log(done, metrics)
+            if checkpoint_dir is not None:
+                artifacts.sync()
+        env.report(metrics, checkpoint_dir)
+        last = metrics
+        sums = LossSums()
+        window_start = time.time()
+
+    if is_rank0 and t_cfg.export_at_end and step + 1 >= total:
+        export_engine_model(engine, tokenizer, storage.join(env.run_uri, "export"), cfg, total, data_dir)
+    if artifacts is not None:
+        artifacts.close()
+    return last
+
+
+def export_engine_model(engine, tokenizer, out_uri: str, cfg: KilmConfig, step: int, data_dir: str) -> None:
+    """Hugging Face export of the trained module (rank 0; ZeRO 0-2 hold full weights in the module)."""
+    import tempfile
+
+    from kilm_ray.model import export_hf
+
+    if cfg.train.zero_stage == 3:
+        log.warning("ZeRO-3: export from the final checkpoint with `kilm-ray export` instead")
+        return
+    meta = export_metadata(cfg, step, data_dir, checkpoint=None)
+    module = engine.module
+    if storage.is_remote(out_uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(module, tokenizer, tmp, meta)
+            storage.upload_dir(tmp, out_uri)
+    else:
+        export_hf(module, tokenizer, out_uri, meta)
+    log.info("exported the model to %s", out_uri)
+
+
+def export_metadata(cfg: KilmConfig, step: int, data_dir: str, checkpoint: Optional[str]) -> dict[str, Any]:
+    from kilm_ray import __version__
+    from kilm_ray.tokenizer import KILM_TOKENS
+
+    return {"kilm_ray_version": __version__, "step": step, "checkpoint": checkpoint, "data_dir": data_dir,
+            "model": cfg.to_dict()["model"], "masking": cfg.to_dict()["masking"], "special_tokens": KILM_TOKENS,
+            "generation": {"max_new_tokens": cfg.serve.default_max_new_tokens, "num_beams": 1},
+            "max_source_tokens": cfg.data.max_source_tokens}
