@@ -98,6 +98,49 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kilm_ray import storage
+    from kilm_ray.cluster import init_ray
+    from kilm_ray.serve.app import run_service
+
+    cfg = _config(args)
+    settings = cfg.to_dict()["serve"]
+    if args.port is not None:
+        settings["port"] = args.port
+    if args.host is not None:
+        settings["host"] = args.host
+    if not storage.exists(storage.join(args.model, "config.json")):
+        raise storage.InputError(f"model not found: {args.model} has no config.json (a `kilm-ray export` directory)")
+    init_ray(args.address)
+    run_service(args.model, settings, blocking=not args.detach)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from kilm_ray.serve.client import ProbeClient
+
+    client = ProbeClient(args.url, args.token)
+    options = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v}
+    if args.task == "describe":
+        body = {"text": args.input, **options}
+    elif args.task == "appositive":
+        body = {"text": args.input, "mention": args.mention, **options}
+    elif args.task == "qa":
+        body = {"question": args.input, **options}
+    elif args.task == "fill":
+        body = {"text": args.input, **options}
+    else:
+        body = {"text": args.input, "candidates": [json.loads(c) if c.startswith("{") else
+                                                   {"title": c.split(":", 1)[0], "description": c.split(":", 1)[-1]}
+                                                   for c in args.candidate or []]}
+    try:
+        print(json.dumps(client.post(args.task, body), indent=2, ensure_ascii=False))
+    except RuntimeError as exc:
+        print(f"kilm-ray probe: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         print(config_reference_markdown())
@@ -134,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, local or s3://")
     p.add_argument("--out", required=True, help="output directory, local or s3://")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve an exported model over HTTP (Ray Serve)")
+    p.add_argument("--model", required=True, help="an export directory (kilm-ray export), local or s3://")
+    p.add_argument("--port", type=int, help="HTTP port (default serve.port)")
+    p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
+    p.add_argument("--detach", action="store_true", help="deploy and return (the app keeps running on the cluster)")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("probe", help="ask a running service (describe, disambiguate, appositive, qa, fill)")
+    p.add_argument("task", choices=["describe", "disambiguate", "appositive", "qa", "fill"])
+    p.add_argument("input", help="describe/disambiguate: text with <ent>...</ent>; appositive: text with <appos>; "
+                                 "qa: a question; fill: text with <mask>")
+    p.add_argument("--url", default=os.environ.get("KILM_SERVE_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--token", help="bearer token (default: env KILM_SERVE_TOKEN)")
+    p.add_argument("--mention", help="appositive: the entity before the slot")
+    p.add_argument("--candidate", action="append", help="disambiguate: 'Title:description' or JSON (repeatable)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--num-beams", type=int)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")
     src = p.add_mutually_exclusive_group(required=True)

@@ -223,6 +223,9 @@ class TrainConfig:
         _check_min(f"{path}.grad_clip", self.grad_clip, 0.0)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{path}.zero_stage: {self.zero_stage!r} is not one of 0, 1, 2, 3")
+        if self.precision == "fp16" and self.zero_stage == 0:
+            raise ConfigError(f"{path}.precision: fp16 needs {path}.zero_stage >= 1 (its fp32 master weights "
+                              "live in ZeRO's partitions, which checkpoints read)")
         lo, hi = self.worker_bounds
         if lo < 1 or hi < lo:
             raise ConfigError(f"{path}.num_workers: {self.num_workers!r} must be N >= 1 or [min, max] with 1 <= min <= max")

@@ -311,7 +311,9 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         files = {f.name: f.read_bytes() for f in tokenizer_dir.iterdir() if f.is_file()}
         n_cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         builder_kwargs = {"lookup": ray.put(lookup), "tokenizer_files": files, "cfg_dict": cfg.to_dict()}
-        built = parsed.filter(expr=col("kind") == "article").map_batches(
+        # No filter before the actor pool: on a 1-CPU node a separate filter task could never get
+        # a CPU while the actors hold it (ChunkBuilder skips non-articles itself).
+        built = parsed.map_batches(
             ChunkBuilder, batch_format="pyarrow", batch_size=8, fn_constructor_kwargs=builder_kwargs,
             concurrency=(1, n_cpus), num_cpus=1).materialize()
         stats.update(_sample_stats(built, cfg.data.max_eval_entities))

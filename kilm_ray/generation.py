@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import types
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -65,6 +65,14 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tupl
 class Generated:
     tokens: list[int]  # new tokens after the forced prefix
     score: float  # mean log-probability of the new tokens (HF sequence score for beams)
+    token_logprobs: Optional[list[float]] = None  # greedy only: one per token
+
+    def truncated(self, n: int) -> "Generated":
+        """The first ``n`` tokens (greedy decoding is prefix-consistent, so this equals generating n)."""
+        if len(self.tokens) <= n or self.token_logprobs is None:
+            return self
+        lps = self.token_logprobs[:n]
+        return Generated(self.tokens[:n], sum(lps) / max(len(lps), 1), lps)
 
 
 @torch.no_grad()
@@ -83,41 +91,40 @@ def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Seq
             length_penalty=1.0, early_stopping=True if num_beams > 1 else False, min_length=0,
             return_dict_in_generate=True, output_scores=True)
     width = dec_ids.shape[1]
-    new = out.sequences[:, width:]
-    if num_beams > 1 and out.sequences_scores is not None:
-        scores = out.sequences_scores.tolist()
-    else:
-        logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-        scores = []
-        for row, lp in zip(new, logprobs):
-            keep = row != pad_id
-            scores.append(float(lp[keep].mean()) if keep.any() else 0.0)
+    new = out.sequences[:, width:].tolist()
+    beam_scores = out.sequences_scores.tolist() if num_beams > 1 and out.sequences_scores is not None else None
+    step_logprobs = None if beam_scores else model.compute_transition_scores(
+        out.sequences, out.scores, normalize_logits=True).float().tolist()
     results = []
-    for row, score in zip(new.tolist(), scores):
-        tokens = []
+    for i, row in enumerate(new):
+        tokens: list[int] = []
         for t in row:
+            if t == pad_id and tokens and tokens[-1] in stop_ids:
+                break
             tokens.append(t)
             if t in stop_ids:
                 break
-        results.append(Generated([t for t in tokens if t != pad_id], float(score)))
+        if beam_scores is not None:
+            results.append(Generated(tokens, float(beam_scores[i])))
+        else:
+            lps = [float(x) for x in step_logprobs[i][: len(tokens)]]
+            results.append(Generated(tokens, sum(lps) / max(len(lps), 1), lps))
     return results
 
 
 @torch.no_grad()
-def score_continuations(model, encoder_ids: Sequence[int], prefix: Sequence[int],
-                        continuations: Sequence[Sequence[int]], pad_id: int) -> list[tuple[float, int]]:
-    """(sum log-probability, token count) of each continuation after the forced prefix, in one
+def score_continuations(model, items: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                        pad_id: int) -> list[tuple[float, int]]:
+    """(sum log-probability, token count) of each ``(encoder_ids, forced prefix, continuation)``, in one
     teacher-forced batch (right padding: positions are the usual ones)."""
     device = next(model.parameters()).device
-    n = len(continuations)
-    enc, enc_mask = _pad([encoder_ids] * n, pad_id, left=False, device=device)
-    full = [list(prefix) + list(c) for c in continuations]
-    dec, dec_mask = _pad(full, pad_id, left=False, device=device)
+    enc, enc_mask = _pad([e for e, _, _ in items], pad_id, left=False, device=device)
+    dec, dec_mask = _pad([list(p) + list(c) for _, p, c in items], pad_id, left=False, device=device)
     logits = model(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec[:, :-1],
                    decoder_attention_mask=dec_mask[:, :-1]).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     out = []
-    for i, cont in enumerate(continuations):
+    for i, (_, prefix, cont) in enumerate(items):
         start = len(prefix) - 1  # logits at t predict token t + 1
         targets = torch.tensor(list(cont), device=device)
         picked = logprobs[i, start: start + len(cont)].gather(1, targets.view(-1, 1)).sum()

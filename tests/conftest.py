@@ -86,3 +86,15 @@ def tiny_data(tmp_path_factory, ray_cluster, shared_data, tiny_config) -> str:
     out = tmp_path_factory.mktemp("tiny_data")
     preprocess(tiny_config, [str(DUMP)], str(out), [str(WORDNET)])
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory, tiny_data, tiny_config) -> str:
+    """A tiny model trained briefly (same worker loop, without Ray) and exported for serving/eval."""
+    from kilm_ray.train.local import run_local
+
+    run = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config.with_overrides({"train.max_steps": 30, "train.num_workers": 1, "train.eval_every": 30,
+                                      "train.checkpoint_every": 30, "train.eval_max_samples": 16})
+    run_local(cfg, tiny_data, str(run))
+    return str(run / "export")

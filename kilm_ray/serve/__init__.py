@@ -1,0 +1,1 @@
+"""Ray Serve: the knowledge-probe HTTP service and its client."""

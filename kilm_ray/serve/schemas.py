@@ -1,0 +1,84 @@
+"""Request and response bodies of the knowledge-probe HTTP API (``/v1``). Unknown fields are refused
+(HTTP 422 naming them), so a typo never silently changes what is asked."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationOptions(_Strict):
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate (server limit applies)")
+    num_beams: Optional[int] = Field(None, ge=1, description="beam search width (server limit applies)")
+
+
+class MentionInContext(_Strict):
+    text: Optional[str] = Field(None, description="text with the mention marked as <ent>...</ent>")
+    left: Optional[str] = Field(None, description="text before the mention (with mention/right)")
+    mention: Optional[str] = Field(None, description="the entity mention")
+    right: Optional[str] = Field(None, description="text after the mention")
+
+
+class DescribeRequest(MentionInContext, GenerationOptions):
+    pass
+
+
+class DescribeResponse(BaseModel):
+    title: str
+    description: str
+    score: float = Field(description="mean log-probability of the generated tokens")
+
+
+class Candidate(_Strict):
+    title: str = Field(min_length=1)
+    description: str = ""
+
+
+class DisambiguateRequest(MentionInContext):
+    candidates: list[Candidate] = Field(min_length=1)
+
+
+class RankedCandidate(BaseModel):
+    title: str
+    description: str
+    score: float = Field(description="mean log-probability per token of 'Title<sep>description</ent_desc>'")
+    logprob: float = Field(description="total log-probability")
+    rank: int
+
+
+class DisambiguateResponse(BaseModel):
+    ranking: list[RankedCandidate]
+
+
+class AppositiveRequest(GenerationOptions):
+    text: str = Field(description="text holding the slot marker <appos> once")
+    mention: str = Field(min_length=1, description="the entity; its last occurrence before the slot is used")
+
+
+class AppositiveResponse(BaseModel):
+    appositive: str
+    title: str
+    score: float
+
+
+class QARequest(GenerationOptions):
+    question: str = Field(min_length=1)
+
+
+class QAResponse(BaseModel):
+    answer: str
+    score: float
+
+
+class FillRequest(GenerationOptions):
+    text: str = Field(description="text with one or more <mask>")
+
+
+class FillResponse(BaseModel):
+    text: str
+    score: float
