@@ -2,7 +2,11 @@
 a plain single-process loop over the same pure functions, in one run, as ratios. Also the masking
 loader against what one training worker consumes.
 
-    python bench/preprocess_throughput.py [--mode article] [--repeat 2]
+    python bench/preprocess_throughput.py [--mode article] [--copies 4] [--repeat 2]
+
+``--copies N`` feeds N copies of the excerpt as N dump files (page ids offset so every sample is
+distinct), like the split files of a real dump: the 6 MB excerpt alone is a ~10 s job in which
+Ray's fixed start-up costs (actors, dataset executions) weigh as much as the work.
 
 Goals (issue 2): Ray Data 2 CPUs / 1 CPU >= 1.7x; masking loader >= 3x one worker's consumption.
 """
@@ -34,7 +38,24 @@ def config(mode: str):
                                                        f"tokenizer.source=gpt2-bpe:{SHARED_DATA / 'gpt2-bpe'}"])
 
 
-def plain_loop(mode: str) -> dict:
+def make_copies(copies: int, directory: Path) -> list[str]:
+    """``copies`` dump files, each the excerpt with page and revision ids offset by ``k * 10**8``."""
+    import bz2
+    import re
+
+    if copies == 1:
+        return [str(DUMP)]
+    text = bz2.decompress(DUMP.read_bytes()).decode()
+    paths = []
+    for k in range(copies):
+        shifted = re.sub(r"<id>(\d+)</id>", lambda m: f"<id>{int(m.group(1)) + k * 10**8}</id>", text)
+        path = directory / f"enwiki-copy{k}.xml.bz2"
+        path.write_bytes(bz2.compress(shifted.encode(), compresslevel=9))
+        paths.append(str(path))
+    return paths
+
+
+def plain_loop(mode: str, dumps: list[str]) -> dict:
     """The same pure functions, one process, no Ray: parse every page, build the lookup, chunk."""
     from kilm_ray.corpus.articles import article_chunks, chunk_rows, page_record, paragraphs_from_doc, split_of
     from kilm_ray.corpus.dump import iter_raw_pages
@@ -43,7 +64,8 @@ def plain_loop(mode: str) -> dict:
 
     cfg = config(mode)
     start = time.perf_counter()
-    records = [page_record(raw, mode, cfg.corpus.max_description_chars) for raw in iter_raw_pages(str(DUMP))]
+    records = [page_record(raw, mode, cfg.corpus.max_description_chars)
+               for dump in dumps for raw in iter_raw_pages(dump)]
     lookup = KnowledgeLookup()
     for r in records:
         if r["kind"] == "redirect":
@@ -76,7 +98,7 @@ def plain_loop(mode: str) -> dict:
     return {"seconds": elapsed, "pages": len(records), "samples": rows}
 
 
-def _ray_child(mode: str, cpus: int, queue) -> None:
+def _ray_child(mode: str, cpus: int, dumps: list[str], queue) -> None:
     import logging
 
     import ray
@@ -90,18 +112,18 @@ def _ray_child(mode: str, cpus: int, queue) -> None:
     cfg = config(mode)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        stats = preprocess(cfg, [str(DUMP)], out, [str(WORDNET)])
+        stats = preprocess(cfg, dumps, out, [str(WORDNET)])
         elapsed = time.perf_counter() - start
     samples = sum(s.get("chunks", 0) for s in stats["samples"].values())
     queue.put({"seconds": elapsed, "pages": stats["pages"]["read"], "samples": samples})
     ray.shutdown()
 
 
-def ray_pipeline(mode: str, cpus: int) -> dict:
+def ray_pipeline(mode: str, cpus: int, dumps: list[str]) -> dict:
     """The Ray Data job in a fresh Ray with ``cpus`` CPUs (cluster start-up not timed)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_ray_child, args=(mode, cpus, queue))
+    proc = ctx.Process(target=_ray_child, args=(mode, cpus, dumps, queue))
     proc.start()
     result = queue.get(timeout=1800)
     proc.join()
@@ -141,31 +163,35 @@ def loader_throughput(seconds: float = 10.0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", default="article", choices=["lead", "article"])
+    parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--skip-loader", action="store_true")
     args = parser.parse_args()
     runs: dict[str, list] = {"plain": [], "ray_1cpu": [], "ray_2cpu": []}
-    for _ in range(args.repeat):
-        runs["plain"].append(plain_loop(args.mode))
-        runs["ray_1cpu"].append(ray_pipeline(args.mode, 1))
-        runs["ray_2cpu"].append(ray_pipeline(args.mode, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        dumps = make_copies(args.copies, Path(tmp))
+        for _ in range(args.repeat):
+            runs["plain"].append(plain_loop(args.mode, dumps))
+            runs["ray_1cpu"].append(ray_pipeline(args.mode, 1, dumps))
+            runs["ray_2cpu"].append(ray_pipeline(args.mode, 2, dumps))
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
     rates = {k: {"pages_per_s": r["pages"] / r["seconds"], "samples_per_s": r["samples"] / r["seconds"],
                  "seconds": r["seconds"], "samples": r["samples"]} for k, r in best.items()}
-    loader = loader_throughput()
+    loader = {} if args.skip_loader else loader_throughput()
     # One training worker's consumption: bart-base, batch 32, src 512 / tgt 128 on an H100 at 57.8 ms
     # per step (DESIGN.md §4) = 554 sequences/s.
     gpu_worker = 32 / 0.0578
     result = {
-        "workload": f"{DUMP.name}, corpus.mode={args.mode}, gpt2-bpe tokenizer, + WordNet knowledge",
+        "workload": f"{args.copies} x {DUMP.name}, corpus.mode={args.mode}, gpt2-bpe tokenizer, + WordNet",
         "rates": rates,
         "ratio_ray2_over_ray1": rates["ray_2cpu"]["samples_per_s"] / rates["ray_1cpu"]["samples_per_s"],
         "ratio_ray1_over_plain": rates["ray_1cpu"]["samples_per_s"] / rates["plain"]["samples_per_s"],
         "ratio_ray2_over_plain": rates["ray_2cpu"]["samples_per_s"] / rates["plain"]["samples_per_s"],
         "loader": loader,
-        "loader_over_h100_bart_base_worker": loader["samples_per_s"] / gpu_worker,
+        "loader_over_h100_bart_base_worker": loader["samples_per_s"] / gpu_worker if loader else None,
         "runs": runs,
     }
-    save(f"preprocess_throughput_{args.mode}", result)
+    save(f"preprocess_throughput_{args.mode}_x{args.copies}", result)
 
 
 if __name__ == "__main__":

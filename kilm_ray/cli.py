@@ -43,7 +43,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _config(args)
     dumps = [d for item in args.dump for d in item.split(",") if d]
     knowledge = [k for item in (args.knowledge or []) for k in item.split(",") if k]
-    preflight(dumps, knowledge)  # before Ray starts: a missing input costs nothing
+    preflight(dumps, knowledge, cfg.tokenizer.source)  # before Ray starts: a missing input costs nothing
     init_ray(args.address)
     stats = preprocess(cfg, dumps, args.out, knowledge)
     samples = stats["samples"]

@@ -47,7 +47,8 @@ class CorpusConfig:
         default_factory=lambda: ["template", "first_sentence", "external"],
     )
     max_pages: int = _doc("Stop after this many pages per dump file (0 = all). For quick runs.", default=0)
-    pages_per_block: int = _doc("Pages per Ray Data block coming out of the dump reader.", default=64)
+    pages_per_block: int = _doc(
+        "Pages per Ray Data block out of the dump reader: the unit of parallel parsing and chunking.", default=16)
     valid_unseen_fraction: float = _doc(
         "Fraction of articles held out of training entirely (valid_unseen).", default=0.05
     )

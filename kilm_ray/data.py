@@ -91,8 +91,19 @@ def _dump_datasource(uris: list[str], max_pages: int, pages_per_block: int):
 def read_pages(uris: list[str], cfg: KilmConfig):
     import ray.data
 
+    # Reading (decompress, cut at <page>) is light: a fraction of a CPU, and a resource shape unlike
+    # the parse step's, so that Ray Data does not fuse the two into one sequential task per file.
     return ray.data.read_datasource(_dump_datasource(uris, cfg.corpus.max_pages, cfg.corpus.pages_per_block),
-                                    override_num_blocks=len(uris))
+                                    override_num_blocks=len(uris), num_cpus=0.01)
+
+
+def parse_pages(raw, cfg: KilmConfig):
+    """Each block of raw pages -> page records, one parse task per block, in parallel."""
+    # Ray Data coalesces small yields of a read task into one large block; re-cut the stream
+    # (streaming, no barrier) so that blocks of pages_per_block pages are parsed side by side.
+    blocks = raw.repartition(target_num_rows_per_block=cfg.corpus.pages_per_block)
+    return blocks.map_batches(_parse_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
+                              fn_kwargs={"mode": cfg.corpus.mode, "max_chars": cfg.corpus.max_description_chars})
 
 
 def _parse_batch(batch: pa.Table, mode: str, max_chars: int) -> pa.Table:
@@ -108,8 +119,17 @@ def _parse_batch(batch: pa.Table, mode: str, max_chars: int) -> pa.Table:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_lookup(parsed, cfg: KilmConfig, knowledge_files: list[str]) -> tuple[KnowledgeLookup, dict]:
-    """Redirects and descriptions from the parsed pages, plus external KB files; and page stats."""
+def _load_kb(files: list[str], max_chars: int) -> tuple[dict, dict]:
+    """External knowledge bases -> (key -> description, stats); runs as a Ray task beside parsing."""
+    table, stats = load_knowledge_base(files, max_chars)
+    for example in stats.bad_examples:
+        log.warning("skipped knowledge-base line %s", example)
+    return table, {"files": files, "lines": stats.lines, "entities": stats.entities, "bad_lines": stats.bad_lines,
+                   "bad_examples": stats.bad_examples}
+
+
+def build_lookup(parsed, cfg: KilmConfig) -> tuple[KnowledgeLookup, dict]:
+    """Redirects and in-dump descriptions from the parsed pages; and the page stats."""
     lookup = KnowledgeLookup(sources=tuple(cfg.corpus.knowledge_sources))
     kinds: Counter = Counter()
     reasons: Counter = Counter()
@@ -130,11 +150,6 @@ def build_lookup(parsed, cfg: KilmConfig, knowledge_files: list[str]) -> tuple[K
                     lookup.template[r["title"]] = r["short_description"]
                 if r["first_sentence"]:
                     lookup.first_sentence[r["title"]] = r["first_sentence"]
-    kb_stats = None
-    if knowledge_files and "external" in cfg.corpus.knowledge_sources:
-        lookup.external, kb_stats = load_knowledge_base(knowledge_files, cfg.corpus.max_description_chars)
-        for example in kb_stats.bad_examples:
-            log.warning("skipped knowledge-base line %s", example)
     pages = {
         "read": sum(kinds.values()),
         "articles": kinds["article"],
@@ -143,13 +158,9 @@ def build_lookup(parsed, cfg: KilmConfig, knowledge_files: list[str]) -> tuple[K
         "errors": {k.split(":", 1)[1]: v for k, v in reasons.items() if k.startswith("error:")},
         "error_examples": errors,
     }
-    kb = {"files": knowledge_files, "lines": 0, "entities": 0, "bad_lines": 0, "bad_examples": []}
-    if kb_stats is not None:
-        kb.update(lines=kb_stats.lines, entities=kb_stats.entities, bad_lines=kb_stats.bad_lines,
-                  bad_examples=kb_stats.bad_examples)
     table = {"redirects": len(lookup.redirects), "template": len(lookup.template),
-             "first_sentence": len(lookup.first_sentence), "external": len(lookup.external)}
-    return lookup, {"pages": pages, "knowledge_base": kb, "knowledge_table": table}
+             "first_sentence": len(lookup.first_sentence)}
+    return lookup, {"pages": pages, "knowledge_table": table}
 
 
 def _paragraph_sample(parsed, limit: int, seed: int) -> list[str]:
@@ -163,10 +174,12 @@ def _paragraph_sample(parsed, limit: int, seed: int) -> list[str]:
     return texts
 
 
-def prepare_tokenizer(cfg: KilmConfig, parsed, local_dir: Path):
+def prepare_tokenizer(cfg: KilmConfig, parsed, local_dir: Path, preloaded=None):
     from kilm_ray.tokenizer import load_tokenizer, train_bpe
 
-    if cfg.tokenizer.source == "train":
+    if preloaded is not None:
+        tokenizer = preloaded
+    elif cfg.tokenizer.source == "train":
         texts = _paragraph_sample(parsed, cfg.tokenizer.train_max_paragraphs, cfg.corpus.split_seed)
         log.info("training a byte-level BPE (vocab %d) on %d paragraphs", cfg.tokenizer.vocab_size, len(texts))
         tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size)
@@ -183,26 +196,21 @@ def prepare_tokenizer(cfg: KilmConfig, parsed, local_dir: Path):
 
 
 class ChunkBuilder:
-    """Ray Data callable class: loads the tokenizer and the lookup once per actor."""
+    """Resolves links, tokenizes and chunks a batch of parsed pages (see corpus.articles)."""
 
-    def __init__(self, lookup, tokenizer_files: dict, cfg_dict: dict):
-        import ray
-
+    def __init__(self, lookup: KnowledgeLookup, external: Optional[dict], tokenizer_json: str, cfg_dict: dict):
         from kilm_ray.config import config_from_dict
+        from kilm_ray.tokenizer import CorpusTokenizer
 
-        self.lookup = ray.get(lookup) if isinstance(lookup, ray.ObjectRef) else lookup
+        self.lookup = lookup
+        if external:
+            self.lookup.external = external
         self.cfg = config_from_dict(cfg_dict)
-        self.tokenizer = tokenizer_from_files(tokenizer_files)
-        self.sep = self.tokenizer.convert_tokens_to_ids("<sep>")
+        self.tokenizer = CorpusTokenizer(tokenizer_json)
+        self.encode, self.decode = self.tokenizer.encode, self.tokenizer.decode
+        self.sep = self.tokenizer.token_id("<sep>")
         self.newline = self.encode("\n")[0]
         self.cache: dict = {}
-
-    def encode(self, text: str):
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
@@ -223,6 +231,24 @@ class ChunkBuilder:
         return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
 
 
+_BUILDERS: dict[tuple, ChunkBuilder] = {}
+
+
+def _build_chunks(batch: pa.Table, refs: dict, cfg_dict: dict) -> pa.Table:
+    """Ray Data task: one ChunkBuilder per worker process and job, kept across tasks. Tasks reuse
+    the warm worker processes of the parse step (no actor start-up), and each process fetches
+    the lookup, the knowledge base and the tokenizer from the object store once."""
+    import ray
+
+    key = tuple(ref.hex() for ref in refs.values())
+    builder = _BUILDERS.get(key)
+    if builder is None:
+        _BUILDERS.clear()
+        lookup, external, tokenizer_json = ray.get([refs["lookup"], refs["external"], refs["tokenizer_json"]])
+        builder = _BUILDERS[key] = ChunkBuilder(lookup, external, tokenizer_json, cfg_dict)
+    return builder(batch)
+
+
 def _zero_counts() -> dict[str, int]:
     return {"links": 0, "links_template": 0, "links_first_sentence": 0, "links_external": 0, "links_no_knowledge": 0}
 
@@ -234,33 +260,52 @@ def _article_stats_row(page_id: int, title: str, counts: LinkCounts, n_chunks: i
             "links_external": counts.external, "links_no_knowledge": counts.no_knowledge}
 
 
-def _sample_stats(built, max_eval_entities: int) -> dict:
+LINK_COLUMNS = ["links", "links_template", "links_first_sentence", "links_external", "links_no_knowledge"]
+SHARD_ROWS = 50_000  # chunks per parquet shard (per split) at most
+
+
+def _write_shards(batch: pa.Table, out: str, max_eval_entities: int) -> pa.Table:
+    """Write one batch of built rows as one parquet shard per split; return its counts (stats)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, root = storage.resolve(out)
+    counts: dict[str, Any] = {"links": {k: 0 for k in LINK_COLUMNS}, "chunks": 0}
+    articles = batch.filter(pc.equal(batch["split"], ARTICLE_STATS))
+    for key in LINK_COLUMNS:
+        counts["links"][key] = int(pc.sum(articles[key]).as_py() or 0)
+    counts["chunks"] = int(pc.sum(articles["chunk_index"]).as_py() or 0)
+    for split in SPLITS:
+        rows = batch.filter(pc.equal(batch["split"], split)).drop_columns(["split", *LINK_COLUMNS])
+        n_mentions = pc.list_value_length(rows["ent_start"]).to_numpy(zero_copy_only=False)
+        counts[split] = {"chunks": rows.num_rows, "knowledge_chunks": int((n_mentions > 0).sum()),
+                         "mentions": int(n_mentions.sum()),
+                         "eval_samples": int(np.minimum(n_mentions, max_eval_entities).sum())}
+        if rows.num_rows:
+            first = int(pc.min(rows["sample_id"]).as_py())
+            fs.create_dir(f"{root}/{split}", recursive=True)
+            pq.write_table(rows, f"{root}/{split}/part-{first:016d}.parquet", filesystem=fs)
+    return pa.table({"counts": [json.dumps(counts)]})
+
+
+def _sum_counts(parts: list[dict]) -> dict:
     links = Counter()
     per_split = {s: Counter() for s in SPLITS}
-    chunks_total = 0
-    columns = ["split", "ent_start", "chunk_index", "links", "links_template", "links_first_sentence",
-               "links_external", "links_no_knowledge"]
-    for batch in built.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=8192):
-        for r in batch.to_pylist():
-            if r["split"] == ARTICLE_STATS:
-                chunks_total += r["chunk_index"]
-                for key in ("links", "links_template", "links_first_sentence", "links_external", "links_no_knowledge"):
-                    links[key] += r[key]
-                continue
-            n = len(r["ent_start"])
-            c = per_split[r["split"]]
-            c["chunks"] += 1
-            c["knowledge_chunks"] += n > 0
-            c["mentions"] += n
-            c["eval_samples"] += min(n, max_eval_entities)
+    chunks = 0
+    for part in parts:
+        links.update(part["links"])
+        chunks += part["chunks"]
+        for split in SPLITS:
+            per_split[split].update(part[split])
     return {
         "links": {"total": links["links"],
                   "with_knowledge": {"template": links["links_template"],
                                      "first_sentence": links["links_first_sentence"],
                                      "external": links["links_external"]},
                   "without_knowledge": links["links_no_knowledge"]},
-        "chunks": {"total": chunks_total},
-        "samples": {s: dict(c) for s, c in per_split.items()},
+        "chunks": {"total": chunks},
+        "samples": {s: {k: c.get(k, 0) for k in ("chunks", "knowledge_chunks", "mentions", "eval_samples")}
+                    for s, c in per_split.items()},
     }
 
 
@@ -269,7 +314,7 @@ def _sample_stats(built, max_eval_entities: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def preflight(dumps: list[str], knowledge: list[str]) -> None:
+def preflight(dumps: list[str], knowledge: list[str], tokenizer_source: str = "train") -> None:
     """Fail fast, before any work, naming a missing or unreadable input."""
     if not dumps:
         raise storage.InputError("no dump given (--dump PATH)")
@@ -277,55 +322,77 @@ def preflight(dumps: list[str], knowledge: list[str]) -> None:
         storage.check_readable(uri, "dump")
     for uri in knowledge:
         storage.check_readable(uri, "knowledge file")
+    if tokenizer_source.startswith("gpt2-bpe:"):
+        for name in ("encoder.json", "vocab.bpe"):
+            storage.check_readable(str(Path(tokenizer_source.split(":", 1)[1]).expanduser() / name), "tokenizer file")
+    elif tokenizer_source.startswith((".", "/", "~")) and not Path(tokenizer_source).expanduser().is_dir():
+        raise storage.InputError(f"tokenizer directory not found: {tokenizer_source}")
 
 
 def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[list[str]] = None) -> dict:
     """Run the whole pipeline on the current Ray cluster; returns the stats (also in out/stats.json)."""
     import ray
     import ray.data
-    from ray.data.expressions import col
 
     knowledge = list(knowledge or [])
-    preflight(dumps, knowledge)
+    preflight(dumps, knowledge, cfg.tokenizer.source)
     started = time.time()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic tokenizer training and shard order
+    # Ray Data reserves a share of the CPUs for every operator; on small clusters that caps the
+    # parse step well below the CPUs it could use (1.5 of 2; measured in bench/). Our operators
+    # cannot starve each other: reads and shard writes take (almost) no CPU.
+    ctx.op_resource_reservation_enabled = False
 
+    preloading = None
+    if cfg.tokenizer.source != "train":  # independent of the corpus: load it while the dump is parsed
+        from concurrent.futures import ThreadPoolExecutor
+
+        from kilm_ray.tokenizer import load_tokenizer
+
+        preloading = ThreadPoolExecutor(1).submit(load_tokenizer, cfg.tokenizer.source)
     log.info("reading %s", ", ".join(dumps))
-    parsed = read_pages(dumps, cfg).map_batches(
-        _parse_batch, batch_format="pyarrow", fn_kwargs={"mode": cfg.corpus.mode,
-                                                         "max_chars": cfg.corpus.max_description_chars})
-    parsed = parsed.materialize()
-    lookup, stats = build_lookup(parsed, cfg, knowledge)
-    log.info("pages: %s; knowledge table: %s", {k: v for k, v in stats["pages"].items() if k != "error_examples"},
+    kb_refs = None
+    if knowledge and "external" in cfg.corpus.knowledge_sources:  # loads while the dump is parsed
+        kb_refs = ray.remote(_load_kb).options(num_returns=2, num_cpus=1).remote(
+            knowledge, cfg.corpus.max_description_chars)
+    parsed = parse_pages(read_pages(dumps, cfg), cfg).materialize()
+    log.info("parsed the dump in %.1fs", time.time() - started)
+    lookup, stats = build_lookup(parsed, cfg)
+    stats["knowledge_base"] = ray.get(kb_refs[1]) if kb_refs else {
+        "files": knowledge, "lines": 0, "entities": 0, "bad_lines": 0, "bad_examples": []}
+    stats["knowledge_table"]["external"] = stats["knowledge_base"]["entities"]
+    log.info("lookup built at %.1fs; pages: %s; knowledge table: %s", time.time() - started, {k: v for k, v in stats["pages"].items() if k != "error_examples"},
              stats["knowledge_table"])
 
     with tempfile.TemporaryDirectory(prefix="kilm_tok_") as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
-        tokenizer = prepare_tokenizer(cfg, parsed, tokenizer_dir)
+        tokenizer = prepare_tokenizer(cfg, parsed, tokenizer_dir, preloading.result() if preloading else None)
+        log.info("tokenizer ready (%d tokens) at %.1fs", len(tokenizer), time.time() - started)
         storage.upload_dir(tokenizer_dir, storage.join(out, "tokenizer"))
         from kilm_ray.tokenizer import special_ids
 
         sp = special_ids(tokenizer)
-        # The tokenizer's files travel to the actors (on any node) through the object store.
-        files = {f.name: f.read_bytes() for f in tokenizer_dir.iterdir() if f.is_file()}
-        n_cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-        builder_kwargs = {"lookup": ray.put(lookup), "tokenizer_files": files, "cfg_dict": cfg.to_dict()}
-        # No filter before the actor pool: on a 1-CPU node a separate filter task could never get
-        # a CPU while the actors hold it (ChunkBuilder skips non-articles itself).
-        built = parsed.map_batches(
-            ChunkBuilder, batch_format="pyarrow", batch_size=8, fn_constructor_kwargs=builder_kwargs,
-            concurrency=(1, n_cpus), num_cpus=1).materialize()
-        stats.update(_sample_stats(built, cfg.data.max_eval_entities))
-        stats_columns = ["split", "links", "links_template", "links_first_sentence", "links_external",
-                         "links_no_knowledge"]
+        # The tokenizer and the lookup travel to the actors (on any node) through the object store.
+        refs = {"lookup": ray.put(lookup), "external": kb_refs[0] if kb_refs else ray.put(None),
+                "tokenizer_json": ray.put((tokenizer_dir / "tokenizer.json").read_text())}
+        built = parsed.map_batches(_build_chunks, batch_format="pyarrow", batch_size=None, num_cpus=1,
+                                   fn_kwargs={"refs": refs, "cfg_dict": cfg.to_dict()})
+        # One pass writes every split's shards and returns the counts: no second read of the data.
+        written = built.map_batches(_write_shards, batch_format="pyarrow", batch_size=SHARD_ROWS, num_cpus=0,
+                                    fn_kwargs={"out": out, "max_eval_entities": cfg.data.max_eval_entities})
+        parts = [json.loads(c) for batch in written.iter_batches(batch_format="pyarrow", batch_size=None)
+                 for c in batch["counts"].to_pylist()]
+        stats.update(_sum_counts(parts))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Ray Data stats:\n%s", written.stats())
+        log.info("wrote %s chunks at %.1fs: %s", stats["chunks"]["total"], time.time() - started,
+                 {s: v["chunks"] for s, v in stats["samples"].items()})
         for split in SPLITS:
-            fs, path = storage.resolve(storage.join(out, split))
-            if not stats["samples"][split].get("chunks"):
+            if not stats["samples"][split]["chunks"]:
                 log.warning("split %s is empty (a small corpus?)", split)
-                _write_empty_split(fs, path, stats_columns)
-                continue
-            built.filter(expr=col("split") == split).drop_columns(stats_columns).write_parquet(path, filesystem=fs)
+                fs, path = storage.resolve(storage.join(out, split))
+                _write_empty_split(fs, path, ["split", *LINK_COLUMNS])
 
     stats["tokenizer"] = {"source": cfg.tokenizer.source, "vocab_size": len(tokenizer)}
     stats["elapsed_s"] = round(time.time() - started, 2)
@@ -344,16 +411,6 @@ def _write_empty_split(fs, path: str, dropped: list[str]) -> None:
     schema = pa.schema([f for f in CHUNK_SCHEMA if f.name not in dropped])
     fs.create_dir(path, recursive=True)
     pq.write_table(schema.empty_table(), f"{path}/empty.parquet", filesystem=fs)
-
-
-def tokenizer_from_files(files: dict[str, bytes]):
-    """A tokenizer from its saved files' contents (shipped to actors on other nodes)."""
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="kilm_tok_") as tmp:
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,6 +78,30 @@ def load_tokenizer(source: str):
     return add_kilm_tokens(tokenizer)
 
 
+class CorpusTokenizer:
+    """The tokenizer's Rust backend alone (``tokenizer.json``), for preprocessing workers: the same ids
+    and offsets as the transformers tokenizer (checked on the whole dump excerpt in the tests), but
+    ready in milliseconds instead of the seconds that importing transformers costs each actor."""
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer_json)
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int:
+        found = self.backend.token_to_id(token)
+        if found is None:
+            raise TokenizerError(f"token {token!r} is not in the tokenizer")
+        return found
+
+
 def special_ids(tokenizer) -> SpecialIds:
     ids = tokenizer.convert_tokens_to_ids(KILM_TOKENS)
     return SpecialIds(

@@ -1,0 +1,158 @@
+"""Training throughput: the same model and batch trained by
+  (a) the kilm_ray worker loop under Ray Train + DeepSpeed,
+  (b) the same loop without Ray (DeepSpeed, one process),
+  (c) a plain PyTorch loop (no Ray, no DeepSpeed: AdamW, autocast on GPU),
+in one run, reporting tokens/s, MFU and the ratios against (c).
+
+    python bench/train_throughput.py --data DIR [--preset small] [--steps 40] [--micro 16]
+    python bench/train_throughput.py --data DIR --device cuda --preset base --precision bf16 --no-ray
+
+On the GPU machine (no Ray there) run with --no-ray: (b) against (c). Throughput is measured over
+the steps after the first ``--warmup`` ones (compilation, allocator warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, save  # noqa: E402
+
+
+def build_config(args):
+    from kilm_ray.config import load_config
+
+    overrides = [f"model.preset={args.preset}", f"train.micro_batch_size={args.micro}",
+                 f"train.global_batch_size={args.micro}", f"train.max_steps={args.steps}",
+                 f"train.precision={args.precision}", f"train.zero_stage={args.zero}", "train.num_workers=1",
+                 f"train.log_every={args.log_every}", "train.eval_every=0", f"train.checkpoint_every={10**6}",
+                 "train.export_at_end=false", "model.dropout=0.0", f"train.use_gpu={str(args.device == 'cuda').lower()}",
+                 f"train.compile={str(args.compile).lower()}", f"train.cpus_per_worker={args.cpus}"]
+    return load_config(REPO / "configs" / "tiny.yaml", overrides + args.overrides)
+
+
+def steady_tokens_per_s(metrics: list[dict], warmup: int) -> tuple[float, float]:
+    rows = [m for m in metrics if "tokens_per_s" in m and m["step"] > warmup]
+    if not rows:
+        raise RuntimeError("no metrics after warm-up; run more steps")
+    return (sum(m["tokens_per_s"] for m in rows) / len(rows), sum(m.get("mfu", 0.0) for m in rows) / len(rows))
+
+
+def run_ray(cfg, data: str, warmup: int) -> dict:
+    import ray
+
+    from kilm_ray.train.ray_trainer import run_training
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=1024**3)
+    with tempfile.TemporaryDirectory() as runs:
+        run_training(cfg, data, runs, "bench")
+        metrics = [json.loads(line) for line in (Path(runs) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    ray.shutdown()
+    tps, mfu = steady_tokens_per_s(metrics, warmup)
+    return {"tokens_per_s": tps, "mfu": mfu}
+
+
+def run_local_loop(cfg, data: str, warmup: int) -> dict:
+    from kilm_ray.train.local import LocalEnv
+    from kilm_ray.train.loop import train_worker
+
+    with tempfile.TemporaryDirectory() as run:
+        env = LocalEnv(run, keep=1)
+        train_worker(cfg, data, env)
+    tps, mfu = steady_tokens_per_s(env.reports, warmup)
+    return {"tokens_per_s": tps, "mfu": mfu}
+
+
+def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
+    """nanoGPT-style: the same batches, model, optimizer and loss, nothing else."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kilm_ray import storage
+    from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+    from kilm_ray.masking import MaskingParams
+    from kilm_ray.model import build_model, count_parameters
+    from kilm_ray.train.metrics import mfu, peak_tflops, token_losses
+
+    sp = special_ids_of(data)
+    tokenizer = AutoTokenizer.from_pretrained(str(storage.local_copy(storage.join(data, "tokenizer"))))
+    store = SampleStore.load(data, "train")
+    t = cfg.train
+    plan = BatchPlan(len(store), t.global_batch_size, t.micro_batch_size, 1, t.epochs, t.seed, t.max_steps)
+    dataset = StepDataset(store, plan, 0, 0, MaskingParams(), sp, 1.0)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, len(tokenizer), sp, cfg.data.max_target_tokens).to(device)
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device == "cuda")
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16" and device == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=t.loader_workers,
+                                         pin_memory=device == "cuda")
+    tokens, started = 0, None
+    for item in loader:
+        step = item["step"]
+        for mb in item["micro_batches"]:
+            mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+            with autocast:
+                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                               decoder_input_ids=mb["decoder_input_ids"], use_cache=False).logits
+            ce = token_losses(logits, mb["labels"])
+            loss = (ce * mb["label_weights"]).sum() / mb["label_weights"].sum()
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step + 1 > warmup:
+                tokens += mb["input_ids"].numel() + mb["labels"].numel()
+        if step + 1 == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    tps = tokens / elapsed
+    return {"tokens_per_s": tps, "mfu": mfu(count_parameters(model), tps, 1, peak_tflops(t.peak_tflops, torch.device(device)))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="a preprocessed dataset (kilm-ray preprocess)")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--zero", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpus", type=float, default=2.0)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-ray", action="store_true", help="skip (a): machines without Ray")
+    parser.add_argument("--name", default="train_throughput")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    cfg = build_config(args)
+    result: dict = {"config": {k: v for k, v in vars(args).items() if k != "overrides"}}
+    result["plain_pytorch"] = run_plain(cfg, args.data, args.warmup, args.device)
+    result["kilm_loop_deepspeed_no_ray"] = run_local_loop(cfg, args.data, args.warmup)
+    if not args.no_ray:
+        result["kilm_loop_deepspeed_ray_train"] = run_ray(cfg, args.data, args.warmup)
+    base = result["plain_pytorch"]["tokens_per_s"]
+    result["ratios_vs_plain"] = {k: v["tokens_per_s"] / base for k, v in result.items()
+                                 if isinstance(v, dict) and "tokens_per_s" in v}
+    save(args.name, result)
+
+
+if __name__ == "__main__":
+    main()
