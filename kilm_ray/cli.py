@@ -90,6 +90,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kilm_ray.cluster import init_ray
+    from kilm_ray.tune import run_tune
+
+    cfg = _config(args)
+    init_ray(args.address)
+    summary = run_tune(cfg, args.data, args.run_dir, args.name)
+    print(json.dumps({"best": summary["best"], "best_config": summary["best_config"],
+                      "trials": len(summary["trials"]),
+                      "stopped_early": sum(bool(t["stopped_early"]) for t in summary["trials"])}, indent=2, default=str))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from kilm_ray.export import export_checkpoint
 
@@ -172,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the same loop without Ray (one process, or one per GPU under torchrun)")
     _common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search masking / learning-rate settings (Ray Tune + ASHA)")
+    p.add_argument("--data", required=True, help="a preprocessed dataset directory, local or s3://")
+    p.add_argument("--run-dir", required=True, help="where searches live, local or s3://")
+    p.add_argument("--name", default="kilm-tune", help="search name; rerunning the same one resumes it")
+    _common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export", help="checkpoint -> Hugging Face directory (safetensors + tokenizer)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, local or s3://")

@@ -251,15 +251,16 @@ class TrainConfig:
 
 @dataclass
 class SearchParam:
-    kind: Literal["loguniform", "uniform", "choice", "randint"] = _doc("Distribution.", default="uniform")
+    kind: Literal["loguniform", "uniform", "choice", "randint", "grid"] = _doc(
+        "Distribution; 'grid' tries every value (times tune.num_samples).", default="uniform")
     low: float = _doc("Lower bound (loguniform/uniform/randint).", default=0.0)
     high: float = _doc("Upper bound (loguniform/uniform/randint, exclusive for randint).", default=1.0)
     values: list[Any] = _doc("Candidates (choice).", default_factory=list)
 
     def validate(self, path: str) -> None:
-        if self.kind == "choice":
+        if self.kind in ("choice", "grid"):
             if not self.values:
-                raise ConfigError(f"{path}.values: a choice needs at least one value")
+                raise ConfigError(f"{path}.values: a {self.kind} needs at least one value")
         elif not self.low < self.high:
             raise ConfigError(f"{path}: low={self.low} must be < high={self.high}")
         if self.kind == "loguniform" and self.low <= 0:
