@@ -154,6 +154,22 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kilm_ray.eval.harness import evaluate, headline, save_metrics
+    from kilm_ray.eval.report import write_report
+
+    cfg = _config(args)
+    if args.qa:
+        cfg = cfg.with_overrides({"eval.qa_file": args.qa})
+    metrics = evaluate(args.model, args.data, cfg, kb_file=args.knowledge, qa_file=cfg.eval.qa_file,
+                       device=args.device)
+    out = Path(args.report)
+    save_metrics(metrics, out)
+    report = write_report({args.label: metrics}, out, {args.label: args.run} if args.run else None)
+    print(json.dumps({"report": str(report), **headline(metrics)}, indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         print(config_reference_markdown())
@@ -217,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--num-beams", type=int)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("eval", help="knowledge probes and retention of an exported model -> metrics.json + report")
+    p.add_argument("--model", required=True, help="an export directory (kilm-ray export), local or s3://")
+    p.add_argument("--data", required=True, help="the preprocessed dataset it was trained on")
+    p.add_argument("--report", required=True, help="output directory for metrics.json, report.md and plots")
+    p.add_argument("--run", help="the training run directory (for training curves)")
+    p.add_argument("--knowledge", help="a WordNet-shaped knowledge base: adds sense disambiguation")
+    p.add_argument("--qa", help="question<TAB>answer[<TAB>answer...] file for zero-shot QA")
+    p.add_argument("--label", default="model", help="the model's name in the report")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _common(p, address=False)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")
     src = p.add_mutually_exclusive_group(required=True)
