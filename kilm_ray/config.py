@@ -60,6 +60,11 @@ class CorpusConfig:
         "Descriptions longer than this are cut at a word boundary (first sentences can be long).",
         default=400,
     )
+    task_resources: dict[str, float] = _doc(
+        "Extra Ray resources every preprocessing task asks for, e.g. {preprocess: 0.01} to keep them on "
+        "the CPU nodes of cluster.yaml.",
+        default_factory=dict,
+    )
 
     def validate(self, path: str) -> None:
         allowed = {"template", "first_sentence", "external"}
@@ -146,6 +151,7 @@ class MaskingConfig:
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     # d_model, layers (each side), heads, ffn. base/large match facebook/bart-base / -large.
     "tiny": {"d_model": 64, "layers": 2, "heads": 4, "ffn": 256},
+    "mini": {"d_model": 128, "layers": 3, "heads": 4, "ffn": 512},
     "small": {"d_model": 256, "layers": 4, "heads": 4, "ffn": 1024},
     "base": {"d_model": 768, "layers": 6, "heads": 12, "ffn": 3072},
     "large": {"d_model": 1024, "layers": 12, "heads": 16, "ffn": 4096},
@@ -159,7 +165,7 @@ class ModelConfig:
         "from the preset below.",
         default=None,
     )
-    preset: Literal["tiny", "small", "base", "large"] = _doc(
+    preset: Literal["tiny", "mini", "small", "base", "large"] = _doc(
         "Architecture when training from scratch.", default="tiny"
     )
     dropout: float = _doc("Dropout of the transformer (from scratch, or overriding the pretrained).", default=0.1)
@@ -196,6 +202,10 @@ class TrainConfig:
     )
     use_gpu: bool = _doc("One GPU per worker.", default=False)
     cpus_per_worker: float = _doc("CPUs reserved per worker (fractional is fine).", default=1.0)
+    worker_resources: dict[str, float] = _doc(
+        "Extra Ray resources per training worker, e.g. {trainer: 1} to pin workers to GPU training nodes.",
+        default_factory=dict,
+    )
     loader_workers: int = _doc("torch DataLoader processes per worker that mask and collate.", default=0)
     log_every: int = _doc("Steps between metric lines / reports.", default=10)
     eval_every: int = _doc("Steps between validation passes (0 = only at the end).", default=100)
@@ -555,6 +565,13 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " / ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -94,7 +94,12 @@ def read_pages(uris: list[str], cfg: KilmConfig):
     # Reading (decompress, cut at <page>) is light: a fraction of a CPU, and a resource shape unlike
     # the parse step's, so that Ray Data does not fuse the two into one sequential task per file.
     return ray.data.read_datasource(_dump_datasource(uris, cfg.corpus.max_pages, cfg.corpus.pages_per_block),
-                                    override_num_blocks=len(uris), num_cpus=0.01)
+                                    override_num_blocks=len(uris), num_cpus=0.01, **task_resources(cfg))
+
+
+def task_resources(cfg: KilmConfig) -> dict:
+    """Ray remote args that place preprocessing tasks (corpus.task_resources, e.g. CPU nodes)."""
+    return {"resources": dict(cfg.corpus.task_resources)} if cfg.corpus.task_resources else {}
 
 
 def parse_pages(raw, cfg: KilmConfig):
@@ -103,7 +108,8 @@ def parse_pages(raw, cfg: KilmConfig):
     # (streaming, no barrier) so that blocks of pages_per_block pages are parsed side by side.
     blocks = raw.repartition(target_num_rows_per_block=cfg.corpus.pages_per_block)
     return blocks.map_batches(_parse_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
-                              fn_kwargs={"mode": cfg.corpus.mode, "max_chars": cfg.corpus.max_description_chars})
+                              fn_kwargs={"mode": cfg.corpus.mode, "max_chars": cfg.corpus.max_description_chars},
+                              **task_resources(cfg))
 
 
 def _parse_batch(batch: pa.Table, mode: str, max_chars: int) -> pa.Table:
@@ -354,7 +360,7 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     log.info("reading %s", ", ".join(dumps))
     kb_refs = None
     if knowledge and "external" in cfg.corpus.knowledge_sources:  # loads while the dump is parsed
-        kb_refs = ray.remote(_load_kb).options(num_returns=2, num_cpus=1).remote(
+        kb_refs = ray.remote(_load_kb).options(num_returns=2, num_cpus=1, **task_resources(cfg)).remote(
             knowledge, cfg.corpus.max_description_chars)
     parsed = parse_pages(read_pages(dumps, cfg), cfg).materialize()
     log.info("parsed the dump in %.1fs", time.time() - started)
@@ -377,9 +383,10 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         refs = {"lookup": ray.put(lookup), "external": kb_refs[0] if kb_refs else ray.put(None),
                 "tokenizer_json": ray.put((tokenizer_dir / "tokenizer.json").read_text())}
         built = parsed.map_batches(_build_chunks, batch_format="pyarrow", batch_size=None, num_cpus=1,
-                                   fn_kwargs={"refs": refs, "cfg_dict": cfg.to_dict()})
+                                   fn_kwargs={"refs": refs, "cfg_dict": cfg.to_dict()}, **task_resources(cfg))
         # One pass writes every split's shards and returns the counts: no second read of the data.
         written = built.map_batches(_write_shards, batch_format="pyarrow", batch_size=SHARD_ROWS, num_cpus=0,
+                                    **task_resources(cfg),
                                     fn_kwargs={"out": out, "max_eval_entities": cfg.data.max_eval_entities})
         parts = [json.loads(c) for batch in written.iter_batches(batch_format="pyarrow", batch_size=None)
                  for c in batch["counts"].to_pylist()]

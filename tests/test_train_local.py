@@ -73,11 +73,14 @@ def test_resume_on_another_zero_stage(local_cfg, tiny_data, tmp_path):
 
 
 def test_torchrun_two_processes_without_ray(local_cfg, tiny_data, tmp_path):
-    """``kilm-ray train --no-ray`` under torchrun: 2 processes, gloo, the same loop and checkpoints."""
+    """``kilm-ray train --no-ray`` under torchrun: 2 processes, gloo, the same loop and checkpoints.
+    The mini preset's embedding fits in rank 0's ZeRO-2 partition alone: checkpointing must not let
+    the ranks take different collective paths."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "kilm_ray.cli", "train", "--no-ray", "--data", tiny_data, "--run-dir", str(tmp_path / "tr"),
            "--config", str(REPO / "configs" / "tiny.yaml"), f"train.max_steps={STEPS}", "train.checkpoint_every=4",
-           "train.log_every=4", "train.eval_every=8", "train.eval_max_samples=16", "train.num_workers=2"]
+           "train.log_every=4", "train.eval_every=8", "train.eval_max_samples=16", "train.num_workers=2",
+           "model.preset=mini", "train.eval_generate_samples=4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

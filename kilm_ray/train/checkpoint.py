@@ -87,12 +87,12 @@ def _ensure_optimizer_state(engine, step: int) -> None:
 
 
 def _partitioned(engine) -> bool:
-    """True when DeepSpeed keeps fp32 master weights apart from the module (ZeRO 1-3, bf16 optimizer)."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    """True when DeepSpeed keeps fp32 master weights apart from the module (ZeRO 1-3, bf16 optimizer).
 
-    first = next(engine.module.parameters())
-    return hasattr(first, "ds_id") or getattr(first, "_hp_mapping", None) is not None or \
-        safe_get_full_fp32_param(first) is not None
+    Decided from the engine's configuration, never from a parameter: a parameter has an fp32 fragment
+    only on the ranks whose partition holds part of it, so a per-parameter test would send ranks down
+    different collective paths (seen: gloo size mismatch when one rank held the whole embedding)."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
 def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -74,7 +74,7 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
 
     t = cfg.train
     lo, hi = t.worker_bounds
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if t.use_gpu:
         resources["GPU"] = 1
     storage_fs = None

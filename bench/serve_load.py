@@ -1,0 +1,112 @@
+"""Serving throughput: a concurrent load generator against the running probe service, batched
+(``serve.max_batch_size`` > 1) versus unbatched (``max_batch_size=1``), same model, same replica, in one
+run: requests/s and p50 / p99 latency of POST /v1/describe.
+
+    python bench/serve_load.py --model DIR [--clients 64] [--requests 512] [--batch 32]
+
+Goals (issue 5): batched >= 3x unbatched throughput on CPU with the tiny model; >= 20x on a GPU with
+bart-base. Both applications run side by side on one Serve instance (route prefixes /batched and
+/unbatched) and are loaded one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, save  # noqa: E402
+
+TEXTS = [
+    "Aristotle was a Greek <ent>philosopher</ent> and polymath during the Classical period.",
+    "The <ent>United States</ent> is a country primarily located in North America.",
+    "Paris is the capital of <ent>France</ent> and its largest city.",
+    "The <ent>Iliad</ent> is an ancient Greek epic poem attributed to Homer.",
+    "In <ent>mathematics</ent>, a prime number is a natural number greater than 1.",
+    "Albert Einstein developed the theory of <ent>relativity</ent> in the early twentieth century.",
+    "The <ent>Amazon River</ent> in South America is the largest river by discharge volume.",
+    "Johann Sebastian Bach was a German <ent>composer</ent> of the Baroque period.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, clients: int, requests: int, max_new_tokens: int) -> dict:
+    import httpx
+
+    def one(i: int) -> float:
+        body = {"text": TEXTS[i % len(TEXTS)], "max_new_tokens": max_new_tokens}
+        start = time.perf_counter()
+        r = http.post(f"{url}/v1/describe", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - start
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    with httpx.Client(timeout=600, limits=limits) as http:
+        for i in range(min(clients, 8)):  # warm-up: replicas loaded, code paths compiled
+            one(i)
+        started = time.perf_counter()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            latencies = sorted(pool.map(one, range(requests)))
+        elapsed = time.perf_counter() - started
+    return {"requests": requests, "seconds": elapsed, "requests_per_s": requests / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+            "mean_ms": 1000 * statistics.fmean(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="an exported model directory")
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=4)
+    parser.add_argument("--name", default="serve_load")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from kilm_ray.config import load_config
+    from kilm_ray.serve.app import build_application
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    cfg = load_config(args.config, args.overrides)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = cfg.to_dict()["serve"]
+    base.update(max_ongoing_requests=max(4 * args.batch, args.clients), max_queued_requests=-1,
+                max_input_tokens=512)
+    results = {}
+    for name, batch in (("unbatched", 1), ("batched", args.batch)):
+        settings = dict(base, max_batch_size=batch, batch_wait_timeout_s=args.wait_ms / 1000 if batch > 1 else 0.0)
+        serve.run(build_application(args.model, settings), name=name, route_prefix=f"/{name}")
+        results[name] = load(f"http://127.0.0.1:{port}/{name}", args.clients, args.requests, args.max_new_tokens)
+        serve.delete(name)
+        print(name, results[name], flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    result = {"config": {k: v for k, v in vars(args).items() if k != "overrides"}, **results,
+              "throughput_ratio_batched_over_unbatched":
+                  results["batched"]["requests_per_s"] / results["unbatched"]["requests_per_s"]}
+    save(args.name, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Evaluation: knowledge probes and retention of an exported model -> metrics.json + report.
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --help
+
+A thin entry point: the same arguments as `kilm-ray eval` (a --config file and dotted key=value
+overrides). Under `ray job submit` it connects to the job's cluster (RAY_ADDRESS) and ships the
+kilm_ray package to every worker through its runtime_env (kilm_ray.cluster.init_ray).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, shipped as working_dir
+
+from kilm_ray.jobs import run_job  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_job("eval", sys.argv[1:]))

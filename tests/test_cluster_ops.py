@@ -1,0 +1,181 @@
+"""Cluster operations: cluster.yaml validated by Ray's own autoscaler schema (no cloud call), job entry
+points that request the right resources, `ray job submit` against a real `ray start --head`, the
+Serve config file, the demo chain, and a README that cannot drift from the code."""
+
+import copy
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kilm_ray.config import config_reference_markdown, load_config
+
+from conftest import DUMP, REPO, WORDNET
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def test_cluster_yaml_passes_ray_autoscaler_validation():
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    assert types["cpu_spot"]["resources"]["preprocess"] > 0 and "GPU" not in types["cpu_spot"]["resources"]
+    assert types["v100_spot"]["node_config"]["InstanceType"] == "p3.16xlarge"
+    assert types["v100_spot"]["resources"]["trainer"] == 8
+    for node in ("cpu_spot", "v100_spot"):
+        assert types[node]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert types[node]["max_workers"] >= 1
+    images = [raw["docker"]["head_image"], raw["docker"]["worker_image"],
+              raw["available_node_types"]["v100_spot"]["docker"]["worker_image"]]
+    assert all(img.startswith(f"rayproject/ray:{ray.__version__}-") for img in images)
+    assert "ray-ml" not in (REPO / "cluster.yaml").read_text().replace("old ray-ml", "")
+    assert any("pip install" in c and "kilm_ray" in c for c in raw["setup_commands"])
+
+
+def test_job_configs_place_preprocessing_on_cpu_nodes_and_training_on_gpu_nodes(ray_cluster):
+    from kilm_ray.data import parse_pages, read_pages
+    from kilm_ray.train.ray_trainer import build_trainer
+
+    for name in ("bart-base-v100", "bart-large-v100", "bart-base-h100", "bart-large-h100"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        op = parse_pages(read_pages([str(DUMP)], cfg), cfg)._logical_plan.dag
+        placed = []
+        while op is not None:
+            args = getattr(op, "_ray_remote_args", None) or {}
+            if args:
+                placed.append(args.get("resources", {}))
+            op = op.input_dependencies[0] if op.input_dependencies else None
+        assert placed and all(r.get("preprocess", 0) > 0 for r in placed), name
+        trainer = build_trainer(cfg, "s3://bucket/data", "s3://bucket/runs", "x")
+        scaling = trainer.scaling_config
+        assert scaling.use_gpu and scaling.resources_per_worker["GPU"] == 1
+        assert scaling.resources_per_worker["trainer"] == 1 and scaling.num_workers == (8, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    """A real `ray start --head` on 127.0.0.1 (its own ports and temp dir), stopped afterwards."""
+    temp = tmp_path_factory.mktemp("rayhead")
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    start = [RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+             "--object-store-memory=600000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+                   timeout=120)
+
+
+def _submit(head, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "bench/results"]}),
+           "--", "python", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=head["env"])
+
+
+def test_ray_job_submit_preprocess_then_pretrain(head_node, tmp_path):
+    # Wait until the job server answers (the dashboard starts asynchronously).
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([RAY, "job", "list", "--address", head_node["dashboard"]], capture_output=True,
+                               text=True, env=head_node["env"])
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    pre = _submit(head_node, ["jobs/preprocess.py", "--dump", str(DUMP), "--knowledge", str(WORDNET),
+                              "--out", str(data), "corpus.max_pages=60"])
+    assert pre.returncode == 0 and "succeeded" in pre.stdout, pre.stdout[-3000:] + pre.stderr[-2000:]
+    assert json.loads((data / "stats.json").read_text())["pages"]["read"] == 60
+    train = _submit(head_node, ["jobs/pretrain.py", "--data", str(data), "--run-dir", str(runs), "--name", "job",
+                                "train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=6",
+                                "train.eval_max_samples=8", "train.num_workers=2", "train.log_every=3"])
+    assert train.returncode == 0 and "succeeded" in train.stdout, train.stdout[-3000:] + train.stderr[-2000:]
+    state = json.loads((runs / "job" / "checkpoint_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2
+    assert (runs / "job" / "export" / "model.safetensors").is_file()
+    assert "step 6/6" in train.stdout  # the job's log shows the training progress line
+
+
+def test_serve_config_file_is_a_valid_serve_deploy_schema(trained_export):
+    from ray.serve.schema import ServeDeploySchema
+
+    from kilm_ray.serve.app import app_builder
+
+    raw = yaml.safe_load((REPO / "configs" / "serve-deploy.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(raw)
+    app = raw["applications"][0]
+    assert schema.applications[0].import_path == "kilm_ray.serve.app:app_builder"
+    args = dict(app["args"], model=trained_export, config=str(REPO / app["args"]["config"]))
+    built = app_builder(args)
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="model="):
+        app_builder({"config": args["config"]})
+
+
+def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
+    """`kilm-ray demo` with the sample given locally: preprocess, 2 DeepSpeed workers, export, serve,
+    probes over HTTP, and the summary of where everything went."""
+    from kilm_ray.demo import run_demo
+
+    summary = run_demo(str(tmp_path / "demo"), str(DUMP), str(WORDNET),
+                       ["train.max_steps=8", "train.eval_every=8", "train.checkpoint_every=8",
+                        "train.eval_max_samples=8"], port=_free_port())
+    printed = capsys.readouterr().out
+    assert "[5/5] describe probes" in printed and printed.count("    model: ") == 5
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert len(result["answers"]) == 5 and all("title" in a["answer"] for a in result["answers"])
+    assert Path(summary["export"], "model.safetensors").is_file() and summary["checkpoints"]
+
+
+def test_sample_fetchers_use_package_registries(tmp_path):
+    """The demo's sample comes from PyPI (gensim's wheel) and Debian (wordnet-base), nothing else."""
+    from kilm_ray.corpus.dump import iter_raw_pages
+    from kilm_ray.demo import fetch_dump, fetch_wordnet
+
+    probe = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "gensim"], capture_output=True,
+                           text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"no package registry reachable: {probe.stderr.strip()[:200]}")
+    dump = fetch_dump(tmp_path)
+    assert dump.read_bytes() == DUMP.read_bytes()  # the very excerpt in ../shared/data
+    assert sum(1 for _ in iter_raw_pages(str(dump))) == 206
+    if subprocess.run(["which", "apt-get"], capture_output=True).returncode == 0:
+        kb = fetch_wordnet(tmp_path)
+        import gzip
+
+        rows = [json.loads(line) for line in gzip.open(kb, "rt")]
+        reference = [json.loads(line) for line in gzip.open(WORDNET, "rt")]
+        assert len(rows) == len(reference) == 146_312 and rows[:100] == reference[:100]
+
+
+def test_readme_is_true():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    test_cmd = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
+    demo_cmd = "bash scripts/setup.sh && .venv/bin/kilm-ray demo"
+    assert test_cmd in readme and demo_cmd in readme and test_cmd in ci
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    generated = readme[readme.index(start) + len(start): readme.index(end)].strip()
+    assert generated == config_reference_markdown().strip(), "run: kilm-ray config reference (and paste it)"
+    for path in re.findall(r"`((?:configs|jobs|bench)/[\w./-]+)`", readme):
+        assert (REPO / path).exists(), f"README mentions {path}, which does not exist"
+    assert "```mermaid" in readme
