@@ -83,6 +83,11 @@ def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Seq
     input_ids, attention = _pad(encoder_ids, pad_id, left=False, device=device)
     dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
     pads = (dec_mask == 0).sum(dim=1)
+    # Never decode past the learned positions (prefix + new tokens <= max_position_embeddings).
+    room = model.config.max_position_embeddings - int((dec_mask.sum(dim=1)).max())
+    max_new_tokens = min(max_new_tokens, room)
+    if max_new_tokens <= 0:
+        return [Generated([], 0.0, []) for _ in prefixes]
     with left_padded_positions(model, pads):
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,

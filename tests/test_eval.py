@@ -51,3 +51,20 @@ def test_bad_qa_file_names_the_line(tmp_path):
     bad.write_text("fine question\tanswer\nno answer here\n")
     with pytest.raises(ValueError, match=r"qa.tsv:2: expected question<TAB>answer"):
         read_qa_file(str(bad))
+
+
+def test_compare_report_side_by_side(tmp_path):
+    from kilm_ray.cli import main
+
+    paths = []
+    for name, em in (("a", 0.6), ("b", 0.0)):
+        metrics = {"model": name, "describe_valid_seen": {"samples": 3, "title_exact_match": em, "description_f1": 0.5,
+                                                          "description_rouge_l": 0.4, "examples": []},
+                   "retention": {"infilling_loss": 3.0 + em, "perplexity": 20.0}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(metrics))
+        paths.append(str(path))
+    assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| metric | KILM | infilling |" in report and "| valid_seen title_exact_match | 0.6000 | 0.0000 |" in report
+    assert main(["compare", "--metrics", *paths, "--labels", "one", "--out", str(tmp_path / "r")]) == 2

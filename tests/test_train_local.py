@@ -130,3 +130,28 @@ def test_continue_pretraining_from_a_local_pretrained_model(pretrained_dir, loca
     preprocess(local_cfg.with_overrides({"corpus.max_pages": 30}), [str(DUMP)], str(bpe_data))
     with pytest.raises(ConfigError, match="does not match model.pretrained"):
         run_local(cfg, str(bpe_data), str(tmp_path / "bad"))
+
+
+def test_export_command_local_and_s3(local_cfg, tiny_data, tmp_path, s3_server):
+    """`kilm-ray export`: a checkpoint -> a Hugging Face directory (also to s3://) whose weights are the
+    checkpoint's fp32 master weights, loadable by plain transformers."""
+    from transformers import AutoTokenizer, BartForConditionalGeneration
+
+    from kilm_ray import storage
+    from kilm_ray.cli import main
+
+    run_local(local_cfg.with_overrides({"train.max_steps": 4, "train.export_at_end": False}), tiny_data,
+              str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint_00000004"
+    assert not (tmp_path / "run" / "export").exists()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    model = BartForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    weights = tensors(ckpt, "model.safetensors")
+    assert torch.equal(model.model.shared.weight, weights["model.shared.weight"])
+    assert tokenizer.convert_tokens_to_ids("<ent_desc>") != tokenizer.unk_token_id
+    meta = json.loads((tmp_path / "hf" / "kilm_ray.json").read_text())
+    assert meta["step"] == 4 and meta["checkpoint"] == str(ckpt)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", "s3://kilm/exports/tiny"]) == 0
+    assert storage.exists("s3://kilm/exports/tiny/model.safetensors")
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2

@@ -11,6 +11,7 @@ Prompts and parsing come from ``kilm_ray.probes``, generation and scoring from
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -190,7 +191,6 @@ class _Busy(Exception):
 class ProbeAPI:
     def __init__(self, model, model_uri: str, settings: dict):
         from kilm_ray import storage
-        from kilm_ray.model import EXPORT_META
         from kilm_ray.tokenizer import load_tokenizer, special_ids
 
         self.model = model
@@ -204,8 +204,8 @@ class ProbeAPI:
         self.tokenizer = load_tokenizer(str(local))
         self.sp = special_ids(self.tokenizer)
         self.model_uri = model_uri
-        meta_path = os.path.join(str(local), EXPORT_META)
-        self.meta_present = os.path.exists(meta_path)
+        with open(os.path.join(str(local), "config.json")) as f:
+            self.max_positions = int(json.load(f).get("max_position_embeddings", 10**9))
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ class ProbeAPI:
         return max_new, beams
 
     def _check_length(self, encoder_ids: list[int]) -> None:
-        limit = int(self.settings["max_input_tokens"])
+        limit = min(int(self.settings["max_input_tokens"]), self.max_positions)
         if len(encoder_ids) > limit:
             raise HTTPException(413, f"the input is {len(encoder_ids)} tokens; the limit is {limit}")
 

@@ -212,7 +212,8 @@ def _describe_accuracy(engine, validation: Validation, tokenizer, sp: SpecialIds
     model = engine.module
     model.eval()
     prompts = [prompt_from_example(e.input_ids, e.labels, sp) for e in examples]
-    outputs = greedy_describe(model, prompts, sp, max_new_tokens=48, batch_size=16)
+    outputs = greedy_describe(model, prompts, sp, max_new_tokens=validation.cfg.data.max_knowledge_tokens + 1,
+                              batch_size=16)
     hits = [exact_match(parse_knowledge(tokenizer, sp, o.tokens)[0], gold_knowledge(tokenizer, sp, e.labels)[0])
             for o, e in zip(outputs, examples)]
     model.train()
