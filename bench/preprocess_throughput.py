@@ -68,13 +68,7 @@ def plain_loop(mode: str, dumps: list[str]) -> dict:
                for dump in dumps for raw in iter_raw_pages(dump)]
     lookup = KnowledgeLookup()
     for r in records:
-        if r["kind"] == "redirect":
-            lookup.redirects[r["title"]] = r["redirect"]
-        elif r["kind"] == "article":
-            if r["short_description"]:
-                lookup.template[r["title"]] = r["short_description"]
-            if r["first_sentence"]:
-                lookup.first_sentence[r["title"]] = r["first_sentence"]
+        lookup.add_page(r)
     lookup.external, _ = load_knowledge_base([str(WORDNET)])
     tok = load_tokenizer(cfg.tokenizer.source)
 

@@ -199,6 +199,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _run_arguments(p: argparse.ArgumentParser, default_name: str, what: str) -> None:
+    p.add_argument("--data", required=True, help="a preprocessed dataset directory, local or s3://")
+    p.add_argument("--run-dir", required=True, help=f"where {what}s live, local or s3:// (Ray storage_path)")
+    p.add_argument("--name", default=default_name,
+                   help=f"{what} name; rerunning the same --run-dir/--name resumes it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kilm-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -212,18 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="continued pretraining with the KILM objective (Ray Train + DeepSpeed)")
-    p.add_argument("--data", required=True, help="a preprocessed dataset directory, local or s3://")
-    p.add_argument("--run-dir", required=True, help="where runs live, local or s3:// (Ray storage_path)")
-    p.add_argument("--name", default="kilm", help="run name; rerunning the same --run-dir/--name resumes")
+    _run_arguments(p, "kilm", "run")
     p.add_argument("--no-ray", action="store_true",
                    help="run the same loop without Ray (one process, or one per GPU under torchrun)")
     _common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="search masking / learning-rate settings (Ray Tune + ASHA)")
-    p.add_argument("--data", required=True, help="a preprocessed dataset directory, local or s3://")
-    p.add_argument("--run-dir", required=True, help="where searches live, local or s3://")
-    p.add_argument("--name", default="kilm-tune", help="search name; rerunning the same one resumes it")
+    _run_arguments(p, "kilm-tune", "search")
     _common(p)
     p.set_defaults(func=cmd_tune)
 

@@ -149,13 +149,7 @@ def build_lookup(parsed, cfg: KilmConfig) -> tuple[KnowledgeLookup, dict]:
             if r["kind"] == "error" and len(errors) < 50:
                 errors.append(f"{r['where']}: {r['reason']}: {r['title']}")
                 log.warning("skipped page %s: %s: %s", r["where"], r["reason"], r["title"])
-            elif r["kind"] == "redirect":
-                lookup.redirects[r["title"]] = r["redirect"]
-            elif r["kind"] == "article":
-                if r["short_description"]:
-                    lookup.template[r["title"]] = r["short_description"]
-                if r["first_sentence"]:
-                    lookup.first_sentence[r["title"]] = r["first_sentence"]
+            lookup.add_page(r)
     pages = {
         "read": sum(kinds.values()),
         "articles": kinds["article"],

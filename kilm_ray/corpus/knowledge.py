@@ -199,6 +199,16 @@ class KnowledgeLookup:
     external: dict[str, str] = field(default_factory=dict)
     sources: tuple[str, ...] = ("template", "first_sentence", "external")
 
+    def add_page(self, record: dict) -> None:
+        """Take what one page record (``corpus.articles.page_record``) says about entities."""
+        if record["kind"] == "redirect":
+            self.redirects[record["title"]] = record["redirect"]
+        elif record["kind"] == "article":
+            if record["short_description"]:
+                self.template[record["title"]] = record["short_description"]
+            if record["first_sentence"]:
+                self.first_sentence[record["title"]] = record["first_sentence"]
+
     def resolve(self, title: str, max_hops: int = 5) -> str:
         seen = {title}
         for _ in range(max_hops):
