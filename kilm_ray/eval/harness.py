@@ -273,8 +273,9 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
     if kb_file:
         metrics["disambiguation_wordnet"] = disambiguation_eval(model, tokenizer, sp, stores,
                                                                 wordnet_items(stores, tokenizer, sp, kb_file, cfg), cfg)
-    log.info("retention (text infilling on held-out text)")
+    log.info("retention (text infilling on held-out text, and on training text)")
     metrics["retention"] = retention_eval(model, sp, stores["valid_unseen"], cfg)
+    metrics["retention_train_text"] = retention_eval(model, sp, stores["train"], cfg)
     if qa_file:
         metrics["qa"] = qa_eval(model, tokenizer, sp, qa_file, cfg)
     return metrics
@@ -295,6 +296,8 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             out[f"{name} most-frequent baseline"] = d["most_frequent_baseline"]
     if "retention" in metrics:
         out["retention infilling loss"] = metrics["retention"]["infilling_loss"]
+    if "retention_train_text" in metrics:
+        out["infilling loss on training text"] = metrics["retention_train_text"]["infilling_loss"]
     if "qa" in metrics:
         out["qa exact match"] = metrics["qa"]["exact_match"]
         out["qa f1"] = metrics["qa"]["f1"]

@@ -99,7 +99,7 @@ def write_report(models: dict[str, dict[str, Any]], out_dir: str | Path,
                 lines += [f"Sample {split} descriptions (gold -> generated):", ""]
                 lines += [f"- `{e['gold']}` -> `{e['generated']}`" for e in examples[:5]]
                 lines.append("")
-        for key in ("disambiguation_anchor", "disambiguation_wordnet", "retention", "qa"):
+        for key in ("disambiguation_anchor", "disambiguation_wordnet", "retention", "retention_train_text", "qa"):
             if key in m:
                 summary = {k: v for k, v in m[key].items() if k != "examples"}
                 lines.append(f"- {key}: `{json.dumps(summary, default=str)}`")
