@@ -111,6 +111,14 @@ class Artifacts:
         self.sync()
 
 
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def setup_distributed(env: RunEnv) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -118,7 +126,8 @@ def setup_distributed(env: RunEnv) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        # One process (`--no-ray`): any free port. Several (torchrun) agree on the launcher's MASTER_PORT.
+        os.environ.setdefault("MASTER_PORT", str(_free_local_port() if env.world_size == 1 else 29500))
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
