@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    import httpx
     import ray
     from ray import serve
 
@@ -97,7 +98,9 @@ def main() -> None:
     for name, batch in (("unbatched", 1), ("batched", args.batch)):
         settings = dict(base, max_batch_size=batch, batch_wait_timeout_s=args.wait_ms / 1000 if batch > 1 else 0.0)
         serve.run(build_application(args.model, settings), name=name, route_prefix=f"/{name}")
-        results[name] = load(f"http://127.0.0.1:{port}/{name}", args.clients, args.requests, args.max_new_tokens)
+        url = f"http://127.0.0.1:{port}/{name}"
+        results[name] = load(url, args.clients, args.requests, args.max_new_tokens)
+        results[name]["batching"] = httpx.get(f"{url}/v1/model", timeout=60).json()["batching"]
         serve.delete(name)
         print(name, results[name], flush=True)
     serve.shutdown()
