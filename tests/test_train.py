@@ -133,14 +133,24 @@ def test_killed_driver_rerun_resumes_on_one_worker(reference_run, ray_cluster, t
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(base + ["train.num_workers=2"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
+    # Kill once a checkpoint is registered in the run's snapshot, which is what a rerun restores from:
+    # files that are still being uploaded are not a checkpoint yet (killing then costs those steps).
+    snapshot = run_dir / "elastic" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> list[str]:
+        try:
+            return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            return []
+
     deadline = time.time() + 300
-    while time.time() < deadline and not list((run_dir / "elastic").glob("checkpoint_*/trainer_state.json")):
+    while time.time() < deadline and not registered():
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    saved = sorted((run_dir / "elastic").glob("checkpoint_*/trainer_state.json"))
+    saved = registered()
     assert saved, "no checkpoint before the driver was killed"
-    saved_step = json.loads(saved[-1].read_text())["step"]
+    saved_step = json.loads((run_dir / "elastic" / saved[-1] / "trainer_state.json").read_text())["step"]
     time.sleep(3)  # the dead driver's workers are cleaned up by Ray
     proc = subprocess.run(base + ["train.num_workers=1"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

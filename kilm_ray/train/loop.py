@@ -125,12 +125,17 @@ def setup_distributed(env: RunEnv) -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        # One process (`--no-ray`): any free port. Several (torchrun) agree on the launcher's MASTER_PORT.
-        os.environ.setdefault("MASTER_PORT", str(_free_local_port() if env.world_size == 1 else 29500))
-        os.environ.setdefault("RANK", str(env.rank))
-        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        if env.world_size == 1:
+            # One process (`--no-ray`) agrees with nobody: a fresh free port, and no rendezvous settings
+            # inherited from a parent process (its port may still be bound).
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_local_port()), RANK="0",
+                              WORLD_SIZE="1", LOCAL_RANK="0")
+        else:  # torchrun sets these for every process
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("RANK", str(env.rank))
+            os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
