@@ -15,6 +15,7 @@ from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, 
 
 log = logging.getLogger("kilm_ray")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _config(args: argparse.Namespace) -> KilmConfig:
@@ -173,7 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kilm_ray.demo import run_demo
 
-    run_demo(args.out, args.dump, args.knowledge, args.overrides, keep_serving=args.keep_serving, port=args.port)
+    run_demo(args.out, args.dump, args.knowledge, args.overrides, keep_serving=args.keep_serving, port=args.port,
+             config=args.config)
     return 0
 
 
@@ -287,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knowledge", help="use this knowledge base instead of fetching WordNet from Debian")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the service (a free one if taken)")
     p.add_argument("--keep-serving", action="store_true", help="keep the service up after the probes")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on configs/tiny.yaml")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="the demo's config (default configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")

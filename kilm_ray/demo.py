@@ -1,6 +1,6 @@
 """``kilm-ray demo``: the whole chain on the embedded default, on one laptop.
 
-fetch sample -> preprocess (Ray Data) -> train a tiny BART with 2 DeepSpeed workers (Ray Train)
+fetch sample -> preprocess (Ray Data) -> train a small BART with 2 DeepSpeed workers (Ray Train; configs/demo.yaml)
 -> export -> serve (Ray Serve on 127.0.0.1) -> a few describe probes over HTTP -> where things are.
 
 The project ships no Wikipedia or WordNet text. The sample comes from package registries: the dump
@@ -106,8 +106,8 @@ def probe_examples(data_dir: str, n: int) -> list[dict]:
 
 
 def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overrides: list[str],
-             keep_serving: bool = False, port: int = 8000) -> dict:
-    from kilm_ray.cli import DEFAULT_CONFIG
+             keep_serving: bool = False, port: int = 8000, config: Optional[str] = None) -> dict:
+    from kilm_ray.cli import DEMO_CONFIG
     from kilm_ray.cluster import init_ray
     from kilm_ray.config import load_config
     from kilm_ray.data import preprocess
@@ -117,7 +117,7 @@ def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overri
 
     started = time.time()
     out = Path(out_dir).resolve()
-    cfg = load_config(DEFAULT_CONFIG, overrides)
+    cfg = load_config(config or DEMO_CONFIG, overrides)
     dump_path = Path(dump) if dump else fetch_dump(CACHE)
     kb_path = Path(knowledge) if knowledge else fetch_wordnet(CACHE)
     print(f"[1/5] sample: {dump_path}" + (f" + {kb_path}" if kb_path else ""), flush=True)
