@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
-import socket
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, save  # noqa: E402
+from kilm_ray.cluster import free_local_port  # noqa: E402
 
 TEXTS = [
     "Aristotle was a Greek <ent>philosopher</ent> and polymath during the Classical period.",
@@ -34,12 +34,6 @@ TEXTS = [
     "The <ent>Amazon River</ent> in South America is the largest river by discharge volume.",
     "Johann Sebastian Bach was a German <ent>composer</ent> of the Baroque period.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(url: str, clients: int, requests: int, max_new_tokens: int) -> dict:
@@ -89,7 +83,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     cfg = load_config(args.config, args.overrides)
-    port = free_port()
+    port = free_local_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = cfg.to_dict()["serve"]
     base.update(max_ongoing_requests=max(4 * args.batch, args.clients), max_queued_requests=-1,

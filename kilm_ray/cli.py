@@ -25,8 +25,12 @@ def _config(args: argparse.Namespace) -> KilmConfig:
     return load_config(path, args.overrides)
 
 
-def _common(p: argparse.ArgumentParser, address: bool = True) -> None:
-    p.add_argument("--config", help="YAML config (default: configs/tiny.yaml, the embedded default)")
+def _common(p: argparse.ArgumentParser, address: bool = True, default_config: Optional[Path] = None) -> None:
+    if default_config is None:
+        p.add_argument("--config", help="YAML config (default: configs/tiny.yaml, the embedded default)")
+    else:
+        p.add_argument("--config", default=str(default_config),
+                       help=f"YAML config (default: configs/{default_config.name})")
     if address:
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=1e-4")
@@ -289,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knowledge", help="use this knowledge base instead of fetching WordNet from Debian")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the service (a free one if taken)")
     p.add_argument("--keep-serving", action="store_true", help="keep the service up after the probes")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="the demo's config (default configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _common(p, address=False, default_config=DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")

@@ -13,6 +13,18 @@ import kilm_ray
 log = logging.getLogger("kilm_ray")
 
 
+def free_local_port(preferred: int = 0) -> int:
+    """``preferred`` if it is free on 127.0.0.1, else a free port the OS picks (0: always the OS's)."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def package_runtime_env(extra_env: Optional[dict[str, str]] = None) -> dict:
     """A runtime_env that ships this kilm_ray package to every task and actor (the cluster's image
     provides the dependencies; see cluster.yaml)."""

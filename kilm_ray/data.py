@@ -386,7 +386,7 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         from kilm_ray.tokenizer import special_ids
 
         sp = special_ids(tokenizer)
-        # The tokenizer and the lookup travel to the actors (on any node) through the object store.
+        # The tokenizer and the lookup travel to the chunking tasks (on any node) through the object store.
         refs = {"lookup": ray.put(lookup), "external": kb_refs[0] if kb_refs else ray.put(None),
                 "tokenizer_json": ray.put((tokenizer_dir / "tokenizer.json").read_text())}
         built = parsed.map_batches(_build_chunks, batch_format="pyarrow", batch_size=None, num_cpus=1,

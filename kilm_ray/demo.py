@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -73,16 +72,6 @@ def fetch_wordnet(cache: Path) -> Optional[Path]:
     return target
 
 
-def _free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-
 def probe_examples(data_dir: str, n: int) -> list[dict]:
     """valid_seen mentions in context, as describe requests with their gold knowledge."""
     from transformers import AutoTokenizer
@@ -108,7 +97,7 @@ def probe_examples(data_dir: str, n: int) -> list[dict]:
 def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overrides: list[str],
              keep_serving: bool = False, port: int = 8000, config: Optional[str] = None) -> dict:
     from kilm_ray.cli import DEMO_CONFIG
-    from kilm_ray.cluster import init_ray
+    from kilm_ray.cluster import free_local_port, init_ray
     from kilm_ray.config import load_config
     from kilm_ray.data import preprocess
     from kilm_ray.serve.app import run_service
@@ -140,7 +129,7 @@ def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overri
           f"{m.get('valid_seen_knowledge_loss', float('nan')):.3f} -> {export}", flush=True)
 
     settings = cfg.to_dict()["serve"]
-    settings.update(host="127.0.0.1", port=_free_port(port))
+    settings.update(host="127.0.0.1", port=free_local_port(port))
     _, url = run_service(str(export), settings, blocking=False)
     print(f"[4/5] serving {url} (POST /v1/describe, /v1/disambiguate, /v1/appositive, /v1/qa, /v1/fill)", flush=True)
 

@@ -54,6 +54,17 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
+def ray_storage(run_dir: str | os.PathLike, name: str) -> tuple[pafs.FileSystem | None, str, str]:
+    """Ray's ``(storage_filesystem, storage_path)`` for ``run_dir`` (s3:// resolved; a local directory
+    created and made absolute, as Ray wants), and the URI of the run ``name`` inside it."""
+    if is_remote(run_dir):
+        fs, path = resolve(run_dir)
+        return fs, path, join(run_dir, name)
+    local = Path(run_dir).resolve()
+    local.mkdir(parents=True, exist_ok=True)
+    return None, str(local), str(local / name)
+
+
 def check_readable(uri: str | os.PathLike, what: str = "input") -> None:
     """Raise a one-line :class:`InputError` naming ``uri`` if it is not a readable file."""
     try:

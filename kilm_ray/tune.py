@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +81,7 @@ def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[st
 
     user_cfg, cfg = cfg, trial_config(cfg)
     metric, mode = METRICS[cfg.tune.metric]
-    root = storage.join(run_dir, name)
-    storage_fs, storage_path = (storage.resolve(run_dir) if storage.is_remote(run_dir)
-                                else (None, str(Path(run_dir).resolve())))
-    if not storage.is_remote(run_dir):
-        Path(storage_path).mkdir(parents=True, exist_ok=True)
-        root = str(Path(storage_path) / name)
+    storage_fs, storage_path, root = storage.ray_storage(run_dir, name)
     trainable = tune.with_resources(_trial, {"CPU": cfg.tune.trial_cpus})
     total_steps = _total_steps(cfg, data_dir)
     scheduler = ASHAScheduler(time_attr="step", max_t=total_steps,
@@ -109,12 +103,11 @@ def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[st
 
 
 def _total_steps(cfg: KilmConfig, data_dir: str) -> int:
-    from kilm_ray.loader import read_meta
+    from kilm_ray.loader import BatchPlan, read_meta
 
-    n = read_meta(data_dir)["samples"]["train"]
-    per_epoch = max(1, math.ceil(n / cfg.train.global_batch_size))
-    full = per_epoch * cfg.train.epochs
-    return min(full, cfg.train.max_steps) if cfg.train.max_steps else full
+    t = cfg.train
+    return BatchPlan(read_meta(data_dir)["samples"]["train"], t.global_batch_size, t.micro_batch_size, 1, t.epochs,
+                     t.seed, t.max_steps).total_steps
 
 
 def summarize(grid, cfg: KilmConfig, root: str, metric: str, mode: str, total_steps: int) -> dict[str, Any]:

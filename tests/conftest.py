@@ -4,10 +4,11 @@ loopback), the real data in ../shared/data, and a tiny KILM dataset preprocessed
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from kilm_ray.cluster import free_local_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KILM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -17,15 +18,9 @@ GPT2_BPE = SHARED_DATA / "gpt2-bpe"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # The S3 endpoint and credentials must be in the environment before Ray starts, so that every Ray
 # worker process (which inherits it) reaches the same moto server.
-S3_PORT = _free_port()
+S3_PORT = free_local_port()
 os.environ.update({
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{S3_PORT}",

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kilm_ray.cluster import free_local_port
 from kilm_ray.config import config_reference_markdown, load_config
 
 from conftest import DUMP, REPO, WORDNET
@@ -65,12 +65,6 @@ def test_job_configs_place_preprocessing_on_cpu_nodes_and_training_on_gpu_nodes(
         assert scaling.resources_per_worker["trainer"] == 1 and scaling.num_workers == (8, 32)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _processes_mentioning(text: str) -> list:
     import psutil
 
@@ -94,9 +88,9 @@ def head_node(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
     token = temp / "auth_token"
     token.write_text(secrets.token_hex(32))
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_local_port(), free_local_port()
     # The session's own cluster holds Ray's default agent ports (52365, ...): give this one free ports.
-    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+    agent_ports = [f"--{flag}={free_local_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "ray-client-server-port")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
@@ -184,7 +178,7 @@ def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
 
     summary = run_demo(str(tmp_path / "demo"), str(DUMP), str(WORDNET),
                        ["train.max_steps=8", "train.eval_every=8", "train.checkpoint_every=8",
-                        "train.eval_max_samples=8"], port=_free_port())
+                        "train.eval_max_samples=8"], port=free_local_port())
     printed = capsys.readouterr().out
     assert "[5/5] describe probes" in printed and printed.count("    model: ") == 5
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())

@@ -3,18 +3,13 @@ requests (4xx naming the problem), back-pressure (503, replicas survive) and bea
 
 import concurrent.futures as cf
 import json
-import socket
 
 import httpx
 import pytest
 
+from kilm_ray.cluster import free_local_port
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +19,7 @@ def service(ray_cluster, trained_export, tiny_config):
     from kilm_ray.serve.app import build_application
 
     settings = tiny_config.to_dict()["serve"]
-    settings.update(port=free_port(), host="127.0.0.1", max_batch_size=8, batch_wait_timeout_s=0.2,
+    settings.update(port=free_local_port(), host="127.0.0.1", max_batch_size=8, batch_wait_timeout_s=0.2,
                     max_input_tokens=64, max_candidates=4, max_request_bytes=4096)
     serve.start(http_options={"host": "127.0.0.1", "port": settings["port"]})
     serve.run(build_application(trained_export, settings), name="kilm", route_prefix="/")

@@ -111,24 +111,18 @@ class Artifacts:
         self.sync()
 
 
-def _free_local_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def setup_distributed(env: RunEnv) -> None:
     import deepspeed
     import torch.distributed as dist
+
+    from kilm_ray.cluster import free_local_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
         if env.world_size == 1:
             # One process (`--no-ray`) agrees with nobody: a fresh free port, and no rendezvous settings
             # inherited from a parent process (its port may still be bound).
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_local_port()), RANK="0",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()), RANK="0",
                               WORLD_SIZE="1", LOCAL_RANK="0")
         else:  # torchrun sets these for every process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -77,14 +77,7 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
     resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if t.use_gpu:
         resources["GPU"] = 1
-    storage_fs = None
-    storage_path = run_dir
-    if storage.is_remote(run_dir):
-        storage_fs, storage_path = storage.resolve(run_dir)
-    else:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        storage_path = str(Path(run_dir).resolve())
-    run_uri = storage.join(run_dir if storage.is_remote(run_dir) else storage_path, name)
+    storage_fs, storage_path, run_uri = storage.ray_storage(run_dir, name)
     return TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir, "run_uri": run_uri},
