@@ -217,6 +217,11 @@ class TrainConfig:
     checkpoint_every: int = _doc("Steps between checkpoints (a final one is always written).", default=100)
     keep_checkpoints: int = _doc("Checkpoints kept (the newest).", default=3)
     max_failures: int = _doc("Worker-group restarts tolerated (Ray FailureConfig).", default=3)
+    worker_start_timeout_s: float = _doc(
+        "Longest wait for the worker group to be placed (in all attempts) before the run fails with a "
+        "message naming the resources asked for and free. Give an autoscaling cluster time to add nodes.",
+        default=900.0,
+    )
     export_at_end: bool = _doc("Write a Hugging Face export of the final model into the run.", default=True)
     peak_tflops: float = _doc(
         "Peak dense TFLOP/s of one device for MFU (0 = look up the GPU, or omit MFU on CPU).", default=0.0
@@ -245,6 +250,7 @@ class TrainConfig:
                 f"{path}.global_batch_size: {self.global_batch_size} is smaller than the {hi} workers"
             )
         _check_range(f"{path}.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
+        _check_range(f"{path}.worker_start_timeout_s", self.worker_start_timeout_s, 0.0, 7 * 86400.0, low_open=True)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
         for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers", "max_failures"):
@@ -289,7 +295,12 @@ def _default_search_space() -> dict[str, SearchParam]:
 @dataclass
 class TuneConfig:
     num_samples: int = _doc("Trials to run.", default=8)
-    max_concurrent_trials: int = _doc("Trials at once (0 = as many as the cluster fits).", default=0)
+    max_concurrent_trials: int = _doc(
+        "Trials at once (0 = as many trials' worker groups as the cluster's free resources hold at the start).",
+        default=0)
+    search_alg: Literal["random", "optuna"] = _doc(
+        "'random': random/grid sampling of search_space; 'optuna': Bayesian optimisation (TPE) through "
+        "Ray Tune's Optuna integration (no grid kinds). ASHA stops weak trials in both.", default="random")
     metric: Literal["valid_seen_loss", "valid_unseen_loss", "description_accuracy"] = _doc(
         "Objective: validation loss on valid_seen / valid_unseen, or title accuracy of generated "
         "descriptions on valid_seen (needs train.eval_generate_samples > 0).",
@@ -312,6 +323,9 @@ class TuneConfig:
             if key.startswith("tune.") or not _is_leaf_key(key):
                 raise ConfigError(f"{path}.search_space: {key!r} is not a searchable config key")
             param.validate(f"{path}.search_space.{key}")
+            if self.search_alg == "optuna" and param.kind == "grid":
+                raise ConfigError(f"{path}.search_space.{key}: kind 'grid' needs {path}.search_alg=random "
+                                  "(Optuna samples; use kind 'choice')")
 
 
 @dataclass

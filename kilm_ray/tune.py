@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
+
+from ray.tune import Callback
 
 from kilm_ray import storage
 from kilm_ray.config import ConfigError, KilmConfig, SearchParam, config_from_dict
@@ -64,14 +67,79 @@ def _trial(params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kilm_ray.train.ray_trainer import build_trainer
+    from kilm_ray.train.ray_trainer import build_trainer, fit
 
     base = config_from_dict(params["base_config"], source="tune base config")
     sampled = {k: v for k, v in params.items() if k not in ("base_config", "data_dir", "trials_uri")}
     cfg = base.with_overrides(sampled)
     name = tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, params["data_dir"], params["trials_uri"], name, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    fit(trainer, cfg)
+
+
+class ReleaseStoppedTrials(Callback):
+    """A Tune callback that frees the worker groups of trials Tune stopped.
+
+    Ray 2.60 workaround: stopping a trial (ASHA, an error, a cancel) kills the trial's actor and with it
+    the Train controller it owns, but the controller's placement group is scoped to the job, so it stays
+    reserved until the search ends. Ray's own ``PlacementGroupCleaner`` is meant to remove it, but it
+    asks the dashboard's state API whether the controller is alive and, on a Ray without a dashboard
+    (our local default), only logs "Failed to query Ray Train Controller actor state" forever. This
+    reads the GCS after every Tune step (rate-limited) instead. Module-level: Tune pickles its run
+    config, callbacks included, for ``Tuner.restore``.
+    """
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s, self.last, self.released = interval_s, 0.0, 0
+
+    def sweep(self, force: bool = False) -> None:
+        from kilm_ray.resources import release_orphaned_placement_groups
+
+        if force or time.monotonic() - self.last >= self.interval_s:
+            self.last = time.monotonic()
+            self.released += len(release_orphaned_placement_groups())
+
+    def on_step_end(self, iteration, trials, **info):
+        self.sweep()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.sweep(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.sweep(force=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.sweep(force=True)
+
+
+def concurrent_trials(cfg: KilmConfig) -> int:
+    """``tune.max_concurrent_trials``, or (0) as many trials' worker groups as the free resources of the
+    cluster hold now. Tune itself only sees each trial's driver function (a sliver of a CPU), so left
+    alone it starts trials whose workers cannot be placed."""
+    import ray
+
+    from kilm_ray.resources import runs_that_fit, worker_request
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    request = worker_request(cfg.train)
+    fit_now = runs_that_fit(ray.available_resources(), request, cfg.tune.trial_cpus)
+    if fit_now < 1:
+        log.warning("not even one trial's workers (%s) fit the free resources %s now; running one trial at a "
+                    "time (train.worker_start_timeout_s bounds the wait for nodes)", request.describe(),
+                    {k: v for k, v in ray.available_resources().items() if k in request.per_worker})
+    log.info("trials at once: %d (each: %s workers + %.2g CPU for its driver)", max(1, fit_now),
+             request.describe(), cfg.tune.trial_cpus)
+    return max(1, fit_now)
+
+
+def search_algorithm(cfg: KilmConfig, metric: str, mode: str):
+    """None (Tune's random/grid sampling of the param space) or Optuna's TPE."""
+    if cfg.tune.search_alg == "random":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=metric, mode=mode, seed=cfg.train.seed)
 
 
 def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[str, Any]:
@@ -87,8 +155,11 @@ def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[st
     scheduler = ASHAScheduler(time_attr="step", max_t=total_steps,
                               grace_period=min(cfg.tune.grace_period * cfg.train.eval_every, total_steps),
                               reduction_factor=cfg.tune.reduction_factor)
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                callbacks=[ReleaseStoppedTrials()])
     if tune.Tuner.can_restore(root, storage_filesystem=storage_fs):
         log.info("restoring the search in %s (finished trials are kept)", root)
+        # Tune saved the run config (callbacks included) and the search algorithm's state.
         tuner = tune.Tuner.restore(root, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
     else:
         param_space = {**search_space(cfg.tune.search_space), "base_config": cfg.to_dict(), "data_dir": data_dir,
@@ -96,8 +167,9 @@ def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[st
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
-                                        scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent_trials or None),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs))
+                                        search_alg=search_algorithm(cfg, metric, mode), scheduler=scheduler,
+                                        max_concurrent_trials=concurrent_trials(cfg)),
+            run_config=run_config)
     grid = tuner.fit()
     return summarize(grid, user_cfg, root, metric, mode, total_steps)
 
@@ -131,7 +203,9 @@ def summarize(grid, cfg: KilmConfig, root: str, metric: str, mode: str, total_st
                      "error": str(result.error) if result.error else None})
     scored = [r for r in rows if r[f"best_{metric}"] is not None]
     if not scored:
-        raise RuntimeError(f"no trial reported {metric}; see the trial logs under {root}")
+        errors = [f"{r['trial']}: {r['error']}" for r in rows if r["error"]]
+        raise RuntimeError(f"no trial reported {metric}; see the trial logs under {root}"
+                           + (f". First error: {errors[0]}" if errors else ""))
     best = (min if mode == "min" else max)(scored, key=lambda r: r[f"best_{metric}"])
     best_cfg = config_from_dict(cfg.to_dict(), source="tune").with_overrides({k: best[k] for k in keys})
     best_yaml = "# Best trial of the search " + root + f": {best['trial']} ({metric} = {best[f'best_{metric}']:.4f})\n"

@@ -68,15 +68,30 @@ def _worker(config: dict) -> None:
     train_worker(cfg, config["data_dir"], RayEnv(config["run_uri"]))
 
 
+def _bound_worker_start(timeout_s: float) -> int:
+    """Make the controller give up on an unplaceable worker group after ``timeout_s`` in all: Ray's
+    per-attempt wait (an environment variable the controller inherits from the process calling
+    ``fit``) and the number of retries, which is unlimited by default in Ray 2.60 (a pending trial
+    or run then waits forever)."""
+    import os
+
+    from kilm_ray.resources import start_attempts
+
+    per_attempt, retries = start_attempts(timeout_s)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{per_attempt:g}"
+    return retries
+
+
 def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callbacks: Optional[list] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kilm_ray.resources import worker_request
+
     t = cfg.train
     lo, hi = t.worker_bounds
-    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
-    if t.use_gpu:
-        resources["GPU"] = 1
+    resources = dict(worker_request(t).per_worker)
+    resources.pop("GPU", None)  # use_gpu asks for it
     storage_fs, storage_path, run_uri = storage.ray_storage(run_dir, name)
     return TorchTrainer(
         train_loop_per_worker=_worker,
@@ -85,7 +100,8 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=t.max_failures,
+                                         controller_failure_limit=_bound_worker_start(t.worker_start_timeout_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks or None,
         ),
@@ -93,8 +109,25 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
     )
 
 
+def fit(trainer, cfg: KilmConfig):
+    """``trainer.fit()``, with an unplaceable worker group reported as what was asked and what is free."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from kilm_ray.resources import WorkerPlacementError, placement_message, worker_request
+
+    try:
+        return trainer.fit()
+    except ControllerError as exc:
+        if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        import ray
+
+        message = placement_message(worker_request(cfg.train), cfg.train.worker_start_timeout_s,
+                                    ray.available_resources(), ray.cluster_resources())
+        raise WorkerPlacementError(message) from None
+
+
 def run_training(cfg: KilmConfig, data_dir: str, run_dir: str, name: str):
     """Fit (or resume) the run ``run_dir/name``; returns Ray's Result."""
-    trainer = build_trainer(cfg, data_dir, run_dir, name)
-    result = trainer.fit()
-    return result
+    return fit(build_trainer(cfg, data_dir, run_dir, name), cfg)
