@@ -59,7 +59,9 @@ def plain_loop(mode: str, dumps: list[str]) -> dict:
     """The same pure functions, one process, no Ray: parse every page, build the lookup, chunk."""
     from kilm_ray.corpus.articles import article_chunks, chunk_rows, page_record, paragraphs_from_doc, split_of
     from kilm_ray.corpus.dump import iter_raw_pages
+    from kilm_ray.chunking import knowledge_ids
     from kilm_ray.corpus.knowledge import KnowledgeLookup, load_knowledge_base
+    from kilm_ray.corpus.links import lookup_resolver
     from kilm_ray.tokenizer import load_tokenizer
 
     cfg = config(mode)
@@ -78,14 +80,14 @@ def plain_loop(mode: str, dumps: list[str]) -> dict:
 
     sep = tok.convert_tokens_to_ids("<sep>")
     rows = 0
-    cache: dict = {}
+    resolve = lookup_resolver(lookup, lambda title, desc: knowledge_ids(encode, title, desc, sep,
+                                                                       cfg.data.max_knowledge_tokens))
     for r in records:
         if r["kind"] != "article":
             continue
-        chunks, _ = article_chunks(paragraphs_from_doc(r["doc"]), lookup, encode,
-                                   lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False), sep,
-                                   encode("\n")[0], cfg.data.max_text_tokens, cfg.data.max_knowledge_tokens,
-                                   cfg.data.min_chunk_tokens, cache)
+        chunks, _ = article_chunks(paragraphs_from_doc(r["doc"]), resolve, encode,
+                                   lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False),
+                                   encode("\n")[0], cfg.data.max_text_tokens, cfg.data.min_chunk_tokens)
         splits = split_of(r["title"], 0, cfg.corpus.valid_unseen_fraction, cfg.corpus.valid_seen_fraction)
         rows += len(chunk_rows(r["page_id"], r["title"], chunks, splits))
     elapsed = time.perf_counter() - start

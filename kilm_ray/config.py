@@ -46,7 +46,23 @@ class CorpusConfig:
         "first_sentence (of the target's article in the dump), external (the --knowledge files).",
         default_factory=lambda: ["template", "first_sentence", "external"],
     )
-    max_pages: int = _doc("Stop after this many pages per dump file (0 = all). For quick runs.", default=0)
+    max_pages: int = _doc("Stop after this many pages per read task (a dump file, or a byte range of a "
+                          "multistream dump; 0 = all). For quick runs.", default=0)
+    read_unit_mb: float = _doc(
+        "Compressed MiB per read task of a multistream dump (read through its -index.txt.bz2): the unit "
+        "of parallel decompression.", default=64)
+    redirect_rounds: int = _doc(
+        "Rounds of redirect-chain compression (one join each): chains of up to 2^N redirects are followed "
+        "(Wikipedia bots fix double redirects, so 2 is plenty).", default=2)
+    link_resolution: Literal["lookup", "distributed"] = _doc(
+        "How links meet their targets' redirects and knowledge. 'lookup': the driver builds one table of "
+        "redirects and descriptions that every chunking process holds (fast on small corpora; memory grows "
+        "with the corpus). 'distributed': Ray Data shuffles (redirect chains, knowledge by entity, links back "
+        "to pages); no process holds a corpus-sized table, but each shuffle costs ~20-40 s of fixed overhead "
+        "on 2 cores (see BENCHMARKS.md). Both give identical samples.", default="lookup")
+    shuffle_partitions: int = _doc(
+        "Partitions of the joins and group-bys that resolve links (0 = the cluster's CPUs, at least 2).",
+        default=0)
     pages_per_block: int = _doc(
         "Pages per Ray Data block out of the dump reader: the unit of parallel parsing and chunking.", default=16)
     valid_unseen_fraction: float = _doc(
@@ -77,6 +93,9 @@ class CorpusConfig:
         _check_range(f"{path}.valid_seen_fraction", self.valid_seen_fraction, 0.0, 1.0)
         _check_min(f"{path}.max_pages", self.max_pages, 0)
         _check_min(f"{path}.pages_per_block", self.pages_per_block, 1)
+        _check_range(f"{path}.read_unit_mb", self.read_unit_mb, 0.0, 1e6, low_open=True)
+        _check_range(f"{path}.redirect_rounds", self.redirect_rounds, 0, 6)
+        _check_min(f"{path}.shuffle_partitions", self.shuffle_partitions, 0)
         _check_min(f"{path}.max_description_chars", self.max_description_chars, 16)
 
 

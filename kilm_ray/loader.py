@@ -32,10 +32,26 @@ class DataError(ValueError):
 
 
 def read_meta(data_dir: str) -> dict:
-    path = storage.join(data_dir, "meta.json")
+    """The dataset's manifest (``manifest.json``, written last by ``kilm-ray preprocess``)."""
+    path = storage.join(data_dir, "manifest.json")
     if not storage.exists(path):
-        raise DataError(f"{data_dir} is not a preprocessed KILM dataset (no meta.json); run `kilm-ray preprocess`")
-    return json.loads(storage.read_bytes(path))
+        found = [p.rsplit("/", 1)[-1] for p in storage.list_files(data_dir)][:5] if storage.is_dir(data_dir) else []
+        what = f"it holds {', '.join(found)}{' ...' if len(found) == 5 else ''}" if found else "it is empty or missing"
+        raise DataError(f"{data_dir} has no manifest.json, so it is not a committed KILM dataset ({what}): "
+                        "preprocessing did not finish there, or wrote an older format. Run (or rerun) "
+                        "`kilm-ray preprocess --out " + str(data_dir) + "`; a rerun reuses the stages that finished.")
+    manifest = json.loads(storage.read_bytes(path))
+    if manifest.get("format") != 1:
+        raise DataError(f"{path}: manifest format {manifest.get('format')!r} is not one this kilm_ray reads (1)")
+    return manifest
+
+
+def split_files(data_dir: str, split: str) -> list[str]:
+    """The shards of ``split`` that the manifest lists (nothing else under the directory is read)."""
+    manifest = read_meta(data_dir)
+    if split not in manifest["files"]:
+        raise DataError(f"{data_dir}: the manifest has no split {split!r} (it has {sorted(manifest['files'])})")
+    return [storage.join(data_dir, manifest["shards"], f["path"]) for f in manifest["files"][split]]
 
 
 def special_ids_of(data_dir: str) -> SpecialIds:
@@ -69,12 +85,14 @@ class SampleStore:
 
     @classmethod
     def load(cls, data_dir: str, split: str) -> "SampleStore":
-        directory = storage.join(data_dir, split)
-        files = storage.list_files(directory, ".parquet")
-        if not files:
-            raise DataError(f"no parquet shards under {directory}")
-        fs, _ = storage.resolve(directory)
+        files = split_files(data_dir, split)
+        fs, _ = storage.resolve(data_dir)
         tables = [pq.read_table(storage.resolve(f)[1], filesystem=fs) for f in files]
+        if not tables:
+            from kilm_ray.data import CHUNK_SCHEMA
+
+            schema = pa.schema([f for f in CHUNK_SCHEMA if f.name != "split" and not f.name.startswith("links")])
+            return cls(schema.empty_table())
         return cls(pa.concat_tables(tables, promote_options="permissive"))
 
     def __len__(self) -> int:

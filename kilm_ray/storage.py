@@ -151,3 +151,72 @@ def iter_lines(uri: str | os.PathLike) -> Iterator[str]:
     raw: BinaryIO = gzip.GzipFile(fileobj=stream) if str(uri).endswith(".gz") else stream
     with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as text:
         yield from text
+
+
+def _has_glob(uri: str) -> bool:
+    return any(c in uri for c in "*?[")
+
+
+def expand(spec: str | os.PathLike, suffixes: tuple[str, ...], what: str = "input") -> list[str]:
+    """The files a command-line input names: a file; a directory or ``s3://`` prefix (its files ending
+    in one of ``suffixes``, recursively); or a glob (``dumps/*.bz2``, ``s3://b/kb/part-*.jsonl.gz``).
+    Sorted; an input that names no file is an :class:`InputError`."""
+    import fnmatch
+
+    spec = str(spec)
+    if _has_glob(spec):
+        parent, _, pattern = spec.rpartition("/")
+        if _has_glob(parent):
+            raise InputError(f"{what}: only the last part of a path may be a glob: {spec}")
+        matches = [f for f in list_files(parent or ".") if fnmatch.fnmatch(f.rpartition("/")[2], pattern)]
+        if not matches:
+            raise InputError(f"{what} not found: no file matches {spec}")
+        return matches
+    try:
+        fs, path = resolve(spec)
+        info = fs.get_file_info(path)
+    except Exception as exc:
+        raise InputError(f"cannot read {what} {spec}: {exc}") from None
+    if info.type == pafs.FileType.Directory or (info.type == pafs.FileType.NotFound and spec.endswith("/")):
+        files = [f for f in list_files(spec) if f.endswith(suffixes)]
+        if not files:
+            raise InputError(f"{what} not found: no {'/'.join(suffixes)} file under {spec}")
+        return files
+    check_readable(spec, what)
+    return [spec]
+
+
+def file_size(uri: str | os.PathLike) -> int:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).size
+
+
+def open_range(uri: str | os.PathLike, offset: int, length: int) -> BinaryIO:
+    """A stream of ``length`` bytes of ``uri`` from ``offset`` (an S3 range read on s3://)."""
+    import io
+
+    fs, path = resolve(uri)
+    f = fs.open_input_file(path)
+    f.seek(offset)
+    return io.BytesIO(f.read(length)) if length < (64 << 20) else _Bounded(f, length)
+
+
+class _Bounded:
+    """A read-only view of the next ``remaining`` bytes of a seekable file."""
+
+    def __init__(self, f, remaining: int):
+        self.f, self.remaining = f, remaining
+
+    def read(self, n: int = -1) -> bytes:
+        if self.remaining <= 0:
+            return b""
+        n = self.remaining if n < 0 else min(n, self.remaining)
+        data = self.f.read(n)
+        self.remaining -= len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

@@ -3,9 +3,12 @@ s3:// input and output (moto server), and the Ray Dataset of masked batches."""
 
 import bz2
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,14 +16,19 @@ import pytest
 
 from kilm_ray.corpus.articles import SPLITS
 from kilm_ray.data import collate_fn, masked_dataset, preprocess
-from kilm_ray.loader import SampleStore, special_ids_of
+from kilm_ray.loader import DataError, SampleStore, read_meta, special_ids_of, split_files
 from kilm_ray.masking import MaskingParams
 
 from conftest import DUMP, REPO, WORDNET
 
 
 def read_split(out, split):
-    return pq.read_table(f"{out}/{split}").to_pylist()  # an empty split is one empty shard
+    """The rows of a split, from the files its manifest lists."""
+    return [row for f in split_files(str(out), split) for row in pq.read_table(f).to_pylist()]
+
+
+def sorted_rows(out, split):
+    return sorted(read_split(out, split), key=lambda r: r["sample_id"])
 
 
 def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
@@ -44,8 +52,16 @@ def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
         assert len(r["input_ids"]) <= tiny_config.data.max_text_tokens and sp.mask not in r["input_ids"]
         for s, e, k in zip(r["ent_start"], r["ent_end"], r["ent_knowledge"]):
             assert 0 <= s < e <= len(r["input_ids"]) and sp.sep in k
-    meta = json.load(open(f"{tiny_data}/meta.json"))
-    assert meta["special_ids"] == sp.__dict__ and (REPO / "configs").exists()
+    manifest = json.load(open(f"{tiny_data}/manifest.json"))
+    assert manifest["special_ids"] == sp.__dict__ and (REPO / "configs").exists()
+    for split in SPLITS:  # the manifest lists every shard with its rows and sample-id range
+        files = manifest["files"][split]
+        assert sum(f["rows"] for f in files) == stats["samples"][split]["chunks"]
+        for f in files:
+            ids = pq.read_table(f"{tiny_data}/{manifest['shards']}/{f['path']}", columns=["sample_id"])["sample_id"]
+            assert (ids[0].as_py(), ids[-1].as_py()) == (f["min_sample_id"], f["max_sample_id"])
+    assert len(manifest["tokenizer_sha256"]) == 64 and manifest["config"]["corpus"]["mode"] == "lead"
+    assert not (Path(tiny_data) / "_work").exists()  # the work directory goes once committed
 
 
 def test_mentions_decode_to_their_text(tiny_data):
@@ -64,16 +80,52 @@ def test_mentions_decode_to_their_text(tiny_data):
     assert checked > 500
 
 
-def test_rerun_is_identical(tmp_path, ray_cluster, tiny_config):
-    cfg = tiny_config.with_overrides({"corpus.max_pages": 40})
-    a, b = tmp_path / "a", tmp_path / "b"
-    preprocess(cfg, [str(DUMP)], str(a), [str(WORDNET)])
-    preprocess(cfg, [str(DUMP)], str(b), [str(WORDNET)])
+def test_killed_run_rerun_is_identical_and_readers_need_the_manifest(tmp_path, ray_cluster, tiny_data, tiny_config):
+    """A preprocess killed after its parse stage, rerun with the same command, reuses that stage and
+    writes output identical (row for row) to an uninterrupted run (the session's tiny_data). Until the
+    manifest is written, train/eval readers refuse the directory and name what is missing."""
+    import ray
+
+    out = tmp_path / "data"
+    cmd = [sys.executable, "-m", "kilm_ray.cli", "preprocess", "--dump", str(DUMP), "--knowledge", str(WORDNET),
+           "--out", str(out), "--address", ray.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("_work/*/pages.json")):
+        assert driver.poll() is None, "preprocess ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match=r"has no manifest.json.*it holds .*rerun"):
+        read_meta(str(out))
+    train = subprocess.run([sys.executable, "-m", "kilm_ray.cli", "train", "--no-ray", "--data", str(out),
+                            "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert train.returncode != 0 and "has no manifest.json" in train.stderr
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "parsed by an earlier run, reused" in rerun.stderr
     for split in SPLITS:
-        ra = sorted(read_split(a, split), key=lambda r: r["sample_id"])
-        rb = sorted(read_split(b, split), key=lambda r: r["sample_id"])
-        assert ra == rb
-    assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
+        assert sorted_rows(out, split) == sorted_rows(tiny_data, split)
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (Path(tiny_data) / "tokenizer" / "tokenizer.json").read_bytes()
+    assert not (out / "_work").exists()
+
+
+def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_data, tiny_config):
+    """The excerpt rewritten as a multistream dump (100 pages per bz2 stream) with its index: the index
+    cuts it into several read tasks, and the samples are those of the single-file read."""
+    from kilm_ray.corpus.dump import iter_raw_pages, read_units, write_multistream
+
+    pages = [raw.xml for raw in iter_raw_pages(str(DUMP))]
+    dump = write_multistream(pages, str(tmp_path / "enwiki-pages-articles-multistream.xml.bz2"), pages_per_stream=20)
+    units = read_units([str(tmp_path)], unit_bytes=30_000)
+    assert len(units) > 2 and all(u.uri == dump and u.length > 0 for u in units)  # the index file is not a dump
+    cfg = tiny_config.with_overrides({"corpus.read_unit_mb": 30_000 / 2**20})
+    stats = preprocess(cfg, [str(tmp_path)], str(tmp_path / "out"), [str(WORDNET)])
+    assert stats["pages"]["read"] == len(pages) == 206
+    for split in SPLITS:
+        assert sorted_rows(tmp_path / "out", split) == sorted_rows(tiny_data, split)
 
 
 def test_bad_input_is_skipped_counted_and_named(tmp_path, ray_cluster, tiny_config):
@@ -113,14 +165,20 @@ def test_missing_inputs_fail_fast_with_one_line(args, message, tmp_path, s3_serv
     assert time.time() - started < 30  # before any Ray work starts
 
 
-def test_s3_dump_in_and_dataset_out(s3_server, ray_cluster, tiny_config):
-    s3_server.put_object(Bucket="kilm", Key="dumps/enwiki.xml.bz2", Body=DUMP.read_bytes())
-    s3_server.put_object(Bucket="kilm", Key="kb/wordnet.jsonl.gz", Body=WORDNET.read_bytes())
+def test_s3_globs_and_prefixes_in_and_dataset_out(s3_server, ray_cluster, tiny_config):
+    from kilm_ray import storage
+
+    s3_server.put_object(Bucket="kilm", Key="dumps/enwiki-p1.xml.bz2", Body=DUMP.read_bytes())
+    s3_server.put_object(Bucket="kilm", Key="dumps/README.txt", Body=b"not a dump")
+    s3_server.put_object(Bucket="kilm", Key="kb/part-0.jsonl.gz", Body=WORDNET.read_bytes())
+    s3_server.put_object(Bucket="kilm", Key="kb/part-1.jsonl", Body=b'{"name": "Zq", "description": "a test"}\n')
+    assert storage.expand("s3://kilm/dumps/*.bz2", (".bz2",)) == ["s3://kilm/dumps/enwiki-p1.xml.bz2"]
     cfg = tiny_config.with_overrides({"corpus.max_pages": 30})
-    stats = preprocess(cfg, ["s3://kilm/dumps/enwiki.xml.bz2"], "s3://kilm/data/tiny",
-                       ["s3://kilm/kb/wordnet.jsonl.gz"])
+    stats = preprocess(cfg, ["s3://kilm/dumps/enwiki-*.xml.bz2"], "s3://kilm/data/tiny", ["s3://kilm/kb/"])
+    assert stats["knowledge_base"]["files"] == ["s3://kilm/kb/part-0.jsonl.gz", "s3://kilm/kb/part-1.jsonl"]
+    assert stats["pages"]["read"] == 30
     keys = [o["Key"] for o in s3_server.list_objects_v2(Bucket="kilm", Prefix="data/tiny/")["Contents"]]
-    assert "data/tiny/stats.json" in keys and "data/tiny/tokenizer/tokenizer.json" in keys
+    assert "data/tiny/manifest.json" in keys and "data/tiny/tokenizer/tokenizer.json" in keys
     store = SampleStore.load("s3://kilm/data/tiny", "train")
     assert len(store) == stats["samples"]["train"]["chunks"] > 0
 

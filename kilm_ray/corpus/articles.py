@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from kilm_ray.chunking import Chunk, Encode, knowledge_ids, pack_chunks, tokenize_paragraph
+from kilm_ray.chunking import Chunk, Encode, pack_chunks, tokenize_paragraph
 from kilm_ray.corpus.dump import MalformedPage, RawPage, parse_page_xml, title_of_raw
-from kilm_ray.corpus.knowledge import KnowledgeLookup
+from kilm_ray.corpus.links import LinkResolver
 from kilm_ray.corpus.wikitext import (
     Paragraph, clean_description, first_sentence, is_article_title, normalize_title, parse_article,
     redirect_target,
@@ -93,30 +93,23 @@ class LinkCounts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def article_chunks(paragraphs: list[Paragraph], lookup: KnowledgeLookup, encode: Encode,
-                   decode: Callable[[list[int]], str], sep_id: int, newline_ids: list[int],
-                   max_text_tokens: int, max_knowledge_tokens: int, min_chunk_tokens: int,
-                   knowledge_cache: Optional[dict] = None) -> tuple[list[Chunk], LinkCounts]:
-    """Resolve each link (redirects, then knowledge sources in order), tokenize, and chunk."""
-    cache = {} if knowledge_cache is None else knowledge_cache
+def article_chunks(paragraphs: list[Paragraph], resolve_link: LinkResolver, encode: Encode,
+                   decode: Callable[[list[int]], str], newline_ids: list[int], max_text_tokens: int,
+                   min_chunk_tokens: int) -> tuple[list[Chunk], LinkCounts]:
+    """Resolve each link (``resolve_link``: redirects, then knowledge sources in order), tokenize, and
+    chunk. A link without knowledge stays plain surface text."""
     counts = LinkCounts()
     pieces = []
     for para in paragraphs:
         links = []
         for link in para.links:
             counts.links += 1
-            title = lookup.resolve(link.target)
-            if title not in cache:
-                found = lookup.describe(title)
-                cache[title] = None if found is None else (
-                    found[1], knowledge_ids(encode, title, found[0], sep_id, max_knowledge_tokens))
-            hit = cache[title]
+            hit = resolve_link(link.target)
             if hit is None:
-                counts.no_knowledge += 1  # stays plain surface text
+                counts.no_knowledge += 1
                 continue
-            source, k_ids = hit
-            setattr(counts, source, getattr(counts, source) + 1)
-            links.append((link.start, link.end, title, source, k_ids))
+            setattr(counts, hit.source, getattr(counts, hit.source) + 1)
+            links.append((link.start, link.end, hit.title, hit.source, hit.knowledge))
         pieces.append(tokenize_paragraph(encode, para.text, links))
     chunks = pack_chunks(pieces, max_text_tokens, newline_ids, min_chunk_tokens, decode)
     return chunks, counts

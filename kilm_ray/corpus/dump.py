@@ -74,13 +74,119 @@ def _decompressed_chunks(stream: BinaryIO, uri: str) -> Iterator[bytes]:
                 data = b""
 
 
-def iter_raw_pages(uri: str, max_pages: int = 0) -> Iterator[RawPage]:
-    """Yield each ``<page>...</page>`` of the dump at ``uri`` (local or ``s3://``, .xml/.bz2/.gz)."""
+DUMP_SUFFIXES = (".xml", ".xml.bz2", ".xml.gz", ".bz2", ".gz")
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """What one read task decompresses: a whole dump file, or (a multistream dump read through its
+    index) a byte range that starts and ends on bz2 stream boundaries."""
+
+    uri: str
+    offset: int = 0
+    length: int = -1  # -1: to the end of the file
+
+    @property
+    def label(self) -> str:
+        return self.uri if self.length < 0 else f"{self.uri}@{self.offset}"
+
+
+def multistream_index_of(uri: str) -> Optional[str]:
+    """``...-multistream-index.txt.bz2`` beside a ``...-multistream.xml.bz2`` dump, if it is there."""
+    if not uri.endswith("multistream.xml.bz2"):
+        return None
+    index = uri[: -len(".xml.bz2")] + "-index.txt.bz2"
+    return index if storage.exists(index) else None
+
+
+def stream_offsets(index_lines: Iterator[str]) -> list[int]:
+    """Distinct byte offsets of the page streams, from index lines ``offset:page_id:title``."""
+    offsets: list[int] = []
+    for line in index_lines:
+        head = line.split(":", 1)[0].strip()
+        if head and (not offsets or int(head) != offsets[-1]):
+            offsets.append(int(head))
+    return sorted(set(offsets))
+
+
+def byte_ranges(offsets: list[int], file_size: int, unit_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive streams grouped into ranges of at least ``unit_bytes`` (the last one runs to the end
+    of the file, which holds the closing ``</mediawiki>`` stream): ``(offset, length)`` pairs."""
+    ranges, start = [], None
+    for off in offsets:
+        if start is None:
+            start = off
+        elif off - start >= unit_bytes:
+            ranges.append((start, off - start))
+            start = off
+    if start is not None:
+        ranges.append((start, file_size - start))
+    return ranges
+
+
+def read_units(specs: list[str], unit_bytes: int = 64 << 20) -> list[ReadUnit]:
+    """Dump inputs (files, directories, globs, ``s3://`` prefixes) as read tasks: a multistream dump
+    with its index becomes byte ranges read in parallel; any other file is read whole by one task."""
+    files = [f for spec in specs for f in storage.expand(spec, DUMP_SUFFIXES, "dump")]
+    units: list[ReadUnit] = []
+    for uri in dict.fromkeys(files):  # a file named twice is read once
+        if "-index.txt" in uri.rpartition("/")[2]:
+            continue
+        index = multistream_index_of(uri)
+        if index is None:
+            units.append(ReadUnit(uri))
+            continue
+        offsets = stream_offsets(_index_lines(index))
+        units.extend(ReadUnit(uri, off, length)
+                     for off, length in byte_ranges(offsets, storage.file_size(uri), unit_bytes))
+    return units
+
+
+def _index_lines(uri: str) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    rest = ""
+    with storage.open_input(uri) as raw:
+        for chunk in _decompressed_chunks(raw, uri):
+            lines = (rest + decoder.decode(chunk)).split("\n")
+            rest = lines.pop()
+            yield from lines
+    if rest:
+        yield rest
+
+
+def write_multistream(pages_xml: list[str], out: str, header: str = "<mediawiki>\n",
+                      footer: str = "</mediawiki>\n", pages_per_stream: int = 100) -> str:
+    """Write ``<page>`` elements as a multistream ``.xml.bz2`` (one bz2 stream per ``pages_per_stream``
+    pages, as Wikimedia does) and its ``-index.txt.bz2``; returns the dump's path."""
+    body, index, offset = [], [], 0
+    head = bz2.compress(header.encode())
+    body.append(head)
+    offset += len(head)
+    for start in range(0, len(pages_xml), pages_per_stream):
+        group = pages_xml[start:start + pages_per_stream]
+        for xml in group:
+            page = parse_page_xml(xml)
+            index.append(f"{offset}:{page.page_id}:{page.title}")
+        data = bz2.compress("".join(group).encode())
+        body.append(data)
+        offset += len(data)
+    body.append(bz2.compress(footer.encode()))
+    storage.write_bytes(out, b"".join(body))
+    storage.write_bytes(out[: -len(".xml.bz2")] + "-index.txt.bz2", bz2.compress(("\n".join(index) + "\n").encode()))
+    return out
+
+
+def iter_raw_pages(uri: str | ReadUnit, max_pages: int = 0) -> Iterator[RawPage]:
+    """Yield each ``<page>...</page>`` of a dump file (local or ``s3://``, .xml/.bz2/.gz) or of one
+    byte range of a multistream dump."""
+    unit = uri if isinstance(uri, ReadUnit) else ReadUnit(uri)
+    uri = unit.label
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     buffer = ""
     index = 0
-    with storage.open_input(uri) as raw:
-        chunks = _decompressed_chunks(raw, uri)
+    opened = storage.open_input(unit.uri) if unit.length < 0 else storage.open_range(unit.uri, unit.offset, unit.length)
+    with opened as raw:
+        chunks = _decompressed_chunks(raw, unit.uri)
         while True:
             try:
                 chunk = next(chunks, b"")

@@ -122,6 +122,35 @@ def iter_jsonl(uri: str, stats: KBStats) -> Iterator[tuple[int, dict]]:
         yield line_no, row
 
 
+KB_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".gz")
+
+
+def kb_line_rows(line: str, file_index: int, max_chars: int = 400) -> tuple[list[dict], Optional[str]]:
+    """One line of a knowledge-base file -> (rows ``{key, description, p0, p1, p2}`` (one per name and
+    alias; the smallest ``(p0, p1, p2)`` wins a key), None) or ([], the reason it is bad). A blank
+    line gives ([], None) and is not counted."""
+    line = line.strip()
+    if not line:
+        return [], None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return [], f"not JSON ({exc.msg})"
+    if not isinstance(row, dict):
+        return [], "not a JSON object"
+    try:
+        names, desc, priority = _entry_from_row(row)
+    except (ValueError, TypeError) as exc:
+        return [], str(exc)
+    desc = clean_description(desc, max_chars)
+    if desc is None:
+        return [], None
+    from kilm_ray.corpus.links import kb_priority
+
+    p0, p1, p2 = kb_priority(file_index, priority)
+    return [{"key": kb_key(name), "description": desc, "p0": p0, "p1": p1, "p2": p2} for name in names], None
+
+
 def load_knowledge_base(uris: list[str], max_chars: int = 400) -> tuple[dict[str, str], KBStats]:
     """Merge KB files (earlier files win on the same key) into key -> description."""
     stats = KBStats()

@@ -1,0 +1,66 @@
+"""The pure functions of the distributed link resolution agree with the in-memory lookup."""
+
+import itertools
+
+import pyarrow as pa
+
+from kilm_ray.corpus.knowledge import KnowledgeLookup, kb_line_rows
+from kilm_ray.corpus.links import (PENDING, bare_key, choose_knowledge, follow_redirect, page_link_targets,
+                                   sample_hash, sample_threshold)
+from kilm_ray.data import _best_kb_rows, _extend_edges, _follow_links
+
+
+def test_redirect_rounds_follow_chains_and_stop_at_loops():
+    redirects = {"A": "B", "B": "C", "C": "D", "Loop1": "Loop2", "Loop2": "Loop1"}
+    edges = dict(redirects)
+    for _ in range(2):  # two rounds of compression: chains of up to four redirects
+        edges = {src: follow_redirect(src, dst, edges.get(dst)) for src, dst in edges.items()}
+    lookup = KnowledgeLookup(redirects=redirects)
+    assert edges["A"] == lookup.resolve("A") == "D"
+    assert edges["Loop1"] == lookup.resolve("Loop1") == "Loop2"
+
+
+def test_bucket_functions_follow_redirects_and_pick_the_best_kb_row():
+    hop = {"kind": "hop", "page_id": None}
+    bucket = pa.Table.from_pylist([
+        {"key": "B", "src": "A", "dst": "B", "kind": "edge", "page_id": None, "bucket": 0},
+        {"key": "B", "src": "B", "dst": "C", **hop, "bucket": 0},
+    ])
+    assert _extend_edges(bucket).to_pylist() == [{"src": "A", "dst": "C"}]
+    links = pa.Table.from_pylist([
+        {"key": "A", "kind": "link", "page_id": 7, "src": "A", "dst": None, "bucket": 0},
+        {"key": "A", "src": "A", "dst": "Mercury (planet)", **hop, "bucket": 0},
+        {"key": "Z", "kind": "link", "page_id": 8, "src": "Z", "dst": None, "bucket": 0},
+    ])
+    assert [(r["page_id"], r["resolved"], r["key"]) for r in _follow_links(links).to_pylist()] == [
+        (7, "Mercury (planet)", "mercury (planet)"), (8, "Z", "z")]
+    rows = [dict(r, key="x", bucket=1) for r in ({"description": "late file", "p0": 1.0, "p1": 0.0, "p2": 0.0},
+                                                 {"description": "sense 2", "p0": 0.0, "p1": 1.0, "p2": 2.0},
+                                                 {"description": "sense 1", "p0": 0.0, "p1": 1.0, "p2": 1.0})]
+    rows.append({"key": "y", "description": "only", "p0": 0.0, "p1": 0.0, "p2": 0.0, "bucket": 1})
+    best = _best_kb_rows(pa.Table.from_pylist(rows)).to_pylist()
+    assert [(r["key"], r["description"]) for r in best] == [("x", "sense 1"), ("y", "only")]
+
+
+def test_choose_knowledge_matches_the_lookup_for_every_source_order():
+    lookup = KnowledgeLookup(template={"C": "tmpl"}, first_sentence={"C": "first", "D": "D first"},
+                             external={"e": "ext e", "mercury": "a planet", "c": "ext c"})
+    for sources in itertools.permutations(["template", "first_sentence", "external"]):
+        lookup.sources = sources
+        for title in ("C", "D", "E", "Mercury (planet)", "Nothing (at all)", "Nothing"):
+            args = (lookup.template.get(title), lookup.first_sentence.get(title), lookup.external.get(title.lower()))
+            first = choose_knowledge(sources, *args, bare_key(title) is not None)
+            if first == PENDING:
+                first = choose_knowledge(sources, *args[:2], None, True, lookup.external.get(bare_key(title)), True)
+            assert first == lookup.describe(title), (sources, title)
+
+
+def test_kb_lines_page_targets_and_the_tokenizer_sample():
+    rows, bad = kb_line_rows('{"name": "Aristotle", "aliases": ["Aristoteles"], "description": "a philosopher"}', 2)
+    assert bad is None and [r["key"] for r in rows] == ["aristotle", "aristoteles"] and rows[0]["p0"] == 2.0
+    assert kb_line_rows("not json", 0)[1].startswith("not JSON") and kb_line_rows("  ", 0) == ([], None)
+    assert kb_line_rows('{"description": "x"}', 0)[1] == "no 'name'"
+    doc = '[["a b", [[0, 1, "B"], [2, 3, "A"]]], ["c", [[0, 1, "B"]]]]'
+    assert page_link_targets(doc) == ["A", "B"]
+    assert sample_threshold(10, 5) == 2**63 and 0 < sample_threshold(10, 1000) < 2**63 // 50
+    assert sample_hash(0, "text") == sample_hash(0, "text") != sample_hash(1, "text")
