@@ -153,10 +153,11 @@ def _datasource(make_blocks: list, schema: pa.Schema, inputs: list[str]):
     return StreamingDatasource()
 
 
-def read_pages(units: list[ReadUnit], cfg: KilmConfig):
+def read_pages(units: list[ReadUnit | str], cfg: KilmConfig):
     import ray.data
 
     c = cfg.corpus
+    units = [u if isinstance(u, ReadUnit) else ReadUnit(u) for u in units]
     makers = [lambda u=u: _raw_page_blocks(u, c.max_pages, c.pages_per_block) for u in units]
     # Reading (decompress, cut at <page>) is light: a fraction of a CPU, and a resource shape unlike
     # the parse step's, so that Ray Data does not fuse the two into one sequential task per file.

@@ -91,7 +91,6 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
     t = cfg.train
     lo, hi = t.worker_bounds
     resources = dict(worker_request(t).per_worker)
-    resources.pop("GPU", None)  # use_gpu asks for it
     storage_fs, storage_path, run_uri = storage.ray_storage(run_dir, name)
     return TorchTrainer(
         train_loop_per_worker=_worker,
