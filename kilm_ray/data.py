@@ -43,8 +43,8 @@ import pyarrow.compute as pc
 from kilm_ray import __version__, storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.corpus.articles import SPLITS, LinkCounts, article_chunks, chunk_rows, page_record, paragraphs_from_doc, split_of
-from kilm_ray.corpus.dump import ReadUnit, iter_raw_pages, read_units
-from kilm_ray.corpus.knowledge import KnowledgeLookup, kb_line_rows, load_knowledge_base
+from kilm_ray.corpus.dump import DUMP_SUFFIXES, ReadUnit, iter_raw_pages, read_units
+from kilm_ray.corpus.knowledge import KB_SUFFIXES, KnowledgeLookup, kb_line_rows, load_knowledge_base
 from kilm_ray.corpus.links import (PENDING, bare_key, choose_knowledge, entity_key, follow_redirect,
                                    page_link_targets, sample_hash, sample_threshold, table_resolver)
 from kilm_ray.masking import MaskingParams, build_train_example, collate, Entity
@@ -199,13 +199,14 @@ def _parse_batch(batch: pa.Table, mode: str, max_chars: int) -> pa.Table:
 # ----------------------------------------------------------------------------------------------
 
 
-def _part_name(batch: pa.Table, column: str) -> str:
-    """A file name that depends only on the batch's content (a rerun writes the same names)."""
+def _part_name(batch: pa.Table, columns: list[str], prefix: str = "part") -> str:
+    """A file name that depends only on the batch's content (a rerun writes the same names); the
+    columns hashed must tell apart any two batches that one writer gives."""
     digest = hashlib.blake2b(digest_size=8)
-    for value in batch.column(column).to_pylist()[:64]:
-        digest.update(str(value).encode())
-    digest.update(str(batch.num_rows).encode())
-    return f"part-{digest.hexdigest()}.parquet"
+    for column in columns:
+        for value in batch.column(column).to_pylist():
+            digest.update(str(value).encode() + b"\0")
+    return f"{prefix}-{digest.hexdigest()}.parquet"
 
 
 def _write_part(batch: pa.Table, directory: str, name: str) -> None:
@@ -219,7 +220,7 @@ def _write_part(batch: pa.Table, directory: str, name: str) -> None:
 def _write_pages(batch: pa.Table, directory: str) -> pa.Table:
     """Store one block of page records; return what the stats need (kinds, reasons, paragraphs)."""
     if batch.num_rows:
-        _write_part(batch, directory, _part_name(batch, "where"))
+        _write_part(batch, directory, _part_name(batch, ["where"]))
     kinds: Counter = Counter()
     reasons: Counter = Counter()
     errors: list[str] = []
@@ -251,7 +252,7 @@ def _parse_kb_lines(batch: pa.Table, max_chars: int, files: list[str], directory
         rows.extend(out)
     if rows:
         table = _table(rows, KB_SCHEMA)
-        _write_part(table, directory, _part_name(batch, "line_no").replace("part-", f"part-{batch['file_index'][0]}-"))
+        _write_part(table, directory, _part_name(batch, ["file_index", "line_no"]))
     return pa.table({"counts": [json.dumps({"lines": lines, "bad_lines": bad, "bad_examples": examples})]})
 
 
@@ -287,9 +288,9 @@ def bucketed(ds, column: str, fn, cfg: KilmConfig, partitions: int, **fn_kwargs)
         fn, batch_format="pyarrow", fn_kwargs=fn_kwargs, **task_resources(cfg))
 
 
-def _write_rows(batch: pa.Table, directory: str, column: str) -> pa.Table:
+def _write_rows(batch: pa.Table, directory: str, columns: list[str], prefix: str = "part") -> pa.Table:
     if batch.num_rows:
-        _write_part(batch, directory, _part_name(batch, column))
+        _write_part(batch, directory, _part_name(batch, columns, prefix))
     return pa.table({"counts": [json.dumps({"rows": batch.num_rows})]})
 
 
@@ -377,7 +378,7 @@ def kb_stage(stages: Stages, files: list[str], cfg: KilmConfig, partitions: int)
             summary["bad_examples"].extend(part["bad_examples"][: 20 - len(summary["bad_examples"])])
         best = bucketed(stages.read("kb_rows", KB_SCHEMA), "key", _best_kb_rows, cfg, partitions)
         summary["entities"] = sum(p["rows"] for p in _counts(_map(best, _write_rows, cfg, num_cpus=0,
-                                                                  directory=stages.dir("kb"), column="key")))
+                                                                  directory=stages.dir("kb"), columns=["key"])))
         stages.clear("kb_rows")
     for example in summary["bad_examples"]:
         log.warning("skipped knowledge-base line %s", example)
@@ -632,15 +633,15 @@ def links_stage(stages: Stages, cfg: KilmConfig, has_kb: bool, tokenizer_ref, pa
     first = bucketed(entity_rows[0].union(*entity_rows[1:]), "key", _resolve_entities, cfg, partitions,
                      **resolve, bare_round=False)
     rows = sum(p["rows"] for p in _counts(_map(first, _write_rows, cfg, num_cpus=0, directory=stages.dir("links"),
-                                               column="target")))
+                                               columns=["state", "page_id", "target"], prefix="first")))
     written = stages.read("links", LINK_SCHEMA)
     deferred = _map(written, _deferred_rows, cfg, num_cpus=0.25)
     if has_kb and deferred.count():
         kb_rows = _map(stages.read("kb", KB_SCHEMA), _kb_entity_rows, cfg, num_cpus=0.25)
         second = bucketed(deferred.union(kb_rows), "key", _resolve_entities, cfg, partitions, **resolve,
                           bare_round=True)
-        rows += sum(p["rows"] for p in _counts(_map(second, _write_rows, cfg, num_cpus=0,
-                                                    directory=stages.dir("links"), column="target")))
+        rows += sum(p["rows"] for p in _counts(_map(second, _write_rows, cfg, num_cpus=0, directory=stages.dir("links"),
+                                                    columns=["page_id", "target"], prefix="bare")))
     return stages.finish("links", {"rows": rows})
 
 
@@ -806,22 +807,19 @@ def _sum_counts(parts: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def preflight(dumps: list[str], knowledge: list[str], tokenizer_source: str = "train",
-              read_unit_mb: float = 64) -> tuple[list[ReadUnit], list[str]]:
-    """Fail fast, before any Ray work, naming a missing or unreadable input; returns the read units
-    of the dumps and the knowledge-base files (directories, globs and prefixes expanded)."""
-    from kilm_ray.corpus.knowledge import KB_SUFFIXES as kb_suffixes  # noqa: N811
-
+def preflight(dumps: list[str], knowledge: list[str], tokenizer_source: str = "train") -> tuple[list[str], list[str]]:
+    """Fail fast, before any Ray work, naming a missing or unreadable input; returns the dump files and
+    the knowledge-base files (directories, globs and prefixes expanded)."""
     if not dumps:
         raise storage.InputError("no dump given (--dump PATH)")
-    kb_files = [f for spec in knowledge for f in storage.expand(spec, kb_suffixes, "knowledge file")]
-    units = read_units(dumps, max(1, int(read_unit_mb * (1 << 20))))
+    kb_files = [f for spec in knowledge for f in storage.expand(spec, KB_SUFFIXES, "knowledge file")]
+    dump_files = [f for spec in dumps for f in storage.expand(spec, DUMP_SUFFIXES, "dump")]
     if tokenizer_source.startswith("gpt2-bpe:"):
         for name in ("encoder.json", "vocab.bpe"):
             storage.check_readable(str(Path(tokenizer_source.split(":", 1)[1]).expanduser() / name), "tokenizer file")
     elif tokenizer_source.startswith((".", "/", "~")) and not Path(tokenizer_source).expanduser().is_dir():
         raise storage.InputError(f"tokenizer directory not found: {tokenizer_source}")
-    return units, kb_files
+    return dump_files, kb_files
 
 
 def run_key(cfg: KilmConfig, units: list[ReadUnit], kb_files: list[str]) -> str:
@@ -848,7 +846,8 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     import ray.data
     from ray.data.context import ShuffleStrategy
 
-    units, kb_files = preflight(dumps, list(knowledge or []), cfg.tokenizer.source, cfg.corpus.read_unit_mb)
+    dump_files, kb_files = preflight(dumps, list(knowledge or []), cfg.tokenizer.source)
+    units = read_units(dump_files, max(1, int(cfg.corpus.read_unit_mb * (1 << 20))))  # reads multistream indexes
     started = time.time()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False  # order-free: every output is sorted or keyed
@@ -967,10 +966,11 @@ def commit_manifest(out: str, manifest: dict) -> None:
 
 def _collect_garbage(out: str, key: str) -> None:
     """After the commit: the work directory, and shards that the manifest no longer lists."""
-    fs, root = storage.resolve(out)
     import pyarrow.fs as pafs
 
-    fs.delete_dir(f"{root}/_work") if fs.get_file_info(f"{root}/_work").type == pafs.FileType.Directory else None
+    fs, root = storage.resolve(out)
+    if fs.get_file_info(f"{root}/_work").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{root}/_work")
     shards = fs.get_file_info(pafs.FileSelector(f"{root}/shards", allow_not_found=True))
     for info in shards:
         if info.type == pafs.FileType.Directory and info.base_name != key:

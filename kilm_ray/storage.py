@@ -107,10 +107,10 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
-    """Files under a directory (recursive), as URIs of the same scheme, sorted."""
+def list_files(uri: str | os.PathLike, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files under a directory (recursive by default), as URIs of the same scheme, sorted."""
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     prefix = "s3://" if str(uri).startswith("s3://") else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
@@ -168,7 +168,7 @@ def expand(spec: str | os.PathLike, suffixes: tuple[str, ...], what: str = "inpu
         parent, _, pattern = spec.rpartition("/")
         if _has_glob(parent):
             raise InputError(f"{what}: only the last part of a path may be a glob: {spec}")
-        matches = [f for f in list_files(parent or ".") if fnmatch.fnmatch(f.rpartition("/")[2], pattern)]
+        matches = [f for f in list_files(parent or ".", recursive=False) if fnmatch.fnmatch(f.rpartition("/")[2], pattern)]
         if not matches:
             raise InputError(f"{what} not found: no file matches {spec}")
         return matches
@@ -192,13 +192,11 @@ def file_size(uri: str | os.PathLike) -> int:
 
 
 def open_range(uri: str | os.PathLike, offset: int, length: int) -> BinaryIO:
-    """A stream of ``length`` bytes of ``uri`` from ``offset`` (an S3 range read on s3://)."""
-    import io
-
+    """A stream of ``length`` bytes of ``uri`` from ``offset`` (ranged reads on s3://), read as consumed."""
     fs, path = resolve(uri)
     f = fs.open_input_file(path)
     f.seek(offset)
-    return io.BytesIO(f.read(length)) if length < (64 << 20) else _Bounded(f, length)
+    return _Bounded(f, length)
 
 
 class _Bounded:
