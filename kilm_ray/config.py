@@ -367,7 +367,16 @@ class ServeConfig:
     default_max_new_tokens: int = _doc("Generation length when a request does not say.", default=48)
     max_new_tokens_limit: int = _doc("Largest max_new_tokens a request may ask for.", default=128)
     max_beams: int = _doc("Largest num_beams a request may ask for.", default=4)
-    max_request_bytes: int = _doc("Largest request body (larger: 413).", default=65536)
+    max_request_bytes: int = _doc("Largest request body, counted as it streams in (larger: 413).", default=65536)
+    max_candidate_tokens: int = _doc(
+        "Longest scored candidate ('Title<sep>description'), in tokens; longer descriptions are cut.", default=64)
+    score_token_budget: int = _doc("Padded decoder tokens per scoring forward pass (bounds memory).", default=4096)
+    ingress_replicas: int = _doc("HTTP ingress replicas (tokenize and validate; CPU only).", default=1)
+    ingress_cpus: float = _doc("CPUs per ingress replica.", default=0.1)
+    log_encoding: Literal["JSON", "TEXT"] = _doc(
+        "Replica log format (JSON: one object per line with request_id, endpoint, status_code, latency_ms).",
+        default="JSON")
+    access_log: bool = _doc("Serve's own access log line per request (ours is always written).", default=True)
     auth_token: Optional[str] = _doc(
         "Bearer token required on /v1/* when set (null = open). Prefer the env KILM_SERVE_TOKEN.", default=None
     )
@@ -379,9 +388,10 @@ class ServeConfig:
         _check_range(f"{path}.port", self.port, 1, 65535)
         for name in ("num_replicas", "min_replicas", "max_batch_size", "max_ongoing_requests", "max_input_tokens",
                      "max_candidates", "default_max_new_tokens", "max_new_tokens_limit", "max_beams",
-                     "max_request_bytes"):
+                     "max_request_bytes", "ingress_replicas", "score_token_budget"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
         _check_min(f"{path}.max_queued_requests", self.max_queued_requests, -1)
+        _check_min(f"{path}.max_candidate_tokens", self.max_candidate_tokens, 3)
         if self.max_replicas < self.min_replicas:
             raise ConfigError(f"{path}.max_replicas: {self.max_replicas} < min_replicas {self.min_replicas}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

@@ -28,7 +28,10 @@ def _offset_forward(self, input_ids, cache_length: int = 0, position_ids=None):
         position_ids = torch.arange(cache_length, cache_length + seq_len, device=self.weight.device)
     if offsets.shape[0] != bsz:  # beams: each input's row is repeated num_beams times
         offsets = offsets.repeat_interleave(bsz // offsets.shape[0])
-    positions = (position_ids.view(1, -1) - offsets.view(-1, 1).to(position_ids.device)).clamp(min=0)
+    positions = position_ids.view(1, -1) - offsets.view(-1, 1).to(position_ids.device)
+    # A row whose own budget is spent may run on while a longer row finishes; its extra tokens are cut
+    # off afterwards, so clamping its positions only keeps the lookup in range and changes no kept token.
+    positions = positions.clamp(min=0, max=self.num_embeddings - self.offset - 1)
     return torch.nn.Embedding.forward(self, positions + self.offset)
 
 
@@ -66,32 +69,73 @@ class Generated:
     tokens: list[int]  # new tokens after the forced prefix
     score: float  # mean log-probability of the new tokens (HF sequence score for beams)
     token_logprobs: Optional[list[float]] = None  # greedy only: one per token
+    finish_reason: str = "stop"  # "stop": a stop token ended it; "length": the token budget did
 
     def truncated(self, n: int) -> "Generated":
         """The first ``n`` tokens (greedy decoding is prefix-consistent, so this equals generating n)."""
         if len(self.tokens) <= n or self.token_logprobs is None:
             return self
         lps = self.token_logprobs[:n]
-        return Generated(self.tokens[:n], sum(lps) / max(len(lps), 1), lps)
+        return Generated(self.tokens[:n], sum(lps) / max(len(lps), 1), lps, "length")
+
+
+def token_budgets(prefix_lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_positions: int) -> list[int]:
+    """New tokens each row may generate: its own ask, within the learned positions after its own prefix
+    (never the longest prefix of the batch, so a neighbour cannot shorten a row's answer)."""
+    asks = [max_new_tokens] * len(prefix_lengths) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    return [max(0, min(int(ask), max_positions - int(n))) for ask, n in zip(asks, prefix_lengths)]
+
+
+def generation_groups(rows: Sequence[tuple[int, int, int, tuple[int, ...]]], max_positions: int) -> list[list[int]]:
+    """Which requests of a dynamic batch may share one ``generate`` call without changing each other's answer.
+
+    ``rows`` are ``(prefix length, max_new_tokens, num_beams, stop ids)``. Greedy rows with the same stop
+    tokens share a call (each keeps its own budget). Beam search is not prefix-consistent, so beam rows also
+    share their beam width and effective budget."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (prefix_len, max_new, beams, stops) in enumerate(rows):
+        key: tuple = (beams, tuple(stops))
+        if beams > 1:
+            key += (token_budgets([prefix_len], max_new, max_positions)[0],)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _finish(row: Sequence[int], stop_ids: Sequence[int], pad_id: int, budget: int) -> tuple[list[int], str]:
+    tokens: list[int] = []
+    for t in row[:budget]:
+        if t == pad_id and tokens and tokens[-1] in stop_ids:
+            break
+        tokens.append(t)
+        if t in stop_ids:
+            return tokens, "stop"
+    return tokens, "length"
 
 
 @torch.no_grad()
 def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
-             eos_id: int, stop_ids: Sequence[int], max_new_tokens: int = 32, num_beams: int = 1) -> list[Generated]:
-    """Continue each forced decoder prefix; stop at any of ``stop_ids`` or after ``max_new_tokens``."""
+             eos_id: int, stop_ids: Sequence[int], max_new_tokens: int | Sequence[int] = 32,
+             num_beams: int = 1) -> list[Generated]:
+    """Continue each forced decoder prefix; stop at any of ``stop_ids`` or after the row's own budget
+    (``max_new_tokens``, one for all or one per row, within the learned positions after its prefix).
+
+    Greedy rows are independent: each row's tokens equal generating it alone. Beam search is not
+    prefix-consistent, so rows of one beam call should share a budget (the Serve model groups them so)."""
+    stop_ids = [int(t) for t in stop_ids]
     device = next(model.parameters()).device
+    budgets = token_budgets([len(p) for p in prefixes], max_new_tokens, model.config.max_position_embeddings)
+    steps = max(budgets)
+    if num_beams > 1 and len(set(budgets)) > 1:
+        raise ValueError(f"beam search rows need one budget, got {sorted(set(budgets))}")
+    if steps <= 0:
+        return [Generated([], 0.0, [], "length") for _ in prefixes]
     input_ids, attention = _pad(encoder_ids, pad_id, left=False, device=device)
     dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
     pads = (dec_mask == 0).sum(dim=1)
-    # Never decode past the learned positions (prefix + new tokens <= max_position_embeddings).
-    room = model.config.max_position_embeddings - int((dec_mask.sum(dim=1)).max())
-    max_new_tokens = min(max_new_tokens, room)
-    if max_new_tokens <= 0:
-        return [Generated([], 0.0, []) for _ in prefixes]
     with left_padded_positions(model, pads):
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,
-            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, eos_token_id=list(stop_ids),
+            max_new_tokens=steps, num_beams=num_beams, do_sample=False, eos_token_id=stop_ids,
             pad_token_id=pad_id, forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
             length_penalty=1.0, early_stopping=True if num_beams > 1 else False, min_length=0,
             return_dict_in_generate=True, output_scores=True)
@@ -101,20 +145,52 @@ def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Seq
     step_logprobs = None if beam_scores else model.compute_transition_scores(
         out.sequences, out.scores, normalize_logits=True).float().tolist()
     results = []
-    for i, row in enumerate(new):
-        tokens: list[int] = []
-        for t in row:
-            if t == pad_id and tokens and tokens[-1] in stop_ids:
-                break
-            tokens.append(t)
-            if t in stop_ids:
-                break
+    for i, (row, budget) in enumerate(zip(new, budgets)):
+        tokens, reason = _finish(row, stop_ids, pad_id, budget)
         if beam_scores is not None:
-            results.append(Generated(tokens, float(beam_scores[i])))
+            results.append(Generated(tokens, float(beam_scores[i]), None, reason))
         else:
             lps = [float(x) for x in step_logprobs[i][: len(tokens)]]
-            results.append(Generated(tokens, sum(lps) / max(len(lps), 1), lps))
+            results.append(Generated(tokens, sum(lps) / max(len(lps), 1), lps, reason))
     return results
+
+
+def _continuation_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                           targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log p(target) at the given (row, position) pairs only: the vocabulary projection and softmax run on
+    the scored positions, in chunks, never on every position of every row."""
+    out = []
+    bias = getattr(model, "final_logits_bias", None)
+    for a in range(0, len(rows), chunk):
+        h = hidden[rows[a: a + chunk], positions[a: a + chunk]]
+        logits = model.lm_head(h)
+        if bias is not None:
+            logits = logits + bias.view(-1).to(logits.dtype)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out.append(logprobs.gather(1, targets[a: a + chunk].view(-1, 1)).view(-1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _score_rows(model, encoder_kwargs: dict, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                pad_id: int) -> list[tuple[float, int]]:
+    device = next(model.parameters()).device
+    dec, dec_mask = _pad([list(p) + list(c) for p, c in zip(prefixes, continuations)], pad_id, left=False,
+                         device=device)
+    hidden = model.model(decoder_input_ids=dec[:, :-1], decoder_attention_mask=dec_mask[:, :-1],
+                         **encoder_kwargs).last_hidden_state
+    rows, positions, targets = [], [], []
+    for i, (prefix, cont) in enumerate(zip(prefixes, continuations)):
+        start = len(prefix) - 1  # the hidden state at t predicts token t + 1
+        rows += [i] * len(cont)
+        positions += range(start, start + len(cont))
+        targets += [int(t) for t in cont]
+    picked = _continuation_logprobs(model, hidden, torch.tensor(rows, device=device),
+                                    torch.tensor(positions, device=device), torch.tensor(targets, device=device))
+    out, at = [], 0
+    for cont in continuations:
+        out.append((float(picked[at: at + len(cont)].sum()), len(cont)))
+        at += len(cont)
+    return out
 
 
 @torch.no_grad()
@@ -124,17 +200,44 @@ def score_continuations(model, items: Sequence[tuple[Sequence[int], Sequence[int
     teacher-forced batch (right padding: positions are the usual ones)."""
     device = next(model.parameters()).device
     enc, enc_mask = _pad([e for e, _, _ in items], pad_id, left=False, device=device)
-    dec, dec_mask = _pad([list(p) + list(c) for _, p, c in items], pad_id, left=False, device=device)
-    logits = model(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec[:, :-1],
-                   decoder_attention_mask=dec_mask[:, :-1]).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    out = []
-    for i, (_, prefix, cont) in enumerate(items):
-        start = len(prefix) - 1  # logits at t predict token t + 1
-        targets = torch.tensor(list(cont), device=device)
-        picked = logprobs[i, start: start + len(cont)].gather(1, targets.view(-1, 1)).sum()
-        out.append((float(picked), len(cont)))
-    return out
+    return _score_rows(model, {"input_ids": enc, "attention_mask": enc_mask}, [p for _, p, _ in items],
+                       [c for _, _, c in items], pad_id)
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive index groups whose padded size (rows x longest) stays within ``budget`` tokens; a row
+    longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * max(longest, n) > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.no_grad()
+def score_candidates(model, encoder_ids: Sequence[int], prefix: Sequence[int], continuations: Sequence[Sequence[int]],
+                     pad_id: int, token_budget: int = 4096) -> list[tuple[float, int]]:
+    """Score many continuations of one prompt: the encoder runs once, the decoder in sub-batches of at most
+    ``token_budget`` padded tokens, so the cost depends on this prompt only (never on its neighbours)."""
+    device = next(model.parameters()).device
+    enc = torch.tensor([list(encoder_ids)], dtype=torch.long, device=device)
+    mask = torch.ones_like(enc)
+    encoded = model.get_encoder()(input_ids=enc, attention_mask=mask)
+    results: list[tuple[float, int]] = []
+    lengths = [len(prefix) + len(c) for c in continuations]
+    for group in token_budget_batches(lengths, token_budget):
+        n = len(group)
+        hidden = encoded.last_hidden_state.expand(n, -1, -1)
+        kwargs = {"encoder_outputs": (hidden,), "attention_mask": mask.expand(n, -1)}
+        results += _score_rows(model, kwargs, [prefix] * n, [continuations[i] for i in group], pad_id)
+    return results
 
 
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:

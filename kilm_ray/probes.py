@@ -22,6 +22,27 @@ class ProbeError(ValueError):
     """A probe request that cannot be built; the message says what is wrong with the input."""
 
 
+def control_tokens(tokenizer) -> list[str]:
+    """Strings the tokenizer turns into control ids (``<s>``, ``<mask>``, ``<ent>``, ``<sep>``, ...)."""
+    return sorted(set(tokenizer.all_special_tokens), key=lambda t: (-len(t), t))
+
+
+def refuse_control_tokens(field: str, text: str, control: Sequence[str], allowed: Sequence[str] = ()) -> None:
+    """User text must stay plain text: a literal ``<ent_desc>`` or ``</s>`` would be tokenized as the
+    control token and rewrite the prompt (the mention dropped, the decoder prefix cut at the user's token)."""
+    found = sorted((t for t in control if t not in allowed and t in text), key=text.index)
+    if found:
+        raise ProbeError(f"{field}: contains the reserved token{'s' if len(found) > 1 else ''} "
+                         f"{', '.join(found)}; remove {'them' if len(found) > 1 else 'it'} (they control the prompt format)")
+
+
+def _plain(ids: Sequence[int], sp: SpecialIds, allowed: Sequence[int] = ()) -> None:
+    """Belt and braces after the string check: no control id came out of user text."""
+    control = set(int(t) for t in sp.all()) - set(allowed)
+    if any(int(t) in control for t in ids):
+        raise ProbeError("the text contains reserved control tokens")
+
+
 @dataclass
 class Prompt:
     encoder_ids: list[int]
@@ -36,6 +57,7 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 def _slot_prompt(tokenizer, sp: SpecialIds, text: str, start: int, end: int, slot_char: Optional[int]) -> Prompt:
     ids, offsets = _encode(tokenizer, text)
+    _plain(ids, sp)
     span = char_span_to_tokens(offsets, start, end)
     if span is None:
         raise ProbeError("the mention covers no tokens")
@@ -51,6 +73,9 @@ def _slot_prompt(tokenizer, sp: SpecialIds, text: str, start: int, end: int, slo
 def describe_prompt(tokenizer, sp: SpecialIds, left: str, mention: str, right: str) -> Prompt:
     if not mention.strip():
         raise ProbeError("'mention' is empty")
+    control = control_tokens(tokenizer)
+    for field, value in (("left", left), ("mention", mention), ("right", right)):
+        refuse_control_tokens(field, value, control)
     text = left + mention + right
     return _slot_prompt(tokenizer, sp, text, len(left), len(left) + len(mention), None)
 
@@ -70,6 +95,9 @@ def appositive_prompt(tokenizer, sp: SpecialIds, text: str, mention: str, slot_m
     """``text`` holds the slot marker once; the last occurrence of ``mention`` before it is the entity."""
     if text.count(slot_marker) != 1:
         raise ProbeError(f"'text' must contain the slot marker {slot_marker} exactly once")
+    control = control_tokens(tokenizer)
+    refuse_control_tokens("text", text, control)
+    refuse_control_tokens("mention", mention, control)
     slot_char = text.index(slot_marker)
     plain = text.replace(slot_marker, "")
     start = plain.rfind(mention, 0, slot_char) if mention else -1
@@ -82,8 +110,10 @@ def qa_prompt(tokenizer, sp: SpecialIds, question: str) -> Prompt:
     question = question.strip().rstrip("?").strip()
     if not question:
         raise ProbeError("'question' is empty")
+    refuse_control_tokens("question", question, control_tokens(tokenizer))
     stem = f"Question: {question}? Answer:"
     stem_ids = _encode(tokenizer, stem)[0]
+    _plain(stem_ids, sp)
     return Prompt([sp.bos, *stem_ids, sp.mask, sp.eos],
                   [sp.eos, sp.bos, *stem_ids], sp.eos)
 
@@ -91,8 +121,26 @@ def qa_prompt(tokenizer, sp: SpecialIds, question: str) -> Prompt:
 def fill_prompt(tokenizer, sp: SpecialIds, text: str) -> Prompt:
     if "<mask>" not in text:
         raise ProbeError("'text' must contain at least one <mask>")
+    refuse_control_tokens("text", text, control_tokens(tokenizer), allowed=("<mask>",))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    _plain(ids, sp, allowed=(sp.mask,))
     return Prompt([sp.bos, *ids, sp.eos], [sp.eos, sp.bos], sp.eos)
+
+
+def candidate_continuation(tokenizer, sp: SpecialIds, title: str, description: str, max_tokens: int,
+                           field: str = "candidate") -> list[int]:
+    """The scored continuation of a disambiguation candidate, ``Title<sep>description</ent_desc>``, at most
+    ``max_tokens`` long: the title keeps up to half, the description is cut (never the whole request refused)."""
+    control = control_tokens(tokenizer)
+    refuse_control_tokens(f"{field}.title", title, control)
+    refuse_control_tokens(f"{field}.description", description, control)
+    if max_tokens < 3:
+        raise ProbeError(f"no room to score {field}: {max_tokens} tokens left after the prompt")
+    title_ids = _encode(tokenizer, title)[0][: max(1, (max_tokens - 1) // 2)]
+    desc_ids = _encode(tokenizer, description)[0][: max(0, max_tokens - len(title_ids) - 2)]
+    ids = title_ids + [sp.sep] + desc_ids
+    _plain(ids, sp, allowed=(sp.sep,))
+    return ids + [sp.desc_end]
 
 
 def prompt_from_example(input_ids: Sequence[int], labels: Sequence[int], sp: SpecialIds) -> Prompt:

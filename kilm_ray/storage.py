@@ -6,6 +6,7 @@ S3 endpoints other than AWS (MinIO, a moto server in tests) come from the standa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -140,6 +141,29 @@ def local_copy(uri: str | os.PathLike, cache_root: str | os.PathLike | None = No
     if target.exists():
         shutil.rmtree(target)
     return download_dir(uri, target)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+@contextlib.contextmanager
+def materialized(uri: str | os.PathLike, skip_suffixes: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local directory with ``uri``'s files for the duration of the block: the path itself if local,
+    else a download (without files ending in ``skip_suffixes``) into a temporary directory that is removed
+    afterwards, so a replica that loads what it needs leaves no copy of the export behind."""
+    if not is_remote(uri):
+        yield Path(uri).expanduser()
+        return
+    fs, path = resolve(uri)
+    with tempfile.TemporaryDirectory(prefix="kilm_ray_dl_") as tmp:
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            if info.type != pafs.FileType.File or info.path.endswith(skip_suffixes):
+                continue
+            target = Path(tmp) / os.path.relpath(info.path, path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        yield Path(tmp)
 
 
 def iter_lines(uri: str | os.PathLike) -> Iterator[str]:

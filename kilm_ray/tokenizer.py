@@ -108,3 +108,11 @@ def special_ids(tokenizer) -> SpecialIds:
         bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
         mask=tokenizer.mask_token_id, ent=ids[0], ent_end=ids[1], desc=ids[2], desc_end=ids[3], sep=ids[4],
     )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the whole tokenizer (vocabulary, merges, added tokens): the Serve ingress sends it
+    with each request so a model replica never decodes ids made by another export's tokenizer."""
+    import hashlib
+
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 # The S3 endpoint and credentials must be in the environment before Ray starts, so that every Ray
 # worker process (which inherits it) reaches the same moto server.
 S3_PORT = free_local_port()
+METRICS_PORT = free_local_port()  # Ray's Prometheus endpoint (the Serve metrics test scrapes it)
 os.environ.update({
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{S3_PORT}",
@@ -61,6 +62,7 @@ def ray_cluster():
     import ray
 
     ray.init(num_cpus=4, object_store_memory=1024**3, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -92,3 +92,68 @@ def test_scoring_in_a_batch_equals_alone(model):
     for item, (lp, n) in zip(items, together):
         alone_lp, alone_n = score_continuations(model, [item], 1)[0]
         assert n == alone_n == len(item[2]) and lp == pytest.approx(alone_lp, abs=1e-5) and lp < 0
+
+
+def test_a_long_neighbour_does_not_shorten_a_row(model):
+    """Budgets are per row: a 36-token prefix (room for 4) beside a short one leaves the short row its 12."""
+    encs, short, long = [[0, 5, 6, 2], [0, 5, 6, 2]], [2, 0, 5, 6], [2, 0] + [7] * 34
+    alone = generate(model, encs[:1], [short], 1, 2, [299], max_new_tokens=12)[0]
+    together = generate(model, encs, [short, long], 1, 2, [299], max_new_tokens=[12, 12])
+    assert together[0].tokens == alone.tokens and len(alone.tokens) == 12 and alone.finish_reason == "length"
+    assert len(together[1].tokens) == 4 and together[1].finish_reason == "length"
+    mixed = generate(model, encs, [short, short], 1, 2, [299], max_new_tokens=[3, 12])
+    assert mixed[0].tokens == alone.tokens[:3] and mixed[1].tokens == alone.tokens
+    with pytest.raises(ValueError, match="one budget"):
+        generate(model, encs, [short, short], 1, 2, [299], max_new_tokens=[3, 12], num_beams=2)
+
+
+def test_candidates_scored_with_one_encoder_pass_in_token_budget_batches(model):
+    from kilm_ray.generation import score_candidates, token_budget_batches
+
+    assert token_budget_batches([3, 3, 3, 10, 2], 9) == [[0, 1, 2], [3], [4]]
+    assert token_budget_batches([], 9) == []
+    enc, prefix = [0, 5, 6, 7, 2], [2, 0, 5]
+    conts = [[3, 4], [5], [7, 8, 9, 10], [11]]
+    reference = score_continuations(model, [(enc, prefix, c) for c in conts], 1)
+    for budget in (1, 8, 10_000):  # one row per forward, a few, all at once: the same scores
+        got = score_candidates(model, enc, prefix, conts, 1, token_budget=budget)
+        assert [n for _, n in got] == [n for _, n in reference]
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in reference], abs=1e-5)
+
+
+@pytest.mark.parametrize("build, args, field, token", [
+    (describe_prompt, ("Hello <ent_desc> evil ", "philosopher", "."), "left", "<ent_desc>"),
+    (describe_prompt, ("", "Plato</s>", ""), "mention", "</s>"),
+    (describe_prompt, ("", "Plato", " <pad><mask>"), "right", "<pad>, <mask>"),
+    (appositive_prompt, ("Plato <sep>, <appos>.", "Plato"), "text", "<sep>"),
+    (qa_prompt, ("Who <s>taught</ent> Alexander?",), "question", "<s>, </ent>"),
+    (fill_prompt, ("The <mask> is <ent>blue.",), "text", "<ent>"),
+])
+def test_control_tokens_in_user_text_are_refused_by_name(tok, build, args, field, token):
+    sp = special_ids(tok)
+    with pytest.raises(ProbeError) as err:
+        build(tok, sp, *args)
+    assert str(err.value).startswith(f"{field}: contains the reserved token") and token in str(err.value)
+
+
+def test_candidate_continuations_are_cut_to_the_budget(tok):
+    from kilm_ray.probes import candidate_continuation
+
+    sp = special_ids(tok)
+    ids = candidate_continuation(tok, sp, "Mercury (planet)", "the smallest planet " * 500, 20)
+    assert len(ids) == 20 and ids[-1] == sp.desc_end and ids.count(sp.sep) == 1
+    assert tok.decode(ids[: ids.index(sp.sep)]) == "Mercury (planet)"
+    short = candidate_continuation(tok, sp, "Mercury", "a planet", 64)
+    assert tok.decode(short) == "Mercury<sep>a planet</ent_desc>"  # as knowledge_ids encodes it in training
+    with pytest.raises(ProbeError, match="candidates.3.title: contains the reserved token <sep>"):
+        candidate_continuation(tok, sp, "A<sep>B", "", 64, field="candidates.3")
+
+
+def test_generation_groups_keep_answers_independent_of_neighbours():
+    from kilm_ray.generation import generation_groups
+
+    rows = [(10, 8, 1, (5,)), (30, 40, 1, (5,)), (10, 8, 2, (5,)), (10, 40, 2, (5,)), (10, 8, 2, (5,)),
+            (10, 8, 1, (2,)), (36, 40, 2, (5,)), (38, 40, 2, (5,))]
+    # greedy rows share a call per stop set; beam rows also need the same width and effective budget
+    # (max 40 positions: a 36-token prefix leaves 4, a 38-token prefix 2)
+    assert generation_groups(rows, 40) == [[0, 1], [2, 4], [3], [5], [6], [7]]

@@ -1,34 +1,55 @@
-"""The knowledge-probe service over real HTTP on 127.0.0.1: every endpoint, dynamic batching, bad
-requests (4xx naming the problem), back-pressure (503, replicas survive) and bearer-token auth."""
+"""The knowledge-probe service over real HTTP on 127.0.0.1: every endpoint, answers that do not depend on
+their batch, hostile input (4xx naming the problem, never a 5xx; a property-based fuzz), back-pressure
+(one 503 format), auth before the body, the README's curl lines, metrics, request logs and a rollout
+under load. The main application is built from configs/serve-deploy.yaml, as `serve deploy` builds it."""
 
 import concurrent.futures as cf
 import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from kilm_ray.cluster import free_local_port
 
+from conftest import METRICS_PORT, REPO
+
 pytestmark = pytest.mark.slow
+
+TEST_LIMITS = {"serve.max_batch_size": 8, "serve.batch_wait_timeout_s": 0.2, "serve.max_input_tokens": 64,
+               "serve.max_candidates": 4, "serve.max_request_bytes": 4096}
+ON_THIS_MACHINE = {"serve.num_gpus": 0, "serve.device": "cpu", "serve.num_cpus": 0.5, "serve.num_replicas": 1,
+                   "serve.ingress_replicas": 1, "serve.ingress_cpus": 0.1}
+
+
+def deploy_args(model: str) -> dict:
+    """The args of configs/serve-deploy.yaml, with this machine's resources and the tests' limits."""
+    raw = yaml.safe_load((REPO / "configs" / "serve-deploy.yaml").read_text())
+    return {**raw["applications"][0]["args"], **ON_THIS_MACHINE, **TEST_LIMITS, "model": model}
 
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, trained_export, tiny_config):
     from ray import serve
 
-    from kilm_ray.serve.app import build_application
+    from kilm_ray.serve.app import app_builder, build_application
 
+    port = free_local_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(deploy_args(trained_export)), name="kilm", route_prefix="/")
     settings = tiny_config.to_dict()["serve"]
-    settings.update(port=free_local_port(), host="127.0.0.1", max_batch_size=8, batch_wait_timeout_s=0.2,
-                    max_input_tokens=64, max_candidates=4, max_request_bytes=4096)
-    serve.start(http_options={"host": "127.0.0.1", "port": settings["port"]})
-    serve.run(build_application(trained_export, settings), name="kilm", route_prefix="/")
+    settings.update({k.split(".", 1)[1]: v for k, v in TEST_LIMITS.items()}, num_cpus=0.25)
     tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=1, batch_wait_timeout_s=0.0)
     serve.run(build_application(trained_export, tight), name="tight", route_prefix="/tight")
-    locked = dict(settings, auth_token="s3cret")
-    serve.run(build_application(trained_export, locked), name="locked", route_prefix="/locked")
-    url = f"http://127.0.0.1:{settings['port']}"
-    yield url
+    serve.run(build_application(trained_export, dict(settings, auth_token="s3cret")), name="locked",
+              route_prefix="/locked")
+    yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
@@ -36,58 +57,98 @@ def post(url, path, body, **kw):
     return httpx.post(f"{url}{path}", json=body, timeout=120, **kw)
 
 
+TEXT = "Aristotle was a Greek <ent>philosopher</ent> and polymath."
+CANDIDATES = [{"title": "Philosopher", "description": "a specialist in philosophy"},
+              {"title": "Philosophy", "description": "the rational investigation of questions about existence"},
+              {"title": "Polymath", "description": "a person of great and varied learning"}]
+
+
 def test_every_endpoint_answers(service):
     assert httpx.get(f"{service}/healthz").json() == {"status": "ok"}
     info = httpx.get(f"{service}/v1/model").json()
     assert info["special_tokens"] == ["<ent>", "</ent>", "<ent_desc>", "</ent_desc>", "<sep>"]
     assert info["step"] == 30 and info["generation_defaults"]["max_new_tokens"] > 0
-    text = "Aristotle was a Greek <ent>philosopher</ent> and polymath."
-    a = post(service, "/v1/describe", {"text": text})
+    a = post(service, "/v1/describe", {"text": TEXT})
     b = post(service, "/v1/describe", {"left": "Aristotle was a Greek ", "mention": "philosopher",
                                         "right": " and polymath."})
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert a.json() == b.json()
-    assert set(a.json()) == {"title", "description", "score"} and a.json()["score"] <= 0
-    r = post(service, "/v1/disambiguate", {"text": text, "candidates": [
-        {"title": "Philosopher", "description": "a specialist in philosophy"},
-        {"title": "Philosophy", "description": "the rational investigation of questions about existence"},
-        {"title": "Polymath", "description": "a person of great and varied learning"}]})
+    assert set(a.json()) == {"title", "description", "score", "finish_reason"} and a.json()["score"] <= 0
+    r = post(service, "/v1/disambiguate", {"text": TEXT, "candidates": CANDIDATES})
     ranking = r.json()["ranking"]
     assert r.status_code == 200 and [c["rank"] for c in ranking] == [1, 2, 3]
     assert ranking[0]["score"] >= ranking[1]["score"] >= ranking[2]["score"]
     r = post(service, "/v1/appositive", {"text": "Aristotle, <appos>, taught Alexander.", "mention": "Aristotle"})
-    assert r.status_code == 200 and set(r.json()) == {"appositive", "title", "score"}
-    r = post(service, "/v1/qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": 8})
+    assert r.status_code == 200 and set(r.json()) == {"appositive", "title", "score", "finish_reason"}
+    r = post(service, "/v1/qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": 3})
     assert r.status_code == 200 and isinstance(r.json()["answer"], str)
+    assert r.json()["finish_reason"] in ("stop", "length")
     r = post(service, "/v1/fill", {"text": "Aristotle was a Greek <mask> and polymath.", "num_beams": 2})
     assert r.status_code == 200 and isinstance(r.json()["text"], str)
 
 
-def test_concurrent_requests_are_batched_with_unchanged_answers(service):
-    texts = [f"In {1900 + i}, the <ent>philosopher</ent> wrote about {w}." for i, w in
-             enumerate(["Greece", "ethics", "logic", "Plato", "physics", "politics", "rhetoric", "poetry"] * 2)]
-    alone = [post(service, "/v1/describe", {"text": t}).json() for t in texts[:4]]
+def test_long_candidates_are_cut_not_failed(service):
+    """A 700-word description (past the model's positions) is cut to serve.max_candidate_tokens."""
+    long = {"title": "Mercury (planet)", "description": "the smallest planet " * 180}
+    r = post(service, "/v1/disambiguate", {"text": TEXT, "candidates": [long, CANDIDATES[0]]})
+    assert r.status_code == 200, r.text
+    assert {c["title"] for c in r.json()["ranking"]} == {"Mercury (planet)", "Philosopher"}
+
+
+MIXED = [
+    ("/v1/describe", {"text": TEXT, "max_new_tokens": 4, "num_beams": 2}),
+    ("/v1/describe", {"text": "Paris is the capital of <ent>France</ent>.", "max_new_tokens": 40}),
+    ("/v1/describe", {"left": "In 1905 the physicist ", "mention": "Albert Einstein", "right": " wrote four papers.",
+                      "max_new_tokens": 6}),
+    ("/v1/describe", {"text": "The <ent>Iliad</ent> is an epic poem.", "num_beams": 3, "max_new_tokens": 12}),
+    ("/v1/fill", {"text": "Aristotle was a Greek <mask> and polymath.", "max_new_tokens": 20}),
+    ("/v1/qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": 8}),
+    ("/v1/appositive", {"text": "Aristotle, <appos>, taught Alexander.", "mention": "Aristotle", "num_beams": 2}),
+    ("/v1/disambiguate", {"text": TEXT, "candidates": CANDIDATES}),
+    ("/v1/disambiguate", {"text": "the <ent>Mercury</ent> probe", "candidates": CANDIDATES[:2]}),
+]
+
+
+def same_answer(alone: dict, together: dict) -> None:
+    """Texts, titles, rankings and finish reasons identical; scores equal up to float rounding."""
+    def split(d):
+        if "ranking" in d:
+            return [c["title"] for c in d["ranking"]], [c["score"] for c in d["ranking"]]
+        return {k: v for k, v in d.items() if k != "score"}, [d["score"]]
+    (exact_a, scores_a), (exact_t, scores_t) = split(alone), split(together)
+    assert exact_a == exact_t
+    assert scores_a == pytest.approx(scores_t, abs=1e-4)
+
+
+def test_an_answer_does_not_depend_on_its_batch(service):
+    """Each request alone, then all of them (twice over) at once: different lengths, max_new_tokens, beam
+    widths and endpoints share dynamic batches, and every answer is the one it got alone."""
+    alone = [post(service, path, body).json() for path, body in MIXED]
     before = httpx.get(f"{service}/v1/model").json()["batching"]
-    with cf.ThreadPoolExecutor(len(texts)) as pool:
-        together = list(pool.map(lambda t: post(service, "/v1/describe", {"text": t}), texts))
-    assert all(r.status_code == 200 for r in together)
+    with cf.ThreadPoolExecutor(2 * len(MIXED)) as pool:
+        together = list(pool.map(lambda pb: post(service, *pb), MIXED * 2))
     after = httpx.get(f"{service}/v1/model").json()["batching"]
-    assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < len(texts)
-    # Batching (left-padded prefixes of different lengths) does not change any answer.
-    for single, batched in zip(alone, together[:4]):
-        assert single["title"] == batched.json()["title"] and single["description"] == batched.json()["description"]
-        assert single["score"] == pytest.approx(batched.json()["score"], abs=1e-4)
+    assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200]
+    assert after["largest_batch"] > 2 and after["batches"] - before["batches"] < len(together)
+    for i, response in enumerate(together):
+        same_answer(alone[i % len(MIXED)], response.json())
+    beam4 = together[0].json()  # 4 new tokens asked: never more, whatever else ran in its batch
+    assert beam4["finish_reason"] in ("stop", "length")
 
 
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v1/describe", '{"text": "broken', 400, "not valid JSON"),
     ("/v1/describe", {"mention": 3}, 422, "mention: Input should be a valid string"),
+    ("/v1/describe", {"text": "a <ent>b</ent>", "num_beams": True}, 422, "num_beams: Input should be a valid integer"),
     ("/v1/describe", {"left": "x"}, 422, "missing the mention"),
     ("/v1/describe", {"text": "no marked mention"}, 422, "must mark the mention as <ent>...</ent>"),
     ("/v1/describe", {"text": "a <ent>b</ent>", "mention": "b"}, 422, "not both"),
     ("/v1/describe", {"text": "a <ent>b</ent>", "temperature": 2}, 422, "temperature: Extra inputs are not permitted"),
     ("/v1/describe", {"text": "a <ent>b</ent>", "max_new_tokens": 10000}, 422, "above the server limit"),
     ("/v1/describe", {"text": "a <ent>b</ent>", "num_beams": 99}, 422, "num_beams: 99 is above the server limit"),
+    ("/v1/describe", {"left": "Hello <ent_desc> evil ", "mention": "philosopher"}, 422,
+     "left: contains the reserved token <ent_desc>"),
+    ("/v1/describe", {"text": "a </s><pad> <ent>b</ent>"}, 422, "text: contains the reserved tokens </s>, <pad>"),
     ("/v1/describe", {"text": "word " * 200 + "<ent>b</ent>"}, 413, "tokens; the limit is 64"),
     ("/v1/describe", {"text": "x" * 5000 + "<ent>b</ent>"}, 413, "the limit is 4096"),
     ("/v1/appositive", {"text": "Aristotle <appos> taught.", "mention": "Plato"}, 422, "does not occur before the slot"),
@@ -95,8 +156,12 @@ def test_concurrent_requests_are_batched_with_unchanged_answers(service):
     ("/v1/disambiguate", {"text": "a <ent>b</ent>", "candidates": [{"title": f"T{i}"} for i in range(5)]}, 422,
      "5 given; the limit is 4"),
     ("/v1/disambiguate", {"text": "a <ent>b</ent>", "candidates": []}, 422, "candidates"),
+    ("/v1/disambiguate", {"text": "a <ent>b</ent>", "candidates": [{"title": "A"}, {"title": "B<sep>C"}]}, 422,
+     "candidates.1.title: contains the reserved token <sep>"),
     ("/v1/qa", {"question": ""}, 422, "question"),
+    ("/v1/qa", {"question": "Who <mask>?"}, 422, "question: contains the reserved token <mask>"),
     ("/v1/fill", {"text": "no mask here"}, 422, "at least one <mask>"),
+    ("/v1/fill", {"text": "a <mask> <ent>b"}, 422, "text: contains the reserved token <ent>"),
 ])
 def test_bad_requests_get_a_4xx_that_names_the_problem(service, path, body, status, message):
     if isinstance(body, str):
@@ -107,22 +172,195 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(service, path, body, stat
     assert message in r.json()["error"]
 
 
-def test_overload_answers_503_and_the_service_survives(service):
+def test_the_body_limit_counts_streamed_bytes(service):
+    """A chunked body carries no Content-Length: it is cut off at the limit, not read whole."""
+    def chunks():
+        yield b'{"text": "'
+        for _ in range(64):
+            yield b"x" * 1024
+        yield b' <ent>b</ent>"}'
+    r = httpx.post(f"{service}/v1/describe", content=chunks(), timeout=60)
+    assert r.status_code == 413 and "over 4096 bytes" in r.json()["error"]
+
+
+def test_overload_answers_one_503_format_and_the_service_survives(service):
     body = {"text": "Aristotle was a Greek <ent>philosopher</ent>.", "max_new_tokens": 32}
     with cf.ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(lambda _: post(service, "/tight/v1/describe", body).status_code, range(24)))
+        answers = list(pool.map(lambda _: post(service, "/tight/v1/describe", body), range(24)))
+    codes = [r.status_code for r in answers]
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+    for r in answers:
+        if r.status_code == 503:
+            assert "retry later" in r.json()["error"] and r.headers["retry-after"] == "1"
     assert post(service, "/tight/v1/describe", body).status_code == 200  # still serving afterwards
 
 
-def test_bearer_token_authentication(service):
+def test_bearer_token_is_checked_before_the_body(service):
     body = {"text": "a <ent>philosopher</ent>"}
     r = post(service, "/locked/v1/describe", body)
     assert r.status_code == 401 and "bearer token" in r.json()["error"]
     assert post(service, "/locked/v1/describe", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert post(service, "/locked/v1/describe", body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    # Without the token, a malformed or oversized body is not even read: 401, not 400 / 413.
+    for content in (b'{"text": "bro', b"x" * 100_000):
+        assert httpx.post(f"{service}/locked/v1/describe", content=content).status_code == 401
+    assert httpx.post(f"{service}/locked/v1/describe", content=b'{"text": "bro',
+                      headers={"Authorization": "Bearer s3cret"}).status_code == 400
+    assert httpx.get(f"{service}/locked/v1/model").status_code == 401
     assert httpx.get(f"{service}/locked/healthz").status_code == 200  # health checks stay open
     assert post(service, "/v1/describe", body).status_code == 200  # auth is off by default
+
+
+def readme_curl_block() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## HTTP API"):]
+    return section[section.index("```bash") + len("```bash"): section.index("```\n", section.index("```bash") + 7)]
+
+
+def test_the_readme_curl_lines_work_as_written(service):
+    """The README's curl lines, run by bash exactly as written (only the host changed)."""
+    block = readme_curl_block()
+    host = service.removeprefix("http://")
+    assert block.count("curl -s localhost:8000") >= 8
+    script = block.replace("localhost:8000", host).replace("curl -s ", "curl -s -w '\\n@@%{http_code}\\n' ")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answers = re.findall(r"(.*)\n@@(\d+)\n", done.stdout)
+    assert len(answers) == block.count("curl -s localhost:8000")
+    for body, code in answers:
+        assert code == "200", body
+        json.loads(body)
+
+
+def test_request_logs_are_structured_with_the_request_id(service):
+    rid = f"kilm-test-{time.time_ns()}"
+    r = post(service, "/v1/describe", {"text": TEXT}, headers={"X-Request-ID": rid})
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        for f in logs.glob("replica_kilm_ProbeAPI_*.log"):
+            for line in f.read_text().splitlines():
+                if rid in line and '"endpoint"' in line:
+                    record = json.loads(line)
+                    assert record["request_id"] == rid and record["endpoint"] == "/v1/describe"
+                    assert record["status_code"] == 200 and record["latency_ms"] > 0
+                    return
+        time.sleep(0.5)
+    pytest.fail(f"no structured log line with request id {rid} under {logs}")
+
+
+def test_fuzzed_requests_never_get_a_5xx(service):
+    """Property-based: request shapes, sizes, types, unicode and control tokens on every endpoint. Every
+    answer is a 2xx or a 4xx with an error message; the model replica stays up and its memory bounded."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fragments = st.sampled_from(["<ent>", "</ent>", "<ent_desc>", "</ent_desc>", "<sep>", "<mask>", "<s>", "</s>",
+                                 "<pad>", "<unk>", "<appos>", " ", "Aristotle", "\u00e9\u4e2d\U0001f600", "\x00",
+                                 "word " * 300])
+    plain = st.text(st.characters(codec="utf-8", categories=["L", "N", "Zs", "P", "So"]), max_size=30)
+    text = st.one_of(plain, st.lists(st.one_of(st.text(max_size=12), fragments), max_size=6).map("".join))
+    word = st.text(st.characters(codec="utf-8", categories=["L", "N"]), min_size=1, max_size=12)
+    marked = st.tuples(text, word, text).map(lambda t: f"{t[0]}<ent>{t[1]}</ent>{t[2]}")
+    scalar = st.one_of(text, st.integers(-5, 10**6), st.booleans(), st.none(), st.floats(allow_nan=False))
+    candidate = st.one_of(st.fixed_dictionaries({"title": word, "description": text}),
+                          st.dictionaries(st.sampled_from(["title", "description", "x"]), scalar, max_size=3))
+    value = st.one_of(scalar, st.lists(candidate, max_size=6), st.lists(scalar, max_size=3))
+    fields = st.sampled_from(["text", "left", "mention", "right", "question", "candidates", "max_new_tokens",
+                              "num_beams", "extra"])
+    endpoints = st.sampled_from(["/v1/describe", "/v1/disambiguate", "/v1/appositive", "/v1/qa", "/v1/fill"])
+    options = {"max_new_tokens": st.integers(1, 6), "num_beams": st.integers(1, 4)}
+    request = st.one_of(  # mostly well-formed requests with hostile text, plus anything at all
+        st.tuples(st.just("/v1/describe"), st.fixed_dictionaries({"text": marked}, optional=options)),
+        st.tuples(st.just("/v1/describe"), st.fixed_dictionaries({"left": text, "mention": word, "right": text},
+                                                                 optional=options)),
+        st.tuples(st.just("/v1/disambiguate"), st.fixed_dictionaries({"text": marked, "candidates": st.lists(
+            candidate, min_size=1, max_size=5)})),
+        st.tuples(st.just("/v1/appositive"), st.tuples(text, text).map(
+            lambda t: {"text": f"{t[0]} Aristotle {t[1]} <appos>.", "mention": "Aristotle", "max_new_tokens": 4})),
+        st.tuples(st.just("/v1/qa"), st.fixed_dictionaries({"question": text}, optional=options)),
+        st.tuples(st.just("/v1/fill"), st.tuples(text, text).map(lambda t: {"text": f"{t[0]}<mask>{t[1]}",
+                                                                            "max_new_tokens": 4})),
+        st.tuples(endpoints, st.dictionaries(fields, value, max_size=5)),
+        st.tuples(endpoints, st.binary(max_size=64)),
+    )
+    before = httpx.get(f"{service}/v1/model").json()
+    seen = []
+
+    @settings(max_examples=70, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(request)
+    def check(endpoint_payload):
+        endpoint, payload = endpoint_payload
+        if isinstance(payload, bytes):
+            r = httpx.post(f"{service}{endpoint}", content=payload, timeout=120)
+        else:
+            r = post(service, endpoint, payload)
+        seen.append(r.status_code)
+        assert r.status_code < 500, (endpoint, payload, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]
+
+    check()
+    after = httpx.get(f"{service}/v1/model").json()
+    assert after["pid"] == before["pid"], "the model replica restarted"
+    assert after["peak_rss_mb"] - before["peak_rss_mb"] < 300, (before["peak_rss_mb"], after["peak_rss_mb"])
+    assert 200 in seen and 422 in seen
+
+
+def test_prometheus_metrics_of_our_own(service):
+    """Batch sizes, queue, tokens and latency per endpoint, on Ray's metrics endpoint."""
+    wanted = ['ray_kilm_http_requests_total{', 'endpoint="/v1/describe"', "ray_kilm_model_batch_size_bucket",
+              "ray_kilm_generated_tokens_total", "ray_kilm_http_request_latency_ms_bucket",
+              "ray_kilm_model_waiting_requests"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    describe_ok = [line for line in text.splitlines() if line.startswith("ray_kilm_http_requests_total{")
+                   and 'endpoint="/v1/describe"' in line and 'status="200"' in line]
+    assert describe_ok and float(describe_ok[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_a_new_export_rolls_out_under_load_without_a_failed_request(service, trained_export, tmp_path):
+    """Deploying the same application with another export changes only user_config: the replicas load it
+    in the background while requests keep being answered."""
+    from ray import serve
+
+    from kilm_ray.model import EXPORT_META
+    from kilm_ray.serve.app import app_builder
+
+    v2 = tmp_path / "export-v2"
+    shutil.copytree(trained_export, v2)
+    meta = json.loads((v2 / EXPORT_META).read_text())
+    (v2 / EXPORT_META).write_text(json.dumps({**meta, "step": 31}))
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                codes.append(client.post(f"{service}/v1/describe", json={"text": TEXT, "max_new_tokens": 8}).status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    serve.run(app_builder(deploy_args(str(v2))), name="kilm", route_prefix="/")
+    deadline = time.time() + 60
+    while httpx.get(f"{service}/v1/model").json()["step"] != 31 and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    info = httpx.get(f"{service}/v1/model").json()
+    assert info["step"] == 31 and info["model"] == str(v2)
+    assert len(codes) > 10 and set(codes) == {200}, sorted(set(codes))
 
 
 def test_probe_command_line_client(service, capsys):
@@ -130,6 +368,6 @@ def test_probe_command_line_client(service, capsys):
 
     assert main(["probe", "describe", "Aristotle was a <ent>philosopher</ent>.", "--url", service]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"title", "description", "score"}
+    assert set(out) == {"title", "description", "score", "finish_reason"}
     assert main(["probe", "fill", "no mask", "--url", service]) == 1
     assert "HTTP 422" in capsys.readouterr().err

@@ -1,15 +1,16 @@
 """Request and response bodies of the knowledge-probe HTTP API (``/v1``). Unknown fields are refused
-(HTTP 422 naming them), so a typo never silently changes what is asked."""
+(HTTP 422 naming them), so a typo never silently changes what is asked; types are strict (``true`` is not
+a beam count, ``3`` is not a mention)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class GenerationOptions(_Strict):
@@ -28,10 +29,15 @@ class DescribeRequest(MentionInContext, GenerationOptions):
     pass
 
 
+FinishReason = Literal["stop", "length"]
+FINISH = Field(description="'stop': the answer ended itself; 'length': max_new_tokens (or the model's positions) cut it")
+
+
 class DescribeResponse(BaseModel):
     title: str
     description: str
     score: float = Field(description="mean log-probability of the generated tokens")
+    finish_reason: FinishReason = FINISH
 
 
 class Candidate(_Strict):
@@ -64,6 +70,7 @@ class AppositiveResponse(BaseModel):
     appositive: str
     title: str
     score: float
+    finish_reason: FinishReason = FINISH
 
 
 class QARequest(GenerationOptions):
@@ -73,6 +80,7 @@ class QARequest(GenerationOptions):
 class QAResponse(BaseModel):
     answer: str
     score: float
+    finish_reason: FinishReason = FINISH
 
 
 class FillRequest(GenerationOptions):
@@ -82,3 +90,4 @@ class FillRequest(GenerationOptions):
 class FillResponse(BaseModel):
     text: str
     score: float
+    finish_reason: FinishReason = FINISH
