@@ -1,6 +1,7 @@
 """Serving throughput: a concurrent load generator against the running probe service, batched
 (``serve.max_batch_size`` > 1) versus unbatched (``max_batch_size=1``), same model, same replica, in one
-run: requests/s and p50 / p99 latency of POST /v1/describe.
+run: requests/s and p50 / p99 latency over a mix of endpoints and options (describe with different
+max_new_tokens and beam widths, disambiguate, appositive, qa, fill), overall and per endpoint.
 
     python bench/serve_load.py --model DIR [--clients 64] [--requests 512] [--batch 32]
 
@@ -36,15 +37,50 @@ TEXTS = [
 ]
 
 
-def load(url: str, clients: int, requests: int, max_new_tokens: int) -> dict:
+CANDIDATES = [{"title": "Philosopher", "description": "a specialist in philosophy"},
+              {"title": "Country", "description": "the territory occupied by a nation"},
+              {"title": "River", "description": "a large natural stream of water"},
+              {"title": "Composer", "description": "someone who composes music as a profession"}]
+
+
+def mixed_request(i: int, max_new_tokens: int) -> tuple[str, dict]:
+    """The i-th request of the mix: half describe (3 lengths, greedy and 2 beams), the rest spread over the
+    other endpoints. The same sequence for both runs."""
+    text = TEXTS[i % len(TEXTS)]
+    kind = i % 8
+    if kind < 4:
+        body = {"text": text, "max_new_tokens": max(1, max_new_tokens * (1 + kind % 3) // 2)}
+        if kind == 3:
+            body["num_beams"] = 2
+        return "describe", body
+    if kind == 4:
+        return "disambiguate", {"text": text, "candidates": CANDIDATES}
+    if kind == 5:
+        return "appositive", {"text": "Aristotle, <appos>, taught Alexander.", "mention": "Aristotle",
+                              "max_new_tokens": max_new_tokens}
+    if kind == 6:
+        return "qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": max_new_tokens // 2}
+    return "fill", {"text": text.replace("<ent>", "").replace("</ent>", "").replace(" the ", " the <mask> ", 1)
+                    if " the " in text else text.replace("<ent>", "<mask> ").replace("</ent>", ""),
+                    "max_new_tokens": max_new_tokens}
+
+
+def describe_request(i: int, max_new_tokens: int) -> tuple[str, dict]:
+    """The earlier, uniform load: describe only, one length, greedy."""
+    return "describe", {"text": TEXTS[i % len(TEXTS)], "max_new_tokens": max_new_tokens}
+
+
+def load(url: str, clients: int, requests: int, max_new_tokens: int, mix: str = "mixed") -> dict:
     import httpx
 
-    def one(i: int) -> float:
-        body = {"text": TEXTS[i % len(TEXTS)], "max_new_tokens": max_new_tokens}
+    make = mixed_request if mix == "mixed" else describe_request
+
+    def one(i: int) -> tuple[str, float]:
+        endpoint, body = make(i, max_new_tokens)
         start = time.perf_counter()
-        r = http.post(f"{url}/v1/describe", json=body)
+        r = http.post(f"{url}/v1/{endpoint}", json=body)
         r.raise_for_status()
-        return time.perf_counter() - start
+        return endpoint, time.perf_counter() - start
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     with httpx.Client(timeout=600, limits=limits) as http:
@@ -52,11 +88,19 @@ def load(url: str, clients: int, requests: int, max_new_tokens: int) -> dict:
             one(i)
         started = time.perf_counter()
         with cf.ThreadPoolExecutor(clients) as pool:
-            latencies = sorted(pool.map(one, range(requests)))
+            timed = list(pool.map(one, range(requests)))
         elapsed = time.perf_counter() - started
-    return {"requests": requests, "seconds": elapsed, "requests_per_s": requests / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-            "mean_ms": 1000 * statistics.fmean(latencies)}
+
+    def summary(latencies: list[float]) -> dict:
+        latencies = sorted(latencies)
+        return {"requests": len(latencies), "p50_ms": 1000 * statistics.median(latencies),
+                "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "mean_ms": 1000 * statistics.fmean(latencies)}
+
+    per_endpoint: dict[str, list[float]] = {}
+    for endpoint, seconds in timed:
+        per_endpoint.setdefault(endpoint, []).append(seconds)
+    return {**summary([t for _, t in timed]), "seconds": elapsed, "requests_per_s": requests / elapsed,
+            "per_endpoint": {k: summary(v) for k, v in sorted(per_endpoint.items())}}
 
 
 def main() -> None:
@@ -69,6 +113,8 @@ def main() -> None:
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=4)
+    parser.add_argument("--mix", choices=["mixed", "describe"], default="mixed",
+                        help="mixed endpoints and options (default) or the uniform describe-only load")
     parser.add_argument("--name", default="serve_load")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -93,7 +139,7 @@ def main() -> None:
         settings = dict(base, max_batch_size=batch, batch_wait_timeout_s=args.wait_ms / 1000 if batch > 1 else 0.0)
         serve.run(build_application(args.model, settings), name=name, route_prefix=f"/{name}")
         url = f"http://127.0.0.1:{port}/{name}"
-        results[name] = load(url, args.clients, args.requests, args.max_new_tokens)
+        results[name] = load(url, args.clients, args.requests, args.max_new_tokens, args.mix)
         results[name]["batching"] = httpx.get(f"{url}/v1/model", timeout=60).json()["batching"]
         serve.delete(name)
         print(name, results[name], flush=True)

@@ -179,7 +179,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kilm_ray.demo import run_demo
 
     run_demo(args.out, args.dump, args.knowledge, args.overrides, keep_serving=args.keep_serving, port=args.port,
-             config=args.config)
+             config=args.config, quiet=not args.verbose)
     return 0
 
 

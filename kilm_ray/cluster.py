@@ -34,7 +34,7 @@ def package_runtime_env(extra_env: Optional[dict[str, str]] = None) -> dict:
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
-             ship_package: Optional[bool] = None) -> None:
+             ship_package: Optional[bool] = None, log_to_driver: bool = True) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``); else start a local Ray.
 
     On a small machine the local cluster advertises at least 4 logical CPUs: Ray Train workers that
@@ -51,13 +51,14 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     logging.getLogger("ray").setLevel(logging.WARNING)
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver, logging_level=logging.WARNING)
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     memory = int(min(2 * 1024**3, _total_memory() * 0.2))
     log.info("starting a local Ray with %d logical CPUs", cpus)
     ray.init(num_cpus=cpus, object_store_memory=memory, include_dashboard=False, runtime_env=runtime_env,
-             configure_logging=True, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+             configure_logging=True, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+             log_to_driver=log_to_driver)
 
 
 def worker_logging() -> None:

@@ -376,7 +376,11 @@ class ServeConfig:
     log_encoding: Literal["JSON", "TEXT"] = _doc(
         "Replica log format (JSON: one object per line with request_id, endpoint, status_code, latency_ms).",
         default="JSON")
-    access_log: bool = _doc("Serve's own access log line per request (ours is always written).", default=True)
+    log_to_stderr: bool = _doc(
+        "Replica log lines also on stderr (forwarded to the driver / `ray job logs`); the files under the Ray "
+        "session's logs/serve/ always have them.", default=False)
+    access_log: bool = _doc("Also Serve's own access line per HTTP request (ours, with endpoint, status, latency "
+                            "and request id, is always written).", default=False)
     auth_token: Optional[str] = _doc(
         "Bearer token required on /v1/* when set (null = open). Prefer the env KILM_SERVE_TOKEN.", default=None
     )

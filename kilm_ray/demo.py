@@ -10,16 +10,19 @@ excerpt inside the PyPI wheel ``gensim==4.4.0`` (its test data), WordNet from De
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 log = logging.getLogger("kilm_ray.demo")
 GENSIM = "gensim==4.4.0"
@@ -94,8 +97,99 @@ def probe_examples(data_dir: str, n: int) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def quiet_output(log_file: Path) -> Iterator[None]:
+    """Only the demo's own lines reach the terminal. Python logging, warnings and anything written to
+    stderr (file descriptor 2: Ray Data progress, Ray's C++ core, library warnings) go to ``log_file``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(), logging.getLogger("ray")]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [handler]
+    loggers[1].propagate = False
+    logging.captureWarnings(True)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with open(log_file, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        logging.captureWarnings(False)
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+
+
+def _bar(total: Optional[int], desc: str):
+    from tqdm import tqdm
+
+    # A bar only on a terminal: redrawn into a log or a pipe it would be hundreds of lines.
+    return tqdm(total=total, desc=desc, file=sys.stdout, leave=False, dynamic_ncols=True,
+                disable=not sys.stdout.isatty(),
+                bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining}" if total else
+                "{desc}: {elapsed}")
+
+
+def with_progress(work: Callable[[], object], desc: str, total: Optional[int] = None,
+                  count: Optional[Callable[[], int]] = None, every_s: float = 0.5):
+    """Run ``work`` in a thread while a progress bar on stdout shows ``count()`` of ``total`` (or the
+    time elapsed); the result or the exception of ``work`` comes back."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    with _bar(total, desc) as bar:
+        while thread.is_alive():
+            thread.join(every_s)
+            if count is not None:
+                bar.n = min(count(), total or 10**12)
+            bar.refresh()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _logged_steps(metrics_file: Path) -> int:
+    """The last training step in metrics.jsonl (rank 0 appends one line per logged step)."""
+    try:
+        lines = metrics_file.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError):
+            return int(json.loads(line).get("step", 0))
+    return 0
+
+
 def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overrides: list[str],
-             keep_serving: bool = False, port: int = 8000, config: Optional[str] = None) -> dict:
+             keep_serving: bool = False, port: int = 8000, config: Optional[str] = None, quiet: bool = True) -> dict:
+    out = Path(out_dir).resolve()
+    log_file = out / "demo.log"
+    if not quiet:
+        return _run_demo(out, dump, knowledge, overrides, keep_serving, port, config, quiet)
+    print(f"kilm-ray demo: the steps below; Ray's own logs go to {log_file} (--verbose shows them here)", flush=True)
+    try:
+        with quiet_output(log_file):
+            return _run_demo(out, dump, knowledge, overrides, keep_serving, port, config, quiet)
+    except BaseException:
+        print(f"the demo stopped with an error; the details are in {log_file}", flush=True)
+        raise
+
+
+def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], overrides: list[str],
+              keep_serving: bool, port: int, config: Optional[str], quiet: bool) -> dict:
     from kilm_ray.cli import DEMO_CONFIG
     from kilm_ray.cluster import free_local_port, init_ray
     from kilm_ray.config import load_config
@@ -105,21 +199,31 @@ def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overri
     from kilm_ray.train.ray_trainer import run_training
 
     started = time.time()
-    out = Path(out_dir).resolve()
     cfg = load_config(config or DEMO_CONFIG, overrides)
     dump_path = Path(dump) if dump else fetch_dump(CACHE)
     kb_path = Path(knowledge) if knowledge else fetch_wordnet(CACHE)
     print(f"[1/5] sample: {dump_path}" + (f" + {kb_path}" if kb_path else ""), flush=True)
 
-    init_ray()
+    import ray
+
+    owns_ray = not ray.is_initialized()
+    init_ray(log_to_driver=not quiet)
+    if quiet:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     data = out / "data"
-    stats = preprocess(cfg, [str(dump_path)], str(data), [str(kb_path)] if kb_path else [])
+    stats = with_progress(lambda: preprocess(cfg, [str(dump_path)], str(data), [str(kb_path)] if kb_path else []),
+                          "[2/5] preprocessing (Ray Data)")
     print(f"[2/5] preprocessed in {stats['elapsed_s']:.0f}s: {stats['pages']['articles']} articles, "
           f"{sum(stats['links']['with_knowledge'].values())} links with knowledge, "
           f"{stats['samples']['train']['chunks']} training chunks -> {data}", flush=True)
 
     runs = out / "runs"
-    result = run_training(cfg, str(data), str(runs), "demo")
+    total = cfg.train.max_steps or None  # 0: all epochs, a bar of elapsed time
+    result = with_progress(lambda: run_training(cfg, str(data), str(runs), "demo"),
+                           f"[3/5] training on {cfg.train.worker_bounds[1]} DeepSpeed workers", total=total,
+                           count=lambda: _logged_steps(runs / "demo" / "metrics.jsonl"))
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     export = runs / "demo" / "export"
@@ -146,6 +250,7 @@ def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overri
     summary = {"data": str(data), "stats": str(data / "stats.json"), "run": str(runs / "demo"),
                "checkpoints": sorted(str(p) for p in (runs / "demo").glob("checkpoint_0*")),
                "tensorboard": str(runs / "demo" / "tensorboard"), "export": str(export), "url": url,
+               "log": str(out / "demo.log") if quiet else "(printed above: --verbose)",
                "minutes": round((time.time() - started) / 60, 1)}
     (out / "demo.json").write_text(json.dumps({"summary": summary, "answers": answers}, indent=2))
     print("\nWhere everything is:\n" + "\n".join(f"  {k:12s} {v}" for k, v in summary.items()), flush=True)
@@ -159,5 +264,8 @@ def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overri
             pass
     from ray import serve
 
-    serve.shutdown()
+    if owns_ray:  # the whole local Ray goes (serve.shutdown first would leave a task-failure line on stdout)
+        ray.shutdown()
+    else:
+        serve.shutdown()
     return summary

@@ -89,14 +89,15 @@ def token_budgets(prefix_lengths: Sequence[int], max_new_tokens: int | Sequence[
 def generation_groups(rows: Sequence[tuple[int, int, int, tuple[int, ...]]], max_positions: int) -> list[list[int]]:
     """Which requests of a dynamic batch may share one ``generate`` call without changing each other's answer.
 
-    ``rows`` are ``(prefix length, max_new_tokens, num_beams, stop ids)``. Greedy rows with the same stop
-    tokens share a call (each keeps its own budget). Beam search is not prefix-consistent, so beam rows also
-    share their beam width and effective budget."""
+    ``rows`` are ``(prefix length, max_new_tokens, num_beams, stop ids)``. All greedy rows share one call:
+    each stops at its own stop tokens and budget (a per-row stopping criterion). Beam search is not
+    prefix-consistent, so beam rows share a call only with the same beam width, stop tokens and effective
+    budget."""
     groups: dict[tuple, list[int]] = {}
     for i, (prefix_len, max_new, beams, stops) in enumerate(rows):
-        key: tuple = (beams, tuple(stops))
+        key: tuple = (beams,)
         if beams > 1:
-            key += (token_budgets([prefix_len], max_new, max_positions)[0],)
+            key += (tuple(stops), token_budgets([prefix_len], max_new, max_positions)[0])
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -112,33 +113,62 @@ def _finish(row: Sequence[int], stop_ids: Sequence[int], pad_id: int, budget: in
     return tokens, "length"
 
 
+class _RowStops:
+    """HF stopping criterion (per-row booleans): row i is done at one of its own stop ids or after its own
+    budget, so rows with different stops and lengths share one greedy call and the call ends with its
+    longest *running* row."""
+
+    def __init__(self, stops: list[set[int]], budgets: list[int], start: int):
+        self.stops, self.budgets, self.start = stops, budgets, start
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        made = input_ids.shape[1] - self.start
+        last = input_ids[:, -1].tolist()
+        return torch.tensor([t in s or made >= b for t, s, b in zip(last, self.stops, self.budgets)],
+                            dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
-             eos_id: int, stop_ids: Sequence[int], max_new_tokens: int | Sequence[int] = 32,
+             eos_id: int, stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
              num_beams: int = 1) -> list[Generated]:
-    """Continue each forced decoder prefix; stop at any of ``stop_ids`` or after the row's own budget
-    (``max_new_tokens``, one for all or one per row, within the learned positions after its prefix).
+    """Continue each forced decoder prefix; stop at any of ``stop_ids`` (one list for all, or one per row)
+    or after the row's own budget (``max_new_tokens``, one for all or one per row, within the learned
+    positions after its prefix).
 
     Greedy rows are independent: each row's tokens equal generating it alone. Beam search is not
-    prefix-consistent, so rows of one beam call should share a budget (the Serve model groups them so)."""
-    stop_ids = [int(t) for t in stop_ids]
+    prefix-consistent, so rows of one beam call need one budget and one stop list (the Serve model groups
+    them so)."""
+    if stop_ids and not isinstance(stop_ids[0], int):
+        row_stops = [[int(t) for t in s] for s in stop_ids]
+    else:
+        row_stops = [[int(t) for t in stop_ids]] * len(prefixes)
+    common = sorted(set.intersection(*(set(s) for s in row_stops))) if row_stops else []
     device = next(model.parameters()).device
     budgets = token_budgets([len(p) for p in prefixes], max_new_tokens, model.config.max_position_embeddings)
     steps = max(budgets)
-    if num_beams > 1 and len(set(budgets)) > 1:
-        raise ValueError(f"beam search rows need one budget, got {sorted(set(budgets))}")
+    if num_beams > 1 and (len(set(budgets)) > 1 or len(common) != len(set(row_stops[0]))):
+        raise ValueError(f"beam search rows need one budget and one stop list, got budgets {sorted(set(budgets))}")
+    if not common:
+        raise ValueError("rows must share at least one stop id (e.g. </s>)")
     if steps <= 0:
         return [Generated([], 0.0, [], "length") for _ in prefixes]
     input_ids, attention = _pad(encoder_ids, pad_id, left=False, device=device)
     dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
     pads = (dec_mask == 0).sum(dim=1)
+    extra = {}
+    if num_beams == 1 and (len(set(budgets)) > 1 or any(len(set(s)) != len(common) for s in row_stops)):
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList(
+            [_RowStops([set(s) for s in row_stops], budgets, dec_ids.shape[1])])
     with left_padded_positions(model, pads):
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,
-            max_new_tokens=steps, num_beams=num_beams, do_sample=False, eos_token_id=stop_ids,
+            max_new_tokens=steps, num_beams=num_beams, do_sample=False, eos_token_id=common,
             pad_token_id=pad_id, forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
             length_penalty=1.0, early_stopping=True if num_beams > 1 else False, min_length=0,
-            return_dict_in_generate=True, output_scores=True)
+            return_dict_in_generate=True, output_scores=True, **extra)
     width = dec_ids.shape[1]
     new = out.sequences[:, width:].tolist()
     beam_scores = out.sequences_scores.tolist() if num_beams > 1 and out.sequences_scores is not None else None
@@ -146,7 +176,7 @@ def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Seq
         out.sequences, out.scores, normalize_logits=True).float().tolist()
     results = []
     for i, (row, budget) in enumerate(zip(new, budgets)):
-        tokens, reason = _finish(row, stop_ids, pad_id, budget)
+        tokens, reason = _finish(row, row_stops[i], pad_id, budget)
         if beam_scores is not None:
             results.append(Generated(tokens, float(beam_scores[i]), None, reason))
         else:

@@ -105,6 +105,13 @@ def test_a_long_neighbour_does_not_shorten_a_row(model):
     assert mixed[0].tokens == alone.tokens[:3] and mixed[1].tokens == alone.tokens
     with pytest.raises(ValueError, match="one budget"):
         generate(model, encs, [short, short], 1, 2, [299], max_new_tokens=[3, 12], num_beams=2)
+    # Rows with their own stop tokens share one call: each equals its own call alone.
+    stops = [[299, alone.tokens[2]], [299]]
+    per_row = generate(model, encs, [short, short], 1, 2, stops, max_new_tokens=12)
+    first_alone = generate(model, encs[:1], [short], 1, 2, stops[0], max_new_tokens=12)[0]
+    cut = alone.tokens.index(alone.tokens[2]) + 1
+    assert per_row[0].tokens == first_alone.tokens == alone.tokens[:cut] and per_row[0].finish_reason == "stop"
+    assert per_row[1].tokens == alone.tokens
 
 
 def test_candidates_scored_with_one_encoder_pass_in_token_budget_batches(model):
@@ -154,6 +161,6 @@ def test_generation_groups_keep_answers_independent_of_neighbours():
 
     rows = [(10, 8, 1, (5,)), (30, 40, 1, (5,)), (10, 8, 2, (5,)), (10, 40, 2, (5,)), (10, 8, 2, (5,)),
             (10, 8, 1, (2,)), (36, 40, 2, (5,)), (38, 40, 2, (5,))]
-    # greedy rows share a call per stop set; beam rows also need the same width and effective budget
+    # all greedy rows share a call; beam rows need the same width, stops and effective budget
     # (max 40 positions: a 36-token prefix leaves 4, a 38-token prefix 2)
-    assert generation_groups(rows, 40) == [[0, 1], [2, 4], [3], [5], [6], [7]]
+    assert generation_groups(rows, 40) == [[0, 1, 5], [2, 4], [3], [6], [7]]
