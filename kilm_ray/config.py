@@ -234,6 +234,9 @@ class TrainConfig:
         default=0,
     )
     checkpoint_every: int = _doc("Steps between checkpoints (a final one is always written).", default=100)
+    checkpoint_every_minutes: float = _doc(
+        "Also checkpoint when this many minutes passed since the last one (0 = off): bounds the work a lost "
+        "spot node costs in time, whatever the step time.", default=0.0)
     keep_checkpoints: int = _doc("Checkpoints kept (the newest).", default=3)
     max_failures: int = _doc("Worker-group restarts tolerated (Ray FailureConfig).", default=3)
     worker_start_timeout_s: float = _doc(
@@ -270,6 +273,7 @@ class TrainConfig:
             )
         _check_range(f"{path}.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
         _check_range(f"{path}.worker_start_timeout_s", self.worker_start_timeout_s, 0.0, 7 * 86400.0, low_open=True)
+        _check_range(f"{path}.checkpoint_every_minutes", self.checkpoint_every_minutes, 0.0, 7 * 1440.0)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
         for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers", "max_failures"):

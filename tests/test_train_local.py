@@ -155,3 +155,21 @@ def test_export_command_local_and_s3(local_cfg, tiny_data, tmp_path, s3_server):
     assert main(["export", "--checkpoint", str(ckpt), "--out", "s3://kilm/exports/tiny"]) == 0
     assert storage.exists("s3://kilm/exports/tiny/model.safetensors")
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_time_based_checkpoints_and_resume_refuses_other_data_or_settings(local_cfg, tiny_data, tmp_path):
+    """train.checkpoint_every_minutes checkpoints on rank 0's clock (agreed by all ranks); a resume whose
+    dataset, seed or schedule differs from the checkpoint's is refused by name, not silently shifted."""
+    from kilm_ray.train.checkpoint import resume_conflicts
+
+    cfg = local_cfg.with_overrides({"train.max_steps": 3, "train.checkpoint_every": 100, "train.log_every": 100,
+                                    "train.eval_every": 0, "train.checkpoint_every_minutes": 1e-6})
+    run_local(cfg, tiny_data, str(tmp_path / "run"))
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint_*"))
+    assert saved == ["checkpoint_00000001", "checkpoint_00000002", "checkpoint_00000003"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / saved[-1] / "trainer_state.json").read_text())
+    assert state["dataset"] and state["seed"] == cfg.train.seed and state["total_steps"] == 3
+    with pytest.raises(ConfigError, match=r"seed: checkpoint \d+, now 4242.*start a new run"):
+        run_local(cfg.with_overrides({"train.seed": 4242}), tiny_data, str(tmp_path / "run"))
+    assert resume_conflicts({"dataset": "a", "seed": 1}, {"dataset": "b", "seed": 1, "total_steps": 9}) == [
+        "dataset: checkpoint 'a', now 'b'"]

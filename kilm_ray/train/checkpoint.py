@@ -241,3 +241,14 @@ class LocalCheckpoints:
             if stale != staging:
                 shutil.rmtree(stale, ignore_errors=True)
         return final
+
+
+# What decides the data order and the learning-rate schedule: a resumed run must match its checkpoint.
+RESUME_INVARIANTS = ("dataset", "n_train_samples", "global_batch_size", "total_steps", "seed")
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """``key: checkpoint X, now Y`` for each invariant that differs (keys an older checkpoint lacks are
+    not checked). The worker count, ZeRO stage and precision may change; these may not."""
+    return [f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}" for key in RESUME_INVARIANTS
+            if key in saved and key in current and saved[key] != current[key]]

@@ -29,7 +29,7 @@ from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, eval_example_li
 from kilm_ray.masking import MaskingParams, SpecialIds, collate
 from kilm_ray.train.checkpoint import (
     Checkpoint, adam_step, gather_state, load_weights_into_module, loss_scale_state, restore_loss_scale,
-    restore_optimizer, write_checkpoint,
+    restore_optimizer, resume_conflicts, write_checkpoint,
 )
 from kilm_ray.train.metrics import LossSums, format_eta, mfu, peak_tflops, token_losses
 
@@ -252,16 +252,19 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
     plan = BatchPlan(len(store), t_cfg.global_batch_size, t_cfg.micro_batch_size, env.world_size, t_cfg.epochs,
                      t_cfg.seed, t_cfg.max_steps)
 
+    invariants = {"dataset": meta.get("run_key"), "n_train_samples": len(store),
+                  "global_batch_size": t_cfg.global_batch_size, "total_steps": plan.total_steps, "seed": t_cfg.seed}
     resume_dir = env.resume_checkpoint()
     resume: Optional[Checkpoint] = None
     if resume_dir is not None:
         from kilm_ray.train.checkpoint import read_checkpoint
 
         resume = read_checkpoint(resume_dir)
-        saved = resume.state
-        if saved["global_batch_size"] != t_cfg.global_batch_size:
-            raise ConfigError(f"train.global_batch_size={t_cfg.global_batch_size} differs from the checkpoint's "
-                              f"{saved['global_batch_size']}: the data position would not carry over")
+        conflicts = resume_conflicts(resume.state, invariants)
+        if conflicts:
+            raise ConfigError(f"cannot resume from {resume.path}: {'; '.join(conflicts)}. These decide the data "
+                              "order and the learning-rate schedule; resume with the checkpoint's dataset and "
+                              "settings, or start a new run (--name).")
 
     torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, len(tokenizer), sp, cfg.data.max_target_tokens)
@@ -324,7 +327,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
             "rng": {"seed": t_cfg.seed, "scheme": "dropout reseeded from (seed, step, rank, micro); masks from "
                                                   "(seed, epoch, sample_id): nothing else to restore"},
             "world_size": env.world_size, "zero_stage": t_cfg.zero_stage, "precision": t_cfg.precision,
-            "data_dir": data_dir, "n_train_samples": len(store), "metrics": metrics, "config": cfg.to_dict(),
+            "data_dir": data_dir, **invariants, "metrics": metrics, "config": cfg.to_dict(),
             "saved_at": time.time(),
         }
         return write_checkpoint(env.staging_dir(step), weights, moments, state, engine.module.config.to_dict(),
@@ -333,6 +336,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
     sums = LossSums()
     window_start = time.time()
     run_start = time.time()
+    last_checkpoint_at, every_s = time.time(), 60.0 * t_cfg.checkpoint_every_minutes
     last: dict[str, Any] = {}
     engine.train()
     step = start_step
@@ -340,7 +344,11 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
         step = item["step"]
         micro_batches = [_to_device(mb, device) for mb in item["micro_batches"]]
         local_weight = float(sum(mb["label_weights"].sum() for mb in micro_batches))
-        global_weight = _all_reduce([local_weight], env, device)[0] or 1.0
+        # Rank 0's clock decides a time-based checkpoint; it rides on this step's all-reduce, so every rank
+        # agrees (saving is a collective) at no extra communication.
+        time_due = is_rank0 and every_s > 0 and time.time() - last_checkpoint_at >= every_s
+        global_weight, time_due_any = _all_reduce([local_weight, float(time_due)], env, device)
+        global_weight = global_weight or 1.0
         for i, mb in enumerate(micro_batches):
             _reseed(t_cfg.seed, step, env.rank, i)
             ce = _forward_losses(engine, mb)
@@ -352,7 +360,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
 
         log_due = done % t_cfg.log_every == 0 or done == total
         eval_due = done == total or (t_cfg.eval_every and done % t_cfg.eval_every == 0)
-        ckpt_due = done % t_cfg.checkpoint_every == 0 or done == total
+        ckpt_due = done % t_cfg.checkpoint_every == 0 or done == total or time_due_any > 0
         if not (log_due or eval_due or ckpt_due):
             continue
         total_sums = LossSums.from_vector(_all_reduce(sums.vector(), env, device))
@@ -376,6 +384,8 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
                     acc = _all_reduce([metrics.get("description_accuracy", 0.0)], env, device)[0]
                     metrics["description_accuracy"] = acc
         checkpoint_dir = save(done, metrics) if ckpt_due else None
+        if ckpt_due:
+            last_checkpoint_at = time.time()
         if is_rank0:
             eta = (time.time() - run_start) / max(done - start_step, 1) * (total - done)
             log.info("step %d/%d ep %d | loss %.4f knowledge %.4f copy %.4f | lr %.2e | %.0f tok/s%s%s | ETA %s",
