@@ -110,8 +110,8 @@ def _wait_until(predicate, timeout_s: float) -> bool:
 
 
 def test_more_trials_than_fit_release_every_worker_group(ray_cluster, tiny_data, tmp_path):
-    """6 trials of the default 2-worker shape on 4 logical CPUs: 3 fit at once, ASHA stops the hopeless
-    ones, and every stopped trial's worker group is released before later trials need it (Ray 2.60 left
+    """4 trials of the default 2-worker shape on 4 logical CPUs: 3 fit at once, ASHA stops the hopeless
+    ones, and every stopped trial's worker group is released before a later trial needs it (Ray 2.60 left
     it reserved: the 4th trial used to wait forever). Nothing stays reserved afterwards."""
     import ray
 
@@ -119,20 +119,20 @@ def test_more_trials_than_fit_release_every_worker_group(ray_cluster, tiny_data,
     free_before = ray.available_resources().get("CPU", 0.0)
     assert free_before >= 3.03, f"the session cluster is busy: {ray.available_resources()}"
     space = ("{train.lr: {kind: grid, values: [0.003, 0.0000001]}, "
-             "masking.mask_ratio: {kind: grid, values: [0.2, 0.3, 0.4]}}")
+             "masking.mask_ratio: {kind: grid, values: [0.2, 0.4]}}")
     cmd = [sys.executable, "-m", "kilm_ray.cli", "tune", "--data", tiny_data, "--run-dir", str(tmp_path),
            "--name", "wide", "--address", ray.get_runtime_context().gcs_address,
            "--config", str(REPO / "configs" / "tiny.yaml"), f"tune.search_space={space}", "tune.num_samples=1",
-           "tune.grace_period=1", "train.max_steps=10", "train.eval_every=5", "train.eval_max_samples=16",
-           "train.checkpoint_every=10", "train.worker_start_timeout_s=120"]
+           "tune.grace_period=1", "train.max_steps=6", "train.eval_every=3", "train.eval_max_samples=16",
+           "train.checkpoint_every=6", "train.worker_start_timeout_s=120"]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=800, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "trials at once: 3" in proc.stderr
     rows = json.loads((tmp_path / "wide" / "trials.json").read_text())
-    assert len(rows) == 6 and not any(r["error"] for r in rows)
-    assert any(r["stopped_early"] for r in rows) and all(r["last_step"] in (5, 10) for r in rows)
-    print(f"6 trials in {time.time() - started:.0f} s")
+    assert len(rows) == 4 and not any(r["error"] for r in rows)
+    assert any(r["stopped_early"] for r in rows) and all(r["last_step"] in (3, 6) for r in rows)
+    print(f"4 trials in {time.time() - started:.0f} s")
     # The Tune driver has exited; all it and its trials reserved is free again.
     assert _wait_until(lambda: not _reserved_placement_groups(before_pgs), 30), _reserved_placement_groups(before_pgs)
     assert _wait_until(lambda: ray.available_resources().get("CPU", 0.0) >= free_before - 1e-6, 30)

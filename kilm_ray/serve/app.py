@@ -305,6 +305,9 @@ class _GatedRoute(APIRoute):
                     response = await handler(request)
                 except _TooLarge as exc:
                     response = JSONResponse(status_code=413, content={"error": str(exc)})
+                except Exception as exc:  # answered by the app's exception handlers; counted and logged here
+                    _record(gate, request.method, path, _status_of(exc), time.perf_counter() - started)
+                    raise
                 finally:
                     gate.in_flight -= 1
                     _observe(gate, "in_flight", gate.in_flight)
@@ -312,6 +315,13 @@ class _GatedRoute(APIRoute):
             return response
 
         return gated
+
+
+def _status_of(exc: Exception) -> int:
+    """The status the app's exception handlers answer ``exc`` with."""
+    if isinstance(exc, RequestValidationError):
+        return 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
+    return int(getattr(exc, "status_code", 500))
 
 
 def _observe(gate: Gate, name: str, value: float) -> None:
