@@ -11,10 +11,11 @@ shared by the Serve endpoints and the evaluation harness, so both ask the model 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from kilm_ray.chunking import char_span_to_tokens
+from kilm_ray.chunking import char_span_to_tokens, knowledge_ids
 from kilm_ray.masking import SpecialIds, slot_sequences
 
 
@@ -22,9 +23,10 @@ class ProbeError(ValueError):
     """A probe request that cannot be built; the message says what is wrong with the input."""
 
 
-def control_tokens(tokenizer) -> list[str]:
+@functools.lru_cache(maxsize=8)  # per tokenizer object (identity-hashed): asked on every request
+def control_tokens(tokenizer) -> tuple[str, ...]:
     """Strings the tokenizer turns into control ids (``<s>``, ``<mask>``, ``<ent>``, ``<sep>``, ...)."""
-    return sorted(set(tokenizer.all_special_tokens), key=lambda t: (-len(t), t))
+    return tuple(sorted(set(tokenizer.all_special_tokens), key=lambda t: (-len(t), t)))
 
 
 def refuse_control_tokens(field: str, text: str, control: Sequence[str], allowed: Sequence[str] = ()) -> None:
@@ -136,9 +138,7 @@ def candidate_continuation(tokenizer, sp: SpecialIds, title: str, description: s
     refuse_control_tokens(f"{field}.description", description, control)
     if max_tokens < 3:
         raise ProbeError(f"no room to score {field}: {max_tokens} tokens left after the prompt")
-    title_ids = _encode(tokenizer, title)[0][: max(1, (max_tokens - 1) // 2)]
-    desc_ids = _encode(tokenizer, description)[0][: max(0, max_tokens - len(title_ids) - 2)]
-    ids = title_ids + [sp.sep] + desc_ids
+    ids = knowledge_ids(lambda text: _encode(tokenizer, text), title, description, sp.sep, max_tokens - 1)
     _plain(ids, sp, allowed=(sp.sep,))
     return ids + [sp.desc_end]
 

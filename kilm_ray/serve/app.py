@@ -1,7 +1,7 @@
 """The Ray Serve application: a FastAPI ingress that checks and reads requests, builds prompts, and a
 model deployment that answers them in dynamic batches (``@serve.batch``).
 
-    HTTP --> gate (auth, admission, streamed body limit) --> ProbeAPI (FastAPI, CPU, tokenizes in a thread)
+    HTTP --> gate (auth, admission, streamed body limit) --> ProbeAPI (FastAPI, CPU, tokenizes, builds prompts)
          --handle--> KilmModel (batched generate / score, CPU or GPU)
 
 The export to serve is the deployments' ``user_config`` (``{"model": uri}``): a new export is rolled out
@@ -386,20 +386,17 @@ class IngressTokenizer:
     sp: Any
     vocab: str
     max_positions: int
-    control: list
 
     @classmethod
     def load(cls, uri: str) -> "IngressTokenizer":
         from kilm_ray import storage
-        from kilm_ray.probes import control_tokens
         from kilm_ray.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 
         # Only the tokenizer and config: no copy of the weights per ingress replica.
         with storage.materialized(uri, skip_suffixes=storage.WEIGHT_SUFFIXES) as local:
             tokenizer = load_tokenizer(str(local))
             max_positions = int(json.loads((local / "config.json").read_text()).get("max_position_embeddings", 10**9))
-        return cls(uri, tokenizer, special_ids(tokenizer), tokenizer_fingerprint(tokenizer), max_positions,
-                   control_tokens(tokenizer))
+        return cls(uri, tokenizer, special_ids(tokenizer), tokenizer_fingerprint(tokenizer), max_positions)
 
 
 @serve.deployment(name="ProbeAPI")
@@ -448,13 +445,13 @@ class ProbeAPI:
 
     @staticmethod
     def _mention(tok: IngressTokenizer, req: MentionInContext) -> tuple[str, str, str]:
-        from kilm_ray.probes import refuse_control_tokens, split_marked_text
+        from kilm_ray.probes import control_tokens, refuse_control_tokens, split_marked_text
 
         if req.text is not None:
             if req.left is not None or req.mention is not None or req.right is not None:
                 raise HTTPException(422, "give either 'text' with <ent>...</ent> or 'left'/'mention'/'right', not both")
             left, mention, right = split_marked_text(req.text)
-            refuse_control_tokens("text", left + mention + right, tok.control)
+            refuse_control_tokens("text", left + mention + right, control_tokens(tok.tokenizer))
             return left, mention, right
         if req.mention is None:
             raise HTTPException(422, "missing the mention: give 'text' with <ent>...</ent>, or 'mention' "
@@ -487,7 +484,7 @@ class ProbeAPI:
             out = await getattr(self.model, method).remote(payload)
         except BackPressureError:
             raise HTTPException(503, "the model is at capacity (queue full)") from None
-        if out is STALE_VOCAB or out.get("stale_vocab"):
+        if out.get("stale_vocab"):
             raise HTTPException(503, "a new model is being rolled out")
         return out
 
