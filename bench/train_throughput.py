@@ -79,8 +79,8 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
     from kilm_ray import storage
     from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
     from kilm_ray.masking import MaskingParams
-    from kilm_ray.model import build_model, count_parameters
-    from kilm_ray.train.metrics import mfu, peak_tflops, token_losses
+    from kilm_ray.model import build_model
+    from kilm_ray.train.metrics import BartDims, bart_train_flops, mfu, peak_tflops, token_losses
 
     sp = special_ids_of(data)
     tokenizer = AutoTokenizer.from_pretrained(str(storage.local_copy(storage.join(data, "tokenizer"))))
@@ -90,13 +90,14 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
     dataset = StepDataset(store, plan, 0, 0, MaskingParams(), sp, 1.0)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, len(tokenizer), sp, cfg.data.max_target_tokens).to(device)
+    dims = BartDims.of(model.config)
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device == "cuda")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16" and device == "cuda")
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=t.loader_workers,
                                          pin_memory=device == "cuda")
-    tokens, started = 0, None
+    tokens, flops, started = 0, 0.0, None
     for item in loader:
         step = item["step"]
         for mb in item["micro_batches"]:
@@ -113,6 +114,7 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if step + 1 > warmup:
                 tokens += mb["input_ids"].numel() + mb["labels"].numel()
+                flops += bart_train_flops(dims, mb["attention_mask"].sum(dim=1), (mb["labels"] != -100).sum(dim=1))
         if step + 1 == warmup:
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -121,7 +123,7 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     tps = tokens / elapsed
-    return {"tokens_per_s": tps, "mfu": mfu(count_parameters(model), tps, 1, peak_tflops(t.peak_tflops, torch.device(device)))}
+    return {"tokens_per_s": tps, "mfu": mfu(flops / elapsed, 1, peak_tflops(t.peak_tflops, torch.device(device)))}
 
 
 def main() -> None:

@@ -216,6 +216,11 @@ class TrainConfig:
         "Training precision: fp16 on V100, bf16 on Ampere/Hopper, fp32 on CPU.", default="fp32"
     )
     zero_stage: int = _doc("DeepSpeed ZeRO stage 0-3.", default=0)
+    reduce_bucket_size: int = _doc(
+        "ZeRO 1-2: gradient elements per reduce bucket. Smaller than the model, so reduction overlaps the "
+        "backward pass (one bucket the size of the model waits for all of it).", default=50_000_000)
+    allgather_bucket_size: int = _doc("ZeRO 1-2: parameter elements per all-gather bucket after the step.",
+                                      default=50_000_000)
     num_workers: Union[int, list[int]] = _doc(
         "Ray Train workers: N, or [min, max] for an elastic run.", default=1
     )
@@ -226,6 +231,12 @@ class TrainConfig:
         default_factory=dict,
     )
     loader_workers: int = _doc("torch DataLoader processes per worker that mask and collate.", default=0)
+    group_by_length: bool = _doc(
+        "Sort each worker's share of a step by length before cutting micro-batches (less padding; the "
+        "token-weighted loss over the global batch is unchanged).", default=True)
+    node_cache_dir: str = _doc(
+        "Local directory for the node's memory-mapped copy of the dataset ('' = $KILM_RAY_CACHE or "
+        "<tmp>/kilm_ray_cache); shared by the ranks of a node, built once per dataset.", default="")
     log_every: int = _doc("Steps between metric lines / reports.", default=10)
     eval_every: int = _doc("Steps between validation passes (0 = only at the end).", default=100)
     eval_max_samples: int = _doc("Validation samples per split per pass (0 = all).", default=512)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kilm_ray import storage
+from kilm_ray import node_cache, storage
 from kilm_ray.masking import (
     Entity, Example, MaskingParams, SpecialIds, build_eval_examples, build_retention_example,
     build_train_example, collate,
@@ -58,74 +59,128 @@ def special_ids_of(data_dir: str) -> SpecialIds:
     return SpecialIds(**read_meta(data_dir)["special_ids"])
 
 
-def _flat(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    return array.flatten(), array.offsets.to_numpy()
+class _Shard:
+    """Zero-copy numpy views of one memory-mapped shard (offsets index the unsliced child arrays)."""
+
+    def __init__(self, batch: pa.RecordBatch):
+        self.batch = batch
+        ids = batch.column("input_ids")
+        self.ids_off, self.ids = ids.offsets.to_numpy(), ids.values.to_numpy()
+        starts = batch.column("ent_start")
+        self.ent_off, self.ent_start = starts.offsets.to_numpy(), starts.values.to_numpy()
+        self.ent_end = batch.column("ent_end").values.to_numpy()
+        knowledge = batch.column("ent_knowledge")
+        self.know_outer = knowledge.offsets.to_numpy()
+        self.know_off, self.know = knowledge.values.offsets.to_numpy(), knowledge.values.values.to_numpy()
 
 
 class SampleStore:
-    """A split's chunks sorted by ``sample_id``, with cheap access to one row's arrays."""
+    """A split's chunks in ``sample_id`` order, read row by row from the node's memory-mapped copy
+    (``kilm_ray.node_cache``): a rank holds a few arrays per shard, not the split."""
 
-    def __init__(self, table: pa.Table):
-        table = table.sort_by("sample_id")
-        self.sample_ids = table.column("sample_id").to_numpy()
-        self.articles = table.column("article").to_pylist()
-        self.texts = table.column("text")
-        values, self._ids_off = _flat(table.column("input_ids"))
-        self._ids = values.to_numpy()
-        starts, self._ent_off = _flat(table.column("ent_start"))
-        self._ent_start = starts.to_numpy()
-        self._ent_end = _flat(table.column("ent_end"))[0].to_numpy()
-        self._ent_title = _flat(table.column("ent_title"))[0]
-        self._ent_source = _flat(table.column("ent_source"))[0]
-        knowledge_lists, _ = _flat(table.column("ent_knowledge"))
-        self._know_values, self._know_off = _flat(knowledge_lists)
-        self._know_values = self._know_values.to_numpy()
+    def __init__(self, directory: Optional[Path], n_shards: int):
+        self.directory = directory
+        self._shards: list[Optional[_Shard]] = [None] * n_shards
+        if directory is None:
+            self._file = self._row = self.sample_ids = np.zeros(0, np.int64)
+        else:
+            self._file = node_cache.map_array(directory / "sorted_file.npy")
+            self._row = node_cache.map_array(directory / "sorted_row.npy")
+            self.sample_ids = node_cache.map_array(directory / "sorted_sid.npy")
 
     @classmethod
-    def load(cls, data_dir: str, split: str) -> "SampleStore":
+    def load(cls, data_dir: str, split: str, cache_root: Optional[str | Path] = None) -> "SampleStore":
+        """Open ``split`` of a committed dataset, building the node's copy first if no process has."""
+        manifest = read_meta(data_dir)
         files = split_files(data_dir, split)
-        fs, _ = storage.resolve(data_dir)
-        tables = [pq.read_table(storage.resolve(f)[1], filesystem=fs) for f in files]
-        if not tables:
-            from kilm_ray.data import CHUNK_SCHEMA
+        if not files:
+            return cls(None, 0)
+        root = Path(cache_root) if cache_root else node_cache.default_root()
+        directory = root / node_cache.split_key(manifest, split, files)
+        if not (directory / "sorted_sid.npy").exists():
+            fs, _ = storage.resolve(data_dir)
+            with node_cache.node_lock(root / f"{directory.name}.lock"):
+                node_cache.build_split(directory, len(files), lambda k: pq.read_table(
+                    storage.resolve(files[k])[1], filesystem=fs, columns=STORE_COLUMNS))
+        return cls(directory, len(files))
 
-            schema = pa.schema([f for f in CHUNK_SCHEMA if f.name != "split" and not f.name.startswith("links")])
-            return cls(schema.empty_table())
-        return cls(pa.concat_tables(tables, promote_options="permissive"))
+    def __reduce__(self):  # DataLoader workers started by spawn re-map the files
+        return (SampleStore, (self.directory, len(self._shards)))
+
+    def _at(self, i: int) -> tuple[_Shard, int]:
+        k = int(self._file[i])
+        shard = self._shards[k]
+        if shard is None:
+            shard = self._shards[k] = _Shard(node_cache.map_batch(self.directory / f"{k:05d}.arrow"))
+        return shard, int(self._row[i])
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    def sample_id(self, i: int) -> int:
+        return int(self.sample_ids[i])
+
     def ids(self, i: int) -> np.ndarray:
-        return self._ids[self._ids_off[i]: self._ids_off[i + 1]]
+        s, r = self._at(i)
+        return s.ids[s.ids_off[r]: s.ids_off[r + 1]]
 
     def entities(self, i: int) -> list[Entity]:
-        a, b = self._ent_off[i], self._ent_off[i + 1]
-        return [Entity(int(self._ent_start[j]), int(self._ent_end[j]),
-                       self._know_values[self._know_off[j]: self._know_off[j + 1]]) for j in range(a, b)]
+        s, r = self._at(i)
+        a, b = s.ent_off[r], s.ent_off[r + 1]
+        outer = s.know_outer[r]  # entity j of the row has knowledge list outer + (j - a)
+        return [Entity(int(s.ent_start[j]), int(s.ent_end[j]),
+                       s.know[s.know_off[outer + j - a]: s.know_off[outer + j - a + 1]]) for j in range(a, b)]
+
+    def source_length(self, i: int) -> int:
+        """Text plus knowledge tokens: what decides a sample's padded size, for length grouping."""
+        s, r = self._at(i)
+        return int(s.ids_off[r + 1] - s.ids_off[r]
+                   + s.know_off[s.know_outer[r + 1]] - s.know_off[s.know_outer[r]])
+
+    def source_lengths(self, positions: np.ndarray) -> np.ndarray:
+        return np.array([self.source_length(int(p)) for p in positions], dtype=np.int64)
+
+    def _column_value(self, name: str, i: int):
+        s, r = self._at(i)
+        return s.batch.column(name)[r].as_py()
 
     def entity_titles(self, i: int) -> list[str]:
-        return self._ent_title[self._ent_off[i]: self._ent_off[i + 1]].to_pylist()
+        return self._column_value("ent_title", i)
 
     def entity_sources(self, i: int) -> list[str]:
-        return self._ent_source[self._ent_off[i]: self._ent_off[i + 1]].to_pylist()
+        return self._column_value("ent_source", i)
+
+    def article(self, i: int) -> str:
+        return self._column_value("article", i)
 
     def text(self, i: int) -> str:
-        return self.texts[i].as_py()
+        return self._column_value("text", i)
 
     def n_entities(self, i: int) -> int:
-        return int(self._ent_off[i + 1] - self._ent_off[i])
+        s, r = self._at(i)
+        return int(s.ent_off[r + 1] - s.ent_off[r])
+
+    def epoch_order(self, n: int, seed: int, epoch: int) -> np.ndarray:
+        """:func:`epoch_order`, computed once per node and memory-mapped (8 bytes a sample on disk)."""
+        if self.directory is None or n != len(self):
+            return epoch_order(n, seed, epoch)
+        name = f"order-{int(seed) & 0xFFFFFFFFFFFF}-{int(epoch)}.npy"
+        return node_cache.cached_array(self.directory / name, self.directory.with_suffix(".order.lock"),
+                                       lambda: epoch_order(n, seed, epoch))
 
     def train_example(self, i: int, seed: int, epoch: int, params: MaskingParams, sp: SpecialIds) -> Example:
-        return build_train_example(self.ids(i), self.entities(i), int(self.sample_ids[i]), seed, epoch, params, sp)
+        return build_train_example(self.ids(i), self.entities(i), self.sample_id(i), seed, epoch, params, sp)
 
     def eval_examples(self, i: int, max_entities: int, sp: SpecialIds) -> list[Example]:
-        return build_eval_examples(self.ids(i), self.entities(i), int(self.sample_ids[i]), max_entities, sp)
+        return build_eval_examples(self.ids(i), self.entities(i), self.sample_id(i), max_entities, sp)
 
     def retention_example(self, i: int, seed: int, params: MaskingParams, sp: SpecialIds) -> Example:
-        return build_retention_example(self.ids(i), int(self.sample_ids[i]), seed, params, sp)
+        return build_retention_example(self.ids(i), self.sample_id(i), seed, params, sp)
+
+
+# What training and evaluation read of a chunk row (the link statistics columns stay in parquet).
+STORE_COLUMNS = ["sample_id", "article", "chunk_index", "text", "input_ids", "ent_start", "ent_end", "ent_title",
+                 "ent_source", "ent_knowledge"]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -150,6 +205,8 @@ class BatchPlan:
     epochs: int
     seed: int
     max_steps: int = 0
+    # Where epoch permutations come from: SampleStore.epoch_order maps the node's copy of them.
+    order_source: Optional[Callable[[int, int, int], np.ndarray]] = field(default=None, compare=False, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -167,12 +224,20 @@ class BatchPlan:
     def step_positions(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, store positions) of global step ``step`` (0-based)."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = _cached_order(self.n_samples, self.seed, epoch)
+        order = (self.order_source or _cached_order)(self.n_samples, self.seed, epoch)
         return epoch, order[in_epoch * self.global_batch: (in_epoch + 1) * self.global_batch]
 
-    def worker_micro_batches(self, step: int, rank: int) -> tuple[int, list[np.ndarray]]:
+    def worker_micro_batches(self, step: int, rank: int,
+                             lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                             ) -> tuple[int, list[np.ndarray]]:
+        """A worker's share of step ``step`` in ``grad_accum`` micro-batches. With ``lengths`` the share
+        is sorted longest first before it is split, so each micro-batch pads to similar lengths (the
+        loss is token-weighted over the global batch, so the gradient does not change) and the
+        largest one comes first (an out-of-memory shows at once)."""
         epoch, positions = self.step_positions(step)
         share = positions[rank:: self.world_size]
+        if lengths is not None and len(share) > 1:
+            share = share[np.argsort(-lengths(share), kind="stable")]
         return epoch, np.array_split(share, self.grad_accum)
 
     def samples_consumed(self, step: int) -> tuple[int, int]:
@@ -216,8 +281,10 @@ class StepDataset(_TorchDataset):
     Map-style and pure, so a torch DataLoader with worker processes stays deterministic."""
 
     def __init__(self, store: SampleStore, plan: BatchPlan, rank: int, start_step: int, params: MaskingParams,
-                 sp: SpecialIds, knowledge_weight: float, end_step: Optional[int] = None):
+                 sp: SpecialIds, knowledge_weight: float, end_step: Optional[int] = None,
+                 group_by_length: bool = False):
         self.store, self.plan, self.rank = store, plan, rank
+        self.group_by_length = group_by_length
         self.start_step = start_step
         self.end_step = plan.total_steps if end_step is None else end_step
         self.params, self.sp, self.knowledge_weight = params, sp, knowledge_weight
@@ -227,7 +294,8 @@ class StepDataset(_TorchDataset):
 
     def __getitem__(self, k: int) -> dict:
         step = self.start_step + k
-        epoch, micro = self.plan.worker_micro_batches(step, self.rank)
+        epoch, micro = self.plan.worker_micro_batches(
+            step, self.rank, self.store.source_lengths if self.group_by_length else None)
         batches = [micro_batch_arrays(self.store, m, epoch, self.plan.seed, self.params, self.sp,
                                       self.knowledge_weight) for m in micro]
         return {"step": step, "epoch": epoch,

@@ -31,6 +31,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports ret
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The node's memory-mapped dataset copies live in this session's own directory (tests run in parallel
+# CI jobs on one machine must not share one).
+import tempfile  # noqa: E402
+
+os.environ["KILM_RAY_CACHE"] = tempfile.mkdtemp(prefix="kilm_ray_cache_")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kilm_ray" / "torch_extensions"))
 
 

@@ -56,3 +56,50 @@ def test_resumed_dataset_yields_the_same_batches(tiny_data, tiny_config):
     item = StepDataset(store, tiny_plan, rank=1, start_step=0, params=params, sp=sp, knowledge_weight=1.0)[0]
     weights = [float(mb["label_weights"].sum()) for mb in item["micro_batches"]]
     assert len(weights) == tiny_plan.grad_accum == 2 and weights[-1] == 0.0 and weights[0] > 0
+
+
+def test_merged_order_of_overlapping_and_disjoint_shards():
+    from kilm_ray.node_cache import merged_order
+
+    rng = np.random.default_rng(0)
+    ids = rng.choice(10_000, size=600, replace=False)
+    for runs in ([np.sort(ids[:200]), np.sort(ids[200:450]), np.sort(ids[450:])],  # overlapping ranges
+                 [np.arange(300, 400), np.arange(0, 100), np.arange(100, 300)]):  # disjoint, out of order
+        parts = list(merged_order(runs))
+        shard, row, sid = (np.concatenate(c) for c in zip(*parts))
+        assert sid.tolist() == sorted(np.concatenate(runs).tolist())
+        assert all(runs[k][r] == s for k, r, s in zip(shard.tolist(), row.tolist(), sid.tolist()))
+
+
+def test_store_is_a_node_copy_built_once_and_reopened_by_pickle(tiny_data, tmp_path):
+    import pickle
+
+    from kilm_ray.loader import epoch_order
+
+    store = SampleStore.load(tiny_data, "train", tmp_path)
+    (copy,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    built = (copy / "sorted_sid.npy").stat().st_mtime_ns
+    again = SampleStore.load(tiny_data, "train", tmp_path)
+    assert (copy / "sorted_sid.npy").stat().st_mtime_ns == built and again.directory == copy
+    assert np.all(np.diff(store.sample_ids) > 0)
+    clone = pickle.loads(pickle.dumps(store))  # what a spawned DataLoader worker gets
+    for i in (0, len(store) // 2, len(store) - 1):
+        assert np.array_equal(clone.ids(i), store.ids(i)) and clone.text(i) == store.text(i)
+        assert [(e.start, e.end, e.knowledge.tolist()) for e in clone.entities(i)] == \
+            [(e.start, e.end, e.knowledge.tolist()) for e in store.entities(i)]
+        assert store.source_length(i) == len(store.ids(i)) + sum(len(e.knowledge) for e in store.entities(i))
+    assert np.array_equal(store.epoch_order(len(store), 3, 1), epoch_order(len(store), 3, 1))
+    assert (copy / "order-3-1.npy").is_file()
+
+
+def test_length_grouping_reorders_micro_batches_only():
+    plan = BatchPlan(100, 32, 4, 2, 2, seed=4)
+    lengths = np.random.default_rng(1).integers(10, 500, 100)
+    for step in range(plan.total_steps):
+        for rank in range(2):
+            _, plain = plan.worker_micro_batches(step, rank)
+            _, grouped = plan.worker_micro_batches(step, rank, lambda p: lengths[p])
+            assert [len(m) for m in plain] == [len(m) for m in grouped]
+            assert sorted(np.concatenate(plain).tolist()) == sorted(np.concatenate(grouped).tolist())
+            flat = lengths[np.concatenate(grouped)]
+            assert np.all(np.diff(flat) <= 0)  # longest first, so the biggest micro-batch runs first

@@ -26,8 +26,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, grad_accum: int, on_gp
         config["zero_optimization"].update({
             "overlap_comm": on_gpu,  # CPU gloo gains nothing from overlap
             "contiguous_gradients": True,
-            "reduce_bucket_size": 5e8 if on_gpu else 5e7,
-            "allgather_bucket_size": 5e8 if on_gpu else 5e7,
+            "reduce_bucket_size": train.reduce_bucket_size,
+            "allgather_bucket_size": train.allgather_bucket_size,
         })
     if train.zero_stage == 3:
         config["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})

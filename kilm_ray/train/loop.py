@@ -31,7 +31,7 @@ from kilm_ray.train.checkpoint import (
     Checkpoint, adam_step, gather_state, load_weights_into_module, loss_scale_state, restore_loss_scale,
     restore_optimizer, resume_conflicts, write_checkpoint,
 )
-from kilm_ray.train.metrics import LossSums, format_eta, mfu, peak_tflops, token_losses
+from kilm_ray.train.metrics import BartDims, LossSums, format_eta, mfu, peak_tflops, token_losses
 
 log = logging.getLogger("kilm_ray.train")
 
@@ -174,7 +174,7 @@ class Validation:
         self.sets = {}
         for split in ("valid_seen", "valid_unseen"):
             try:
-                store = SampleStore.load(data_dir, split)
+                store = SampleStore.load(data_dir, split, cfg.train.node_cache_dir or None)
             except Exception as exc:  # an empty or missing split: nothing to validate on
                 log.warning("no %s validation: %s", split, exc)
                 continue
@@ -228,6 +228,15 @@ def _describe_accuracy(engine, validation: Validation, tokenizer, sp: SpecialIds
     return {"description_accuracy": sum(hits) / len(hits)}
 
 
+def precision_metrics(engine) -> dict[str, float]:
+    """Steps skipped on fp16 overflow (the optimizer did not step) and the current loss scale."""
+    out = {"skipped_steps": float(getattr(engine, "skipped_steps", 0))}
+    scale = loss_scale_state(engine)
+    if scale is not None:
+        out["loss_scale"] = float(scale["cur_scale"])
+    return out
+
+
 def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
     """Train (or resume) until the configured steps are done; returns the last metrics."""
     import deepspeed
@@ -246,11 +255,11 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
     tokenizer_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     check_tokenizer_matches(cfg.model.pretrained, tokenizer)
-    store = SampleStore.load(data_dir, "train")
+    store = SampleStore.load(data_dir, "train", t_cfg.node_cache_dir or None)
     if len(store) == 0:
         raise ConfigError(f"{data_dir}: the train split is empty")
     plan = BatchPlan(len(store), t_cfg.global_batch_size, t_cfg.micro_batch_size, env.world_size, t_cfg.epochs,
-                     t_cfg.seed, t_cfg.max_steps)
+                     t_cfg.seed, t_cfg.max_steps, order_source=store.epoch_order)
 
     invariants = {"dataset": meta.get("run_key"), "n_train_samples": len(store),
                   "global_batch_size": t_cfg.global_batch_size, "total_steps": plan.total_steps, "seed": t_cfg.seed}
@@ -272,6 +281,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
         load_weights_into_module(model, resume.weights)
     model.to(device)
     n_params = count_parameters(model)
+    dims = BartDims.of(model.config)
     optimizer = torch.optim.AdamW(_param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr,
                                   betas=(t_cfg.adam_beta1, t_cfg.adam_beta2), eps=t_cfg.adam_eps,
                                   fused=device.type == "cuda")
@@ -290,6 +300,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
         for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
         restore_loss_scale(engine, resume.state.get("loss_scale"))
+        engine.skipped_steps = int(resume.state.get("skipped_steps", 0))
         start_step = int(resume.state["step"])
         if is_rank0:
             log.info("resumed from %s at step %d (saved by %d workers, now %d)", resume.path, start_step,
@@ -297,7 +308,8 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
         del resume
 
     params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
-    dataset = StepDataset(store, plan, env.rank, start_step, params, sp, cfg.masking.knowledge_loss_weight)
+    dataset = StepDataset(store, plan, env.rank, start_step, params, sp, cfg.masking.knowledge_loss_weight,
+                          group_by_length=t_cfg.group_by_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=t_cfg.loader_workers,
         prefetch_factor=4 if t_cfg.loader_workers else None, persistent_workers=False,
@@ -324,6 +336,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
             "samples_consumed_total": step * t_cfg.global_batch_size, "total_steps": total,
             "global_batch_size": t_cfg.global_batch_size, "adam_step": adam_step(engine),
             "scheduler": engine.lr_scheduler.state_dict(), "loss_scale": loss_scale_state(engine),
+            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
             "rng": {"seed": t_cfg.seed, "scheme": "dropout reseeded from (seed, step, rank, micro); masks from "
                                                   "(seed, epoch, sample_id): nothing else to restore"},
             "world_size": env.world_size, "zero_stage": t_cfg.zero_stage, "precision": t_cfg.precision,
@@ -355,7 +368,7 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
             loss = (ce * mb["label_weights"]).sum() * (env.world_size / global_weight)
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()
-            sums.add_batch(ce.detach(), mb)
+            sums.add_batch(ce.detach(), mb, dims)
         done = step + 1
 
         log_due = done % t_cfg.log_every == 0 or done == total
@@ -373,7 +386,9 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
             "lr": engine.lr_scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": tokens_per_s, "sequences_per_s": total_sums.sequences / elapsed,
             "nonpad_share": total_sums.nonpad_tokens / max(total_sums.tokens, 1.0),
-            "mfu": mfu(n_params, tokens_per_s, env.world_size, peak), "world_size": env.world_size,
+            "model_tflops_per_s": total_sums.model_flops / elapsed / 1e12,
+            "mfu": mfu(total_sums.model_flops / elapsed, env.world_size, peak), "world_size": env.world_size,
+            **precision_metrics(engine),
         }
         if eval_due and validation.sets:
             metrics.update(validation.run(engine, device))

@@ -40,9 +40,10 @@ class LossSums:
     tokens: float = 0.0  # all input + label positions, padding included (what the GPU computes)
     nonpad_tokens: float = 0.0
     sequences: float = 0.0
+    model_flops: float = 0.0  # training FLOPs of the non-pad tokens (bart_train_flops), 0 without dims
     extra: dict = field(default_factory=dict)
 
-    def add_batch(self, ce: torch.Tensor, batch: dict) -> None:
+    def add_batch(self, ce: torch.Tensor, batch: dict, dims: "BartDims | None" = None) -> None:
         weights, know = batch["label_weights"], batch["knowledge_mask"]
         valid = batch["labels"] != -100
         copy = valid & ~know
@@ -55,10 +56,12 @@ class LossSums:
         self.tokens += float(batch["input_ids"].numel() + batch["labels"].numel())
         self.nonpad_tokens += float(batch["attention_mask"].sum() + valid.sum())
         self.sequences += float((weights.sum(dim=1) > 0).sum())
+        if dims is not None:
+            self.model_flops += bart_train_flops(dims, batch["attention_mask"].sum(dim=1), valid.sum(dim=1))
 
     def vector(self) -> list[float]:
         return [self.weighted, self.weight, self.knowledge, self.knowledge_tokens, self.copy, self.copy_tokens,
-                self.tokens, self.nonpad_tokens, self.sequences]
+                self.tokens, self.nonpad_tokens, self.sequences, self.model_flops]
 
     @classmethod
     def from_vector(cls, v: list[float]) -> "LossSums":
@@ -73,11 +76,48 @@ class LossSums:
                 f"{prefix}copy_loss": ratio(self.copy, self.copy_tokens)}
 
 
-def mfu(n_params: int, tokens_per_s: float, world_size: int, peak: float) -> float:
-    """Model FLOPs utilization, 6 N tokens/s against the peak of all devices (0 when unknown)."""
-    if peak <= 0 or tokens_per_s <= 0:
+@dataclass(frozen=True)
+class BartDims:
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_ffn: int
+    decoder_ffn: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> "BartDims":
+        return cls(config.d_model, config.encoder_layers, config.decoder_layers, config.encoder_ffn_dim,
+                   config.decoder_ffn_dim, config.vocab_size)
+
+
+def bart_train_flops(dims: BartDims, source_tokens, target_tokens) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of sequences with these non-pad lengths.
+
+    Each token is counted only through the stack it passes, not as 6 N for every position:
+    source tokens through the encoder layers (attention projections, FFN, attention scores over the
+    source) and the decoder's cross-attention K/V; target tokens through the decoder layers (self-
+    and cross-attention projections, FFN, scores over the target and the source) and the LM head.
+    Embedding lookups are free. For bart-base at 512/128 this gives 239 GFLOP a sequence where
+    6 N x 640 gives 535 (shared/DESIGN.md section 4). Padding does no useful work and is not counted.
+    """
+    d = dims.d_model
+    s = torch.as_tensor(source_tokens, dtype=torch.float64)
+    t = torch.as_tensor(target_tokens, dtype=torch.float64)
+    encoder = 2 * s * dims.encoder_layers * (4 * d * d + 2 * d * dims.encoder_ffn) \
+        + 4 * dims.encoder_layers * d * s * s
+    decoder = 2 * t * dims.decoder_layers * (6 * d * d + 2 * d * dims.decoder_ffn) \
+        + 2 * s * dims.decoder_layers * 2 * d * d \
+        + 4 * dims.decoder_layers * d * (t * t + t * s) + 2 * t * dims.vocab * d
+    return float(3 * (encoder + decoder).sum())
+
+
+def mfu(flops_per_s: float, world_size: int, peak: float) -> float:
+    """Model FLOPs utilization: useful training FLOP/s (``bart_train_flops``) against the peak of all
+    devices (0 when the peak is unknown)."""
+    if peak <= 0 or flops_per_s <= 0:
         return 0.0
-    return 6.0 * n_params * tokens_per_s / (peak * 1e12 * world_size)
+    return flops_per_s / (peak * 1e12 * world_size)
 
 
 def format_eta(seconds: float) -> str:
