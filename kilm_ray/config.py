@@ -231,6 +231,9 @@ class TrainConfig:
         default_factory=dict,
     )
     loader_workers: int = _doc("torch DataLoader processes per worker that mask and collate.", default=0)
+    preemption_poll_seconds: float = _doc(
+        "How often (rank 0's clock) the workers ask Ray whether a node of the run is being drained or "
+        "preempted; a notice triggers an immediate checkpoint.", default=5.0)
     group_by_length: bool = _doc(
         "Sort each worker's share of a step by length before cutting micro-batches (less padding; the "
         "token-weighted loss over the global batch is unchanged).", default=True)
@@ -249,7 +252,9 @@ class TrainConfig:
         "Also checkpoint when this many minutes passed since the last one (0 = off): bounds the work a lost "
         "spot node costs in time, whatever the step time.", default=0.0)
     keep_checkpoints: int = _doc("Checkpoints kept (the newest).", default=3)
-    max_failures: int = _doc("Worker-group restarts tolerated (Ray FailureConfig).", default=3)
+    max_failures: int = _doc(
+        "Worker-group restarts after failures tolerated (Ray FailureConfig; -1 = no limit, for spot "
+        "capacity; preemptions with notice are not counted).", default=3)
     worker_start_timeout_s: float = _doc(
         "Longest wait for the worker group to be placed (in all attempts) before the run fails with a "
         "message naming the resources asked for and free. Give an autoscaling cluster time to add nodes.",
@@ -287,8 +292,9 @@ class TrainConfig:
         _check_range(f"{path}.checkpoint_every_minutes", self.checkpoint_every_minutes, 0.0, 7 * 1440.0)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
-        for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers", "max_failures"):
+        for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers"):
             _check_min(f"{path}.{name}", getattr(self, name), 0)
+        _check_min(f"{path}.max_failures", self.max_failures, -1)
 
     @property
     def worker_bounds(self) -> tuple[int, int]:

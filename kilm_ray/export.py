@@ -7,11 +7,10 @@ import tempfile
 from pathlib import Path
 
 from kilm_ray import storage
-from kilm_ray.train.checkpoint import STATE_FILE, load_weights_into_module
+from kilm_ray.train.checkpoint import STATE_FILE, load_weights_into_module, read_checkpoint
 
 
 def export_checkpoint(checkpoint: str, out: str) -> str:
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
     from kilm_ray.config import config_from_dict
@@ -25,7 +24,7 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
         state = json.loads((local / STATE_FILE).read_text())
         config = BartConfig.from_dict(json.loads((local / "model_config.json").read_text()))
         model = BartForConditionalGeneration(config)
-        load_weights_into_module(model, load_file(str(local / "model.safetensors")))
+        load_weights_into_module(model, read_checkpoint(local).weights)
         tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
         cfg = config_from_dict(state["config"], source=f"{checkpoint}/{STATE_FILE}")
         meta = export_metadata(cfg, int(state["step"]), state.get("data_dir", ""), checkpoint)

@@ -193,9 +193,13 @@ class BatchPlan:
     """Which samples each optimizer step and each worker consume.
 
     ``steps_per_epoch = ceil(n / B)``: the last step of an epoch is smaller rather than dropping
-    samples. A worker takes every ``world``-th sample of the global batch and splits its share into
-    ``grad_accum`` micro-batches (the same count on every worker, which DeepSpeed needs); a share
-    too small for that gets zero-weight filler micro-batches.
+    samples. The global batch is dealt to ``virtual_ranks`` shares (every ``V``-th sample), each cut
+    into the same number of micro-batches; a worker runs the shares ``rank, rank + world, ...``, so a
+    micro-batch holds the same samples whatever the worker count. With ``V`` = the most workers an
+    elastic run may have, a run that shrinks and grows computes the same micro-batches (and, where a
+    step is two micro-batch gradients, bit-identical updates: ``a + b == b + a``). Every worker runs
+    ``grad_accum`` micro-batches (DeepSpeed needs the same count everywhere); a share too small for
+    that gets zero-weight filler micro-batches.
     """
 
     n_samples: int
@@ -205,6 +209,7 @@ class BatchPlan:
     epochs: int
     seed: int
     max_steps: int = 0
+    virtual_ranks: int = 0  # 0 = world_size
     # Where epoch permutations come from: SampleStore.epoch_order maps the node's copy of them.
     order_source: Optional[Callable[[int, int, int], np.ndarray]] = field(default=None, compare=False, repr=False)
 
@@ -218,8 +223,23 @@ class BatchPlan:
         return min(full, self.max_steps) if self.max_steps else full
 
     @property
+    def shares(self) -> int:
+        return max(self.virtual_ranks or self.world_size, self.world_size)
+
+    @property
+    def micro_per_share(self) -> int:
+        return max(1, math.ceil(math.ceil(self.global_batch / self.shares) / self.micro_batch))
+
+    @property
     def grad_accum(self) -> int:
-        return max(1, math.ceil(math.ceil(self.global_batch / self.world_size) / self.micro_batch))
+        return self.micro_per_share * math.ceil(self.shares / self.world_size)
+
+    def micro_batch_ids(self, rank: int) -> list[tuple[int, int]]:
+        """(share, micro-batch index) of each micro-batch a worker runs: what seeds its dropout, so a
+        micro-batch is computed the same way on whichever worker runs it."""
+        hosted = list(range(rank, self.shares, self.world_size))
+        hosted += [-1] * (math.ceil(self.shares / self.world_size) - len(hosted))  # filler shares
+        return [(v, i) for v in hosted for i in range(self.micro_per_share)]
 
     def step_positions(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, store positions) of global step ``step`` (0-based)."""
@@ -235,10 +255,13 @@ class BatchPlan:
         loss is token-weighted over the global batch, so the gradient does not change) and the
         largest one comes first (an out-of-memory shows at once)."""
         epoch, positions = self.step_positions(step)
-        share = positions[rank:: self.world_size]
-        if lengths is not None and len(share) > 1:
-            share = share[np.argsort(-lengths(share), kind="stable")]
-        return epoch, np.array_split(share, self.grad_accum)
+        micro: list[np.ndarray] = []
+        for v in range(rank, rank + self.world_size * math.ceil(self.shares / self.world_size), self.world_size):
+            share = positions[v:: self.shares] if v < self.shares else positions[:0]
+            if lengths is not None and len(share) > 1:
+                share = share[np.argsort(-lengths(share), kind="stable")]
+            micro.extend(np.array_split(share, self.micro_per_share))
+        return epoch, micro
 
     def samples_consumed(self, step: int) -> tuple[int, int]:
         """(epoch, samples of that epoch consumed) after ``step`` completed steps."""

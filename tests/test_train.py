@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from kilm_ray import storage
 from kilm_ray.train.ray_trainer import run_training
+from kilm_ray.train.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS = 40
@@ -34,7 +35,7 @@ def train_cfg(tiny_config):
 
 def final_weights(run_dir: str, name: str) -> dict:
     ckpt = storage.local_copy(storage.join(run_dir, name, f"checkpoint_{STEPS:08d}"))
-    return load_file(str(ckpt / "model.safetensors"))
+    return read_checkpoint(ckpt).weights
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,10 @@ def test_run_outputs_checkpoints_metrics_and_export(reference_run):
     state = json.loads((run / kept[-1] / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["adam_step"] == STEPS and state["world_size"] == 2
     assert state["scheduler"]["last_epoch"] == STEPS and "config" in state and state["samples_consumed_total"] == 640
-    moments = load_file(str(run / kept[-1] / "optimizer.safetensors"))
+    assert sorted(p.name for p in (run / kept[-1]).glob("*.safetensors")) == [  # one shard per worker
+        "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
+        "optimizer-00000-of-00002.safetensors", "optimizer-00001-of-00002.safetensors"]
+    moments = read_checkpoint(run / kept[-1]).moments
     assert any(k.startswith("exp_avg_sq.") for k in moments) and all(torch.isfinite(v).all() for v in moments.values())
     assert (run / kept[-1] / "tokenizer" / "tokenizer.json").is_file()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from kilm_ray.train.checkpoint import read_checkpoint
 
 from kilm_ray.config import ConfigError
 from kilm_ray.train.local import run_local
@@ -28,15 +28,16 @@ def local_cfg(tiny_config):
     })
 
 
-def tensors(path: Path, name: str) -> dict:
-    return load_file(str(path / name))
+def tensors(path: Path, part: str = "weights") -> dict:
+    """Full tensors of a checkpoint, stitched from its shards."""
+    return getattr(read_checkpoint(path), part)
 
 
 def assert_same_state(a: Path, b: Path) -> None:
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        ta, tb = tensors(a, name), tensors(b, name)
+    for part in ("weights", "moments"):
+        ta, tb = tensors(a, part), tensors(b, part)
         assert ta.keys() == tb.keys() and ta
-        assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{name} differs"
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{part} differ"
 
 
 @pytest.mark.parametrize("overrides", [
@@ -53,7 +54,7 @@ def test_resume_is_bit_identical(overrides, local_cfg, tiny_data, tmp_path):
     shutil.copytree(full / "checkpoint_00000004", tmp_path / "crashed" / "checkpoints" / "checkpoint_00000004")
     partial = tmp_path / "crashed" / "checkpoints" / ".tmp-checkpoint_00000008-1-1"
     partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"half a file")
+    (partial / "model-00000-of-00001.safetensors").write_bytes(b"half a file")
     run_local(cfg, tiny_data, str(tmp_path / "crashed"))
     assert_same_state(full / f"checkpoint_{STEPS:08d}", tmp_path / "crashed" / "checkpoints" / f"checkpoint_{STEPS:08d}")
     assert not partial.exists()  # the torn temporary was never used and is cleaned up
@@ -66,8 +67,8 @@ def test_resume_on_another_zero_stage(local_cfg, tiny_data, tmp_path):
     shutil.copytree(tmp_path / "z2" / "checkpoints" / "checkpoint_00000004",
                     tmp_path / "mixed" / "checkpoints" / "checkpoint_00000004")
     run_local(local_cfg.with_overrides({"train.zero_stage": 0}), tiny_data, str(tmp_path / "mixed"))
-    a = tensors(tmp_path / "z2" / "checkpoints" / f"checkpoint_{STEPS:08d}", "model.safetensors")
-    b = tensors(tmp_path / "mixed" / "checkpoints" / f"checkpoint_{STEPS:08d}", "model.safetensors")
+    a = tensors(tmp_path / "z2" / "checkpoints" / f"checkpoint_{STEPS:08d}")
+    b = tensors(tmp_path / "mixed" / "checkpoints" / f"checkpoint_{STEPS:08d}")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
@@ -87,6 +88,16 @@ def test_torchrun_two_processes_without_ray(local_cfg, tiny_data, tmp_path):
     state = json.loads((tmp_path / "tr" / "checkpoints" / f"checkpoint_{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == STEPS
     assert (tmp_path / "tr" / "export" / "model.safetensors").is_file()
+    # The same run in one process, elastic between 1 and 2 workers: the global batch is dealt to 2
+    # shares whatever the worker count, so one worker computes the same micro-batches and the same
+    # update (two micro-batch gradients a step: a + b on one worker, b + a across two): bit-identical.
+    single = [sys.executable, "-m", "kilm_ray.cli", *cmd[cmd.index("kilm_ray.cli") + 1:], "train.num_workers=[1,2]",
+              "train.export_at_end=false"]
+    single[single.index("--run-dir") + 1] = str(tmp_path / "one")
+    proc = subprocess.run(single, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_state(tmp_path / "tr" / "checkpoints" / f"checkpoint_{STEPS:08d}",
+                      tmp_path / "one" / "checkpoints" / f"checkpoint_{STEPS:08d}")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +158,7 @@ def test_export_command_local_and_s3(local_cfg, tiny_data, tmp_path, s3_server):
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     model = BartForConditionalGeneration.from_pretrained(tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    weights = tensors(ckpt, "model.safetensors")
+    weights = tensors(ckpt)
     assert torch.equal(model.model.shared.weight, weights["model.shared.weight"])
     assert tokenizer.convert_tokens_to_ids("<ent_desc>") != tokenizer.unk_token_id
     meta = json.loads((tmp_path / "hf" / "kilm_ray.json").read_text())

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig
-from kilm_ray.train.checkpoint import LocalCheckpoints
+from kilm_ray.train.checkpoint import BackgroundWriter, LocalCheckpoints, write_state
 from kilm_ray.train.loop import RunEnv, train_worker
 
 
@@ -27,7 +27,10 @@ class LocalEnv(RunEnv):
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self._run_dir = Path(run_dir)
         self.checkpoints = LocalCheckpoints(self._run_dir / "checkpoints", keep)
+        if self.rank == 0:  # before any rank writes: leftovers of a crashed run are not ours to commit
+            self.checkpoints.remove_staging()
         self.reports: list[dict[str, Any]] = []
+        self.writer = BackgroundWriter()
 
     @property
     def run_uri(self) -> str:
@@ -36,17 +39,29 @@ class LocalEnv(RunEnv):
     def resume_checkpoint(self) -> Optional[Path]:
         return self.checkpoints.latest()
 
-    def staging_dir(self, step: int) -> Path:
-        return self.checkpoints.staging(step)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+    def report(self, metrics: dict[str, Any]) -> None:
         self.reports.append(metrics)
-        if checkpoint_dir is not None and self.rank == 0:
-            self.checkpoints.commit(checkpoint_dir, int(metrics["step"]))
-        if self.world_size > 1:  # the others must not read a checkpoint before it is committed
-            import torch.distributed as dist
 
-            dist.barrier()
+    def checkpoint(self, step: int, metrics: dict[str, Any], write: Callable[[Path], None],
+                   state: Optional[dict]) -> None:
+        """Every rank writes its shard into one staging directory in the background; rank 0 waits for
+        the others' markers, writes the state file and renames the directory into place."""
+        self.reports.append(metrics)
+        directory = self.checkpoints.shared_staging(step)
+        rank, world, checkpoints = self.rank, self.world_size, self.checkpoints
+
+        def job() -> None:
+            write(directory)
+            (directory / f".written-{rank}").touch()
+            if rank == 0:
+                checkpoints.wait_for_markers(directory, world)
+                write_state(directory, state)
+                checkpoints.commit(directory, step)
+
+        self.writer.submit(job)
+
+    def close(self) -> None:
+        self.writer.wait()
 
 
 def run_local(cfg: KilmConfig, data_dir: str, run_dir: str) -> dict[str, Any]:

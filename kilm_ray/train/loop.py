@@ -1,13 +1,17 @@
-"""The per-worker training loop: one function, run by Ray Train workers and by the launcher without
-Ray (one process or torchrun), so both can be timed on the same hardware.
+"""The per-worker training recipe, run by Ray Train workers and by the launcher without Ray (one
+process or torchrun), so both can be timed on the same hardware. ``Recipe`` reads top to bottom:
+set up data, model and optimizer; resume; step; validate; checkpoint; export.
 
 Contracts kept here:
 - Data: global step ``s`` consumes the same samples whatever the worker count (``loader.BatchPlan``).
 - Loss: the token-weighted mean over the whole global batch, so gradients do not depend on how the
   batch is split across workers and micro-batches.
-- Randomness: dropout is reseeded from ``(seed, step, rank, micro-batch)``; masks come from
+- Randomness: dropout is reseeded from ``(seed, step, share, micro-batch)``; masks come from
   ``(seed, epoch, sample_id)``. A resumed run therefore replays exactly what an uninterrupted run does.
-- Checkpoints: consolidated full state (``train.checkpoint``), every ``checkpoint_every`` steps and at the end.
+- Checkpoints: the full state in shards written by every rank (``train.checkpoint``), every
+  ``checkpoint_every`` steps, every ``checkpoint_every_minutes``, when a node is about to be preempted,
+  and at the end. The loop waits only for the copy to host memory; writing and uploading run in the
+  background.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -29,7 +33,7 @@ from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, eval_example_li
 from kilm_ray.masking import MaskingParams, SpecialIds, collate
 from kilm_ray.train.checkpoint import (
     Checkpoint, adam_step, gather_state, load_weights_into_module, loss_scale_state, restore_loss_scale,
-    restore_optimizer, resume_conflicts, write_checkpoint,
+    restore_optimizer, resume_conflicts, snapshot_shard, write_rank0_files, write_shard,
 )
 from kilm_ray.train.metrics import BartDims, LossSums, format_eta, mfu, peak_tflops, token_losses
 
@@ -51,13 +55,26 @@ class RunEnv(abc.ABC):
     def resume_checkpoint(self) -> Optional[Path]:
         """A local directory holding the checkpoint to resume from, or None."""
 
-    @abc.abstractmethod
-    def staging_dir(self, step: int) -> Path:
-        """An empty local directory to write checkpoint ``step`` into (rank 0)."""
+    def release_resume(self) -> None:
+        """Every rank has read the resume checkpoint: local copies may go."""
 
     @abc.abstractmethod
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
-        """Called by every rank at the same steps; rank 0 passes the checkpoint directory."""
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Metrics of a logging step; called by every rank at the same steps."""
+
+    @abc.abstractmethod
+    def checkpoint(self, step: int, metrics: dict[str, Any], write: Callable[[Path], None],
+                   state: Optional[dict]) -> None:
+        """Checkpoint ``step``, called by every rank at the same steps. ``write(directory)`` writes this
+        rank's files and may run in the background; rank 0 passes ``state``, the file that completes a
+        checkpoint, written once every rank's files are in place."""
+
+    def preemption_pending(self) -> bool:
+        """True when a node of this run is about to go (every rank calls it at the same steps)."""
+        return False
+
+    def close(self) -> None:
+        """Wait for checkpoints still being written or uploaded."""
 
     @property
     @abc.abstractmethod
@@ -237,62 +254,81 @@ def precision_metrics(engine) -> dict[str, float]:
     return out
 
 
-def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
-    """Train (or resume) until the configured steps are done; returns the last metrics."""
-    import deepspeed
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+class Recipe:
+    """One worker's training run. Each concern has one method; ``run`` is the order they happen in."""
 
-    from kilm_ray.model import build_model, check_tokenizer_matches, count_parameters
-    from kilm_ray.train.deepspeed_config import deepspeed_config
+    def __init__(self, cfg: KilmConfig, data_dir: str, env: RunEnv):
+        self.cfg, self.t, self.data_dir, self.env = cfg, cfg.train, data_dir, env
+        self.is_rank0 = env.rank == 0
+        self.writer_blocked_s = 0.0
 
-    t_cfg = cfg.train
-    setup_distributed(env)
-    device = env.device
-    is_rank0 = env.rank == 0
+    # -- set up ---------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        from transformers import AutoTokenizer
 
-    meta = read_meta(data_dir)
-    sp = SpecialIds(**meta["special_ids"])
-    tokenizer_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    check_tokenizer_matches(cfg.model.pretrained, tokenizer)
-    store = SampleStore.load(data_dir, "train", t_cfg.node_cache_dir or None)
-    if len(store) == 0:
-        raise ConfigError(f"{data_dir}: the train split is empty")
-    plan = BatchPlan(len(store), t_cfg.global_batch_size, t_cfg.micro_batch_size, env.world_size, t_cfg.epochs,
-                     t_cfg.seed, t_cfg.max_steps, order_source=store.epoch_order)
+        from kilm_ray.model import check_tokenizer_matches
 
-    invariants = {"dataset": meta.get("run_key"), "n_train_samples": len(store),
-                  "global_batch_size": t_cfg.global_batch_size, "total_steps": plan.total_steps, "seed": t_cfg.seed}
-    resume_dir = env.resume_checkpoint()
-    resume: Optional[Checkpoint] = None
-    if resume_dir is not None:
+        t, data_dir = self.t, self.data_dir
+        self.meta = read_meta(data_dir)
+        self.sp = SpecialIds(**self.meta["special_ids"])
+        self.tokenizer_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        check_tokenizer_matches(self.cfg.model.pretrained, self.tokenizer)
+        self.store = SampleStore.load(data_dir, "train", t.node_cache_dir or None)
+        if len(self.store) == 0:
+            raise ConfigError(f"{data_dir}: the train split is empty")
+        self.plan = BatchPlan(len(self.store), t.global_batch_size, t.micro_batch_size, self.env.world_size,
+                              t.epochs, t.seed, t.max_steps, virtual_ranks=t.worker_bounds[1],
+                              order_source=self.store.epoch_order)
+        self.invariants = {"dataset": self.meta.get("run_key"), "n_train_samples": len(self.store),
+                           "global_batch_size": t.global_batch_size, "total_steps": self.plan.total_steps,
+                           "seed": t.seed}
+
+    def read_resume(self) -> Optional[Checkpoint]:
+        resume_dir = self.env.resume_checkpoint()
+        if resume_dir is None:
+            return None
         from kilm_ray.train.checkpoint import read_checkpoint
 
         resume = read_checkpoint(resume_dir)
-        conflicts = resume_conflicts(resume.state, invariants)
+        self.env.release_resume()
+        conflicts = resume_conflicts(resume.state, self.invariants)
         if conflicts:
             raise ConfigError(f"cannot resume from {resume.path}: {'; '.join(conflicts)}. These decide the data "
                               "order and the learning-rate schedule; resume with the checkpoint's dataset and "
                               "settings, or start a new run (--name).")
+        return resume
 
-    torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, len(tokenizer), sp, cfg.data.max_target_tokens)
-    if resume is not None:
-        load_weights_into_module(model, resume.weights)
-    model.to(device)
-    n_params = count_parameters(model)
-    dims = BartDims.of(model.config)
-    optimizer = torch.optim.AdamW(_param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr,
-                                  betas=(t_cfg.adam_beta1, t_cfg.adam_beta2), eps=t_cfg.adam_eps,
-                                  fused=device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps, plan.total_steps)
-    ds_config = deepspeed_config(t_cfg, env.world_size, plan.grad_accum, device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    if t_cfg.compile:
-        engine.compile()
-    start_step = 0
-    if resume is not None:
+    def setup_model(self, resume: Optional[Checkpoint]) -> None:
+        import deepspeed
+        from transformers import get_linear_schedule_with_warmup
+
+        from kilm_ray.model import build_model, count_parameters
+        from kilm_ray.train.deepspeed_config import deepspeed_config
+
+        t, device = self.t, self.env.device
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = build_model(self.cfg.model, len(self.tokenizer), self.sp, self.cfg.data.max_target_tokens)
+        if resume is not None:
+            load_weights_into_module(model, resume.weights)
+        model.to(device)
+        self.n_params = count_parameters(model)
+        self.dims = BartDims.of(model.config)
+        optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                      fused=device.type == "cuda")
+        scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, self.plan.total_steps)
+        ds_config = deepspeed_config(t, self.env.world_size, self.plan.grad_accum, device.type == "cuda")
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        if t.compile:
+            self.engine.compile()
+
+    def restore(self, resume: Optional[Checkpoint]) -> int:
+        """Optimizer, schedule and loss scale from the checkpoint; returns the step to start at."""
+        if resume is None:
+            return 0
+        engine = self.engine
         restore_optimizer(engine, resume.weights, resume.moments, int(resume.state["adam_step"]))
         engine.lr_scheduler.load_state_dict(resume.state["scheduler"])
         # load_state_dict restores the schedule's position, not the lr the optimizer holds until the
@@ -302,85 +338,192 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
         restore_loss_scale(engine, resume.state.get("loss_scale"))
         engine.skipped_steps = int(resume.state.get("skipped_steps", 0))
         start_step = int(resume.state["step"])
-        if is_rank0:
+        if self.is_rank0:
             log.info("resumed from %s at step %d (saved by %d workers, now %d)", resume.path, start_step,
-                     resume.state["world_size"], env.world_size)
-        del resume
+                     resume.state["world_size"], self.env.world_size)
+        return start_step
 
-    params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
-    dataset = StepDataset(store, plan, env.rank, start_step, params, sp, cfg.masking.knowledge_loss_weight,
-                          group_by_length=t_cfg.group_by_length)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=t_cfg.loader_workers,
-        prefetch_factor=4 if t_cfg.loader_workers else None, persistent_workers=False,
-        pin_memory=device.type == "cuda")
-    validation = Validation(data_dir, cfg, sp, env)
-    artifacts = Artifacts(env.run_uri) if is_rank0 else None
-    if artifacts is not None and start_step:
-        artifacts.event(start_step, event="resumed", world_size=env.world_size)
-    peak = peak_tflops(t_cfg.peak_tflops, device)
-    total = plan.total_steps
-    if is_rank0:
-        log.info("training %s params on %d worker(s): %d steps (%d/epoch), global batch %d = %d x %d micro x %d "
-                 "accumulation, ZeRO-%d %s", f"{n_params:,}", env.world_size, total, plan.steps_per_epoch,
-                 t_cfg.global_batch_size, env.world_size, t_cfg.micro_batch_size, plan.grad_accum, t_cfg.zero_stage,
-                 t_cfg.precision)
+    def data_loader(self, start_step: int):
+        t, cfg = self.t, self.cfg
+        params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
+        dataset = StepDataset(self.store, self.plan, self.env.rank, start_step, params, self.sp,
+                              cfg.masking.knowledge_loss_weight, group_by_length=t.group_by_length)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=t.loader_workers,
+            prefetch_factor=4 if t.loader_workers else None, persistent_workers=False,
+            pin_memory=self.env.device.type == "cuda")
 
-    def save(step: int, metrics: dict) -> Optional[Path]:
-        weights, moments = gather_state(engine)  # collective
-        if not is_rank0:
-            return None
-        epoch, consumed = plan.samples_consumed(step)
-        state = {
-            "step": step, "epoch": epoch, "samples_consumed_in_epoch": consumed,
-            "samples_consumed_total": step * t_cfg.global_batch_size, "total_steps": total,
-            "global_batch_size": t_cfg.global_batch_size, "adam_step": adam_step(engine),
-            "scheduler": engine.lr_scheduler.state_dict(), "loss_scale": loss_scale_state(engine),
-            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-            "rng": {"seed": t_cfg.seed, "scheme": "dropout reseeded from (seed, step, rank, micro); masks from "
-                                                  "(seed, epoch, sample_id): nothing else to restore"},
-            "world_size": env.world_size, "zero_stage": t_cfg.zero_stage, "precision": t_cfg.precision,
-            "data_dir": data_dir, **invariants, "metrics": metrics, "config": cfg.to_dict(),
-            "saved_at": time.time(),
-        }
-        return write_checkpoint(env.staging_dir(step), weights, moments, state, engine.module.config.to_dict(),
-                                tokenizer_dir)
-
-    sums = LossSums()
-    window_start = time.time()
-    run_start = time.time()
-    last_checkpoint_at, every_s = time.time(), 60.0 * t_cfg.checkpoint_every_minutes
-    last: dict[str, Any] = {}
-    engine.train()
-    step = start_step
-    for item in loader:
-        step = item["step"]
-        micro_batches = [_to_device(mb, device) for mb in item["micro_batches"]]
-        local_weight = float(sum(mb["label_weights"].sum() for mb in micro_batches))
-        # Rank 0's clock decides a time-based checkpoint; it rides on this step's all-reduce, so every rank
-        # agrees (saving is a collective) at no extra communication.
-        time_due = is_rank0 and every_s > 0 and time.time() - last_checkpoint_at >= every_s
-        global_weight, time_due_any = _all_reduce([local_weight, float(time_due)], env, device)
-        global_weight = global_weight or 1.0
-        for i, mb in enumerate(micro_batches):
-            _reseed(t_cfg.seed, step, env.rank, i)
+    # -- step -----------------------------------------------------------------------------------
+    def train_step(self, step: int, micro_batches: list[dict], sums: LossSums) -> None:
+        """One optimizer step over this worker's micro-batches; the loss is the token-weighted mean
+        over the whole global batch (``global_weight`` comes from the all-reduce in ``run``)."""
+        engine, env = self.engine, self.env
+        for (share, i), mb in zip(self.plan.micro_batch_ids(env.rank), micro_batches):
+            _reseed(self.t.seed, step, share, i)
             ce = _forward_losses(engine, mb)
-            loss = (ce * mb["label_weights"]).sum() * (env.world_size / global_weight)
+            loss = (ce * mb["label_weights"]).sum() * (env.world_size / self.global_weight)
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()
-            sums.add_batch(ce.detach(), mb, dims)
-        done = step + 1
+            sums.add_batch(ce.detach(), mb, self.dims)
 
-        log_due = done % t_cfg.log_every == 0 or done == total
-        eval_due = done == total or (t_cfg.eval_every and done % t_cfg.eval_every == 0)
-        ckpt_due = done % t_cfg.checkpoint_every == 0 or done == total or time_due_any > 0
-        if not (log_due or eval_due or ckpt_due):
-            continue
-        total_sums = LossSums.from_vector(_all_reduce(sums.vector(), env, device))
-        elapsed = max(time.time() - window_start, 1e-9)
+    # -- validate -------------------------------------------------------------------------------
+    def validate(self, metrics: dict[str, Any]) -> None:
+        t, env, device = self.t, self.env, self.env.device
+        if not self.validation.sets:
+            return
+        metrics.update(self.validation.run(self.engine, device))
+        if t.eval_generate_samples and t.zero_stage < 3:
+            if self.is_rank0:
+                metrics.update(_describe_accuracy(self.engine, self.validation, self.tokenizer, self.sp,
+                                                  t.eval_generate_samples))
+            if env.world_size > 1:  # rank 0 shares its number so every rank reports the same
+                metrics["description_accuracy"] = _all_reduce([metrics.get("description_accuracy", 0.0)],
+                                                              env, device)[0]
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def save(self, step: int, metrics: dict[str, Any], reason: str) -> None:
+        """Copy this rank's shard to host memory (the only wait), then write it in the background."""
+        engine, env, t = self.engine, self.env, self.t
+        started = time.perf_counter()
+        shard = snapshot_shard(engine, env.rank, env.world_size)
+        state = None
+        if self.is_rank0:
+            epoch, consumed = self.plan.samples_consumed(step)
+            state = {
+                "step": step, "epoch": epoch, "samples_consumed_in_epoch": consumed,
+                "samples_consumed_total": step * t.global_batch_size, "total_steps": self.plan.total_steps,
+                "global_batch_size": t.global_batch_size, "adam_step": adam_step(engine),
+                "scheduler": engine.lr_scheduler.state_dict(), "loss_scale": loss_scale_state(engine),
+                "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+                "rng": {"seed": t.seed, "scheme": "dropout reseeded from (seed, step, rank, micro); masks from "
+                                                  "(seed, epoch, sample_id): nothing else to restore"},
+                "world_size": env.world_size, "checkpoint_shards": env.world_size, "zero_stage": t.zero_stage,
+                "precision": t.precision, "data_dir": self.data_dir, **self.invariants, "metrics": metrics,
+                "reason": reason, "config": self.cfg.to_dict(), "saved_at": time.time(),
+            }
+        model_config, tokenizer_dir, rank, world = engine.module.config.to_dict(), self.tokenizer_dir, env.rank, env.world_size
+
+        def write(directory: Path) -> None:
+            if rank == 0:
+                write_rank0_files(directory, model_config, tokenizer_dir)
+            write_shard(directory, shard, rank, world)
+
+        metrics["checkpoint_blocked_s"] = time.perf_counter() - started
+        metrics["checkpoint_shard_mb"] = shard.nbytes / 2**20
+        env.checkpoint(step, metrics, write, state)
+        self.last_checkpoint_at = time.time()
+
+    # -- export ---------------------------------------------------------------------------------
+    def export(self, step: int) -> None:
+        """Hugging Face export from the fp32 master weights (gathered: every rank calls)."""
+        import tempfile
+
+        from kilm_ray.model import build_model, export_hf
+
+        weights, _ = gather_state(self.engine, with_moments=False)
+        if not self.is_rank0:
+            return
+        module = build_model(self.cfg.model, len(self.tokenizer), self.sp, self.cfg.data.max_target_tokens)
+        load_weights_into_module(module, weights)
+        out_uri = storage.join(self.env.run_uri, "export")
+        meta = export_metadata(self.cfg, step, self.data_dir, checkpoint=None)
+        if storage.is_remote(out_uri):
+            with tempfile.TemporaryDirectory() as tmp:
+                export_hf(module, self.tokenizer, tmp, meta)
+                storage.upload_dir(tmp, out_uri)
+        else:
+            export_hf(module, self.tokenizer, out_uri, meta)
+        log.info("exported the model to %s", out_uri)
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        t, env = self.t, self.env
+        setup_distributed(env)
+        device = env.device
+        self.setup_data()
+        resume = self.read_resume()
+        self.setup_model(resume)
+        start_step = self.restore(resume)
+        del resume
+        loader = self.data_loader(start_step)
+        self.validation = Validation(self.data_dir, self.cfg, self.sp, env)
+        artifacts = Artifacts(env.run_uri) if self.is_rank0 else None
+        if artifacts is not None and start_step:
+            artifacts.event(start_step, event="resumed", world_size=env.world_size)
+        peak = peak_tflops(t.peak_tflops, device)
+        total = self.plan.total_steps
+        if self.is_rank0:
+            log.info("training %s params on %d worker(s): %d steps (%d/epoch), global batch %d = %d x %d micro x %d "
+                     "accumulation, ZeRO-%d %s", f"{self.n_params:,}", env.world_size, total,
+                     self.plan.steps_per_epoch, t.global_batch_size, env.world_size, t.micro_batch_size,
+                     self.plan.grad_accum, t.zero_stage, t.precision)
+
+        sums = LossSums()
+        window_start = run_start = time.time()
+        self.last_checkpoint_at, every_s = time.time(), 60.0 * t.checkpoint_every_minutes
+        last_poll, notice_saved = time.time(), False
+        last: dict[str, Any] = {}
+        self.engine.train()
+        step = start_step
+        try:
+            for item in loader:
+                step = item["step"]
+                micro_batches = [_to_device(mb, device) for mb in item["micro_batches"]]
+                local_weight = float(sum(mb["label_weights"].sum() for mb in micro_batches))
+                # Rank 0's clock decides a time-based checkpoint; it rides on this step's all-reduce, so
+                # every rank agrees (saving is collective) at no extra communication.
+                now = time.time()
+                time_due = self.is_rank0 and every_s > 0 and now - self.last_checkpoint_at >= every_s
+                poll_due = self.is_rank0 and now - last_poll >= t.preemption_poll_seconds
+                last_poll = now if poll_due else last_poll
+                self.global_weight, time_due_any, poll_due_any = _all_reduce(
+                    [local_weight, float(time_due), float(poll_due)], env, device)
+                self.global_weight = self.global_weight or 1.0
+                self.train_step(step, micro_batches, sums)
+                done = step + 1
+
+                # A node about to go: one checkpoint now, so its loss costs nothing (once per notice).
+                preempted = False
+                if poll_due_any > 0:
+                    notice = env.preemption_pending()
+                    preempted, notice_saved = notice and not notice_saved, notice
+                log_due = done % t.log_every == 0 or done == total
+                eval_due = done == total or (t.eval_every and done % t.eval_every == 0)
+                ckpt_due = done % t.checkpoint_every == 0 or done == total or time_due_any > 0 or preempted
+                if not (log_due or eval_due or ckpt_due):
+                    continue
+                metrics = self.step_metrics(done, sums, time.time() - window_start, peak)
+                if eval_due:
+                    self.validate(metrics)
+                if ckpt_due:
+                    reason = "preemption" if preempted else "end" if done == total else \
+                        "time" if time_due_any > 0 else "steps"
+                    self.save(done, metrics, reason)
+                else:
+                    env.report(metrics)
+                if self.is_rank0:
+                    self.log_line(done, total, metrics, run_start, start_step)
+                    artifacts.log(done, metrics)
+                    if ckpt_due:
+                        artifacts.sync()
+                last = metrics
+                sums = LossSums()
+                window_start = time.time()
+            if t.export_at_end and step + 1 >= total:
+                self.export(total)
+        finally:
+            env.close()
+            if artifacts is not None:
+                artifacts.close()
+        return last
+
+    def step_metrics(self, done: int, sums: LossSums, elapsed: float, peak: float) -> dict[str, Any]:
+        env, engine = self.env, self.engine
+        total_sums = LossSums.from_vector(_all_reduce(sums.vector(), env, env.device))
+        elapsed = max(elapsed, 1e-9)
         tokens_per_s = total_sums.tokens / elapsed
-        epoch, consumed = plan.samples_consumed(done)
-        metrics: dict[str, Any] = {
+        epoch, consumed = self.plan.samples_consumed(done)
+        return {
             "step": done, "epoch": epoch, "samples_consumed_in_epoch": consumed,
             **{f"train_{k}": v for k, v in total_sums.summary().items()},
             "lr": engine.lr_scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -390,59 +533,23 @@ def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
             "mfu": mfu(total_sums.model_flops / elapsed, env.world_size, peak), "world_size": env.world_size,
             **precision_metrics(engine),
         }
-        if eval_due and validation.sets:
-            metrics.update(validation.run(engine, device))
-            if t_cfg.eval_generate_samples and t_cfg.zero_stage < 3:
-                if is_rank0:
-                    metrics.update(_describe_accuracy(engine, validation, tokenizer, sp, t_cfg.eval_generate_samples))
-                if env.world_size > 1:  # rank 0 shares its number so every rank reports the same
-                    acc = _all_reduce([metrics.get("description_accuracy", 0.0)], env, device)[0]
-                    metrics["description_accuracy"] = acc
-        checkpoint_dir = save(done, metrics) if ckpt_due else None
-        if ckpt_due:
-            last_checkpoint_at = time.time()
-        if is_rank0:
-            eta = (time.time() - run_start) / max(done - start_step, 1) * (total - done)
-            log.info("step %d/%d ep %d | loss %.4f knowledge %.4f copy %.4f | lr %.2e | %.0f tok/s%s%s | ETA %s",
-                     done, total, epoch, metrics["train_loss"], metrics["train_knowledge_loss"],
-                     metrics["train_copy_loss"], metrics["lr"], tokens_per_s,
-                     f" MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "",
-                     "".join(f" | {k} {metrics[k]:.4f}" for k in ("valid_seen_loss", "valid_unseen_loss",
-                                                                   "description_accuracy") if k in metrics),
-                     format_eta(eta))
-            artifacts.log(done, metrics)
-            if checkpoint_dir is not None:
-                artifacts.sync()
-        env.report(metrics, checkpoint_dir)
-        last = metrics
-        sums = LossSums()
-        window_start = time.time()
 
-    if is_rank0 and t_cfg.export_at_end and step + 1 >= total:
-        export_engine_model(engine, tokenizer, storage.join(env.run_uri, "export"), cfg, total, data_dir)
-    if artifacts is not None:
-        artifacts.close()
-    return last
+    def log_line(self, done: int, total: int, metrics: dict[str, Any], run_start: float, start_step: int) -> None:
+        eta = (time.time() - run_start) / max(done - start_step, 1) * (total - done)
+        log.info("step %d/%d ep %d | loss %.4f knowledge %.4f copy %.4f | lr %.2e | %.0f tok/s%s%s%s | ETA %s",
+                 done, total, metrics["epoch"], metrics["train_loss"], metrics["train_knowledge_loss"],
+                 metrics["train_copy_loss"], metrics["lr"], metrics["tokens_per_s"],
+                 f" MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "",
+                 f" | loss scale {metrics['loss_scale']:g}, {metrics['skipped_steps']:g} skipped"
+                 if "loss_scale" in metrics else "",
+                 "".join(f" | {k} {metrics[k]:.4f}" for k in ("valid_seen_loss", "valid_unseen_loss",
+                                                               "description_accuracy") if k in metrics),
+                 format_eta(eta))
 
 
-def export_engine_model(engine, tokenizer, out_uri: str, cfg: KilmConfig, step: int, data_dir: str) -> None:
-    """Hugging Face export of the trained module (rank 0; ZeRO 0-2 hold full weights in the module)."""
-    import tempfile
-
-    from kilm_ray.model import export_hf
-
-    if cfg.train.zero_stage == 3:
-        log.warning("ZeRO-3: export from the final checkpoint with `kilm-ray export` instead")
-        return
-    meta = export_metadata(cfg, step, data_dir, checkpoint=None)
-    module = engine.module
-    if storage.is_remote(out_uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            export_hf(module, tokenizer, tmp, meta)
-            storage.upload_dir(tmp, out_uri)
-    else:
-        export_hf(module, tokenizer, out_uri, meta)
-    log.info("exported the model to %s", out_uri)
+def train_worker(cfg: KilmConfig, data_dir: str, env: RunEnv) -> dict[str, Any]:
+    """Train (or resume) until the configured steps are done; returns the last metrics."""
+    return Recipe(cfg, data_dir, env).run()
 
 
 def export_metadata(cfg: KilmConfig, step: int, data_dir: str, checkpoint: Optional[str]) -> dict[str, Any]:

@@ -9,11 +9,15 @@ leaves the previous one in place.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig, config_from_dict
@@ -32,32 +36,99 @@ class RayEnv(RunEnv):
         self.local_rank = ctx.get_local_rank()
         self._run_uri = run_uri
         self._tmp = Path(tempfile.mkdtemp(prefix="kilm_ckpt_"))
+        self._resume_copy: Optional[Path] = None
+        self._pending: Optional[threading.Event] = None
 
     @property
     def run_uri(self) -> str:
         return self._run_uri
 
     def resume_checkpoint(self) -> Optional[Path]:
+        """Local storage is read in place; remote storage is downloaded once per node (the first rank
+        of the node downloads under a lock, the others wait and read the same copy)."""
+        import pyarrow.fs
         import ray.train
+
+        from kilm_ray import node_cache
+        from kilm_ray.train.checkpoint import STATE_FILE
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        return Path(checkpoint.to_directory(str(self._tmp / "resume")))
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and Path(checkpoint.path).is_dir():
+            return Path(checkpoint.path)
+        key = hashlib.sha256(f"{self._run_uri}|{checkpoint.path}".encode()).hexdigest()[:20]
+        copy = node_cache.default_root() / "checkpoints" / key
+        with node_cache.node_lock(copy.with_name(f"{key}.lock")):
+            if not (copy / STATE_FILE).is_file():
+                partial = copy.with_name(f".tmp-{key}-{os.getpid()}")
+                checkpoint.to_directory(str(partial))
+                shutil.rmtree(copy, ignore_errors=True)
+                os.replace(partial, copy)
+        self._resume_copy = copy
+        return copy
 
-    def staging_dir(self, step: int) -> Path:
-        path = self._tmp / f"checkpoint_{step:08d}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def release_resume(self) -> None:
+        if self._resume_copy is None:
+            return
+        if self.world_size > 1:
+            import torch.distributed as dist
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+            dist.barrier()  # every rank of every node has read it
+        if self.local_rank == 0:
+            shutil.rmtree(self._resume_copy, ignore_errors=True)
+        self._resume_copy = None
+
+    def report(self, metrics: dict[str, Any]) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{int(metrics['step']):08d}" if checkpoint_dir else None)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        ray.train.report(metrics)
+
+    def checkpoint(self, step: int, metrics: dict[str, Any], write: Callable[[Path], None],
+                   state: Optional[dict]) -> None:
+        """Ray Train's asynchronous upload: ``report`` returns at once; Ray's upload thread runs our
+        ``write`` (this rank's shard to local disk), then copies the directory to storage and deletes
+        it. Ray registers the checkpoint when every rank's upload is done. One checkpoint in flight
+        per rank: the next one first waits for this one."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        from kilm_ray.train.checkpoint import write_state
+
+        if self._pending is not None:
+            self._pending.wait()
+        directory = self._tmp / f"checkpoint_{step:08d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        done = self._pending = threading.Event()
+
+        def upload(checkpoint, dir_name: str):
+            try:
+                write(directory)
+                if state is not None:
+                    write_state(directory, state)
+                return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+            finally:
+                done.set()
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload)
+
+    def preemption_pending(self) -> bool:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is not None and self.rank == 0:
+            log.warning("preemption notice: nodes %s (ranks %s) go at %s; checkpointing now",
+                        info.preempted_node_ids, info.preempted_ranks,
+                        time.strftime("%H:%M:%S", time.localtime(info.deadline_ms / 1000))
+                        if info.deadline_ms else "an unknown time")
+        return info is not None
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def _worker(config: dict) -> None:
@@ -99,7 +170,9 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=t.max_failures,
+            # Preemptions (drained nodes) are retried without limit and do not count as failures; the
+            # checkpoint taken on the notice makes them cost nothing.
+            failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1,
                                          controller_failure_limit=_bound_worker_start(t.worker_start_timeout_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks or None,
