@@ -234,6 +234,10 @@ class TrainConfig:
     preemption_poll_seconds: float = _doc(
         "How often (rank 0's clock) the workers ask Ray whether a node of the run is being drained or "
         "preempted; a notice triggers an immediate checkpoint.", default=5.0)
+    elastic_resize_check_s: float = _doc(
+        "Elastic runs: how often Ray Train checks whether the worker group can grow (ScalingConfig."
+        "elastic_resize_monitor_interval_s). The workers checkpoint as soon as they see room for another "
+        "worker, so a grow costs the steps between that checkpoint and the resize.", default=30.0)
     group_by_length: bool = _doc(
         "Sort each worker's share of a step by length before cutting micro-batches (less padding; the "
         "token-weighted loss over the global batch is unchanged).", default=True)
@@ -260,6 +264,10 @@ class TrainConfig:
         "message naming the resources asked for and free. Give an autoscaling cluster time to add nodes.",
         default=900.0,
     )
+    worker_start_attempt_s: float = _doc(
+        "One placement attempt of the worker group. After a node is lost, Ray's elastic policy may first "
+        "ask for the old size from a stale view of the cluster; a shorter attempt falls back to the "
+        "workers that fit sooner (more attempts within worker_start_timeout_s).", default=60.0)
     export_at_end: bool = _doc("Write a Hugging Face export of the final model into the run.", default=True)
     peak_tflops: float = _doc(
         "Peak dense TFLOP/s of one device for MFU (0 = look up the GPU, or omit MFU on CPU).", default=0.0
@@ -289,6 +297,7 @@ class TrainConfig:
             )
         _check_range(f"{path}.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
         _check_range(f"{path}.worker_start_timeout_s", self.worker_start_timeout_s, 0.0, 7 * 86400.0, low_open=True)
+        _check_range(f"{path}.worker_start_attempt_s", self.worker_start_attempt_s, 0.0, 3600.0, low_open=True)
         _check_range(f"{path}.checkpoint_every_minutes", self.checkpoint_every_minutes, 0.0, 7 * 1440.0)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)

@@ -58,10 +58,18 @@ def runs_that_fit(free: Mapping[str, float], request: WorkerRequest, driver_cpus
     return max(0, min(counts)) if counts else 0
 
 
-def start_attempts(timeout_s: float) -> tuple[float, int]:
+def can_grow(free: Mapping[str, float], per_worker: Mapping[str, float], world_size: int, max_workers: int) -> bool:
+    """Whether the free resources hold one more worker of an elastic group below its maximum (Ray
+    Train will then restart the group larger: checkpoint first)."""
+    if world_size >= max_workers:
+        return False
+    return all(free.get(name, 0.0) + _EPS >= amount for name, amount in per_worker.items() if amount > 0)
+
+
+def start_attempts(timeout_s: float, attempt_s: float = START_ATTEMPT_S) -> tuple[float, int]:
     """Split a total wait for the worker group into Ray's per-attempt timeout and the number of
     retries after the first attempt (``FailureConfig.controller_failure_limit``)."""
-    per_attempt = min(START_ATTEMPT_S, timeout_s)
+    per_attempt = min(attempt_s, timeout_s)
     return per_attempt, max(0, math.ceil(timeout_s / per_attempt - _EPS) - 1)
 
 

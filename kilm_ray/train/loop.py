@@ -69,9 +69,11 @@ class RunEnv(abc.ABC):
         rank's files and may run in the background; rank 0 passes ``state``, the file that completes a
         checkpoint, written once every rank's files are in place."""
 
-    def preemption_pending(self) -> bool:
-        """True when a node of this run is about to go (every rank calls it at the same steps)."""
-        return False
+    def resize_pending(self) -> Optional[str]:
+        """``"preemption"`` when a node of this run is about to go, ``"grow"`` when the cluster has room
+        for another worker of an elastic run, else None: either way the group is about to restart, so
+        checkpoint now. Every rank calls it at the same steps."""
+        return None
 
     def close(self) -> None:
         """Wait for checkpoints still being written or uploaded."""
@@ -112,6 +114,13 @@ class Artifacts:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
+
+    def last_step(self) -> int:
+        """The last step logged in metrics.jsonl (0 if none)."""
+        if not self.metrics_file.exists():
+            return 0
+        steps = [json.loads(line).get("step", 0) for line in self.metrics_file.read_text().splitlines() if line]
+        return max(steps, default=0)
 
     def event(self, step: int, **fields: Any) -> None:
         """A non-metric line (e.g. a resume) in metrics.jsonl, so curves show where a run restarted."""
@@ -449,7 +458,11 @@ class Recipe:
         self.validation = Validation(self.data_dir, self.cfg, self.sp, env)
         artifacts = Artifacts(env.run_uri) if self.is_rank0 else None
         if artifacts is not None and start_step:
-            artifacts.event(start_step, event="resumed", world_size=env.world_size)
+            # What the restart cost: the steps logged since the checkpoint, to be done again.
+            redone = max(0, artifacts.last_step() - start_step)
+            artifacts.event(start_step, event="resumed", world_size=env.world_size, steps_redone=redone)
+            log.info("resumed at step %d with %d worker(s): %d step(s) since that checkpoint are done again",
+                     start_step, env.world_size, redone)
         peak = peak_tflops(t.peak_tflops, device)
         total = self.plan.total_steps
         if self.is_rank0:
@@ -461,7 +474,7 @@ class Recipe:
         sums = LossSums()
         window_start = run_start = time.time()
         self.last_checkpoint_at, every_s = time.time(), 60.0 * t.checkpoint_every_minutes
-        last_poll, notice_saved = time.time(), False
+        last_poll, notice_saved = time.time(), None
         last: dict[str, Any] = {}
         self.engine.train()
         step = start_step
@@ -476,28 +489,31 @@ class Recipe:
                 time_due = self.is_rank0 and every_s > 0 and now - self.last_checkpoint_at >= every_s
                 poll_due = self.is_rank0 and now - last_poll >= t.preemption_poll_seconds
                 last_poll = now if poll_due else last_poll
-                self.global_weight, time_due_any, poll_due_any = _all_reduce(
-                    [local_weight, float(time_due), float(poll_due)], env, device)
+                regrow_due = self.is_rank0 and now - self.last_checkpoint_at >= t.elastic_resize_check_s
+                self.global_weight, time_due_any, poll_due_any, regrow_due_any = _all_reduce(
+                    [local_weight, float(time_due), float(poll_due), float(regrow_due)], env, device)
                 self.global_weight = self.global_weight or 1.0
                 self.train_step(step, micro_batches, sums)
                 done = step + 1
 
-                # A node about to go: one checkpoint now, so its loss costs nothing (once per notice).
-                preempted = False
+                # The group is about to restart (a node goes, or it can grow): checkpoint now, so the
+                # restart costs (almost) nothing. Once per preemption notice; while a grow is pending
+                # (Ray takes a while to act on it), again every elastic_resize_check_s.
+                resize = None
                 if poll_due_any > 0:
-                    notice = env.preemption_pending()
-                    preempted, notice_saved = notice and not notice_saved, notice
+                    notice = env.resize_pending()
+                    again = notice == "grow" and regrow_due_any > 0
+                    resize, notice_saved = (notice if notice != notice_saved or again else None), notice
                 log_due = done % t.log_every == 0 or done == total
                 eval_due = done == total or (t.eval_every and done % t.eval_every == 0)
-                ckpt_due = done % t.checkpoint_every == 0 or done == total or time_due_any > 0 or preempted
+                ckpt_due = done % t.checkpoint_every == 0 or done == total or time_due_any > 0 or bool(resize)
                 if not (log_due or eval_due or ckpt_due):
                     continue
                 metrics = self.step_metrics(done, sums, time.time() - window_start, peak)
                 if eval_due:
                     self.validate(metrics)
                 if ckpt_due:
-                    reason = "preemption" if preempted else "end" if done == total else \
-                        "time" if time_due_any > 0 else "steps"
+                    reason = resize or ("end" if done == total else "time" if time_due_any > 0 else "steps")
                     self.save(done, metrics, reason)
                 else:
                     env.report(metrics)

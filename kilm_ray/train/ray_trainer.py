@@ -27,8 +27,10 @@ log = logging.getLogger("kilm_ray.train")
 
 
 class RayEnv(RunEnv):
-    def __init__(self, run_uri: str):
+    def __init__(self, run_uri: str, train_cfg):
         import ray.train
+
+        from kilm_ray.resources import worker_request
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
@@ -38,6 +40,8 @@ class RayEnv(RunEnv):
         self._tmp = Path(tempfile.mkdtemp(prefix="kilm_ckpt_"))
         self._resume_copy: Optional[Path] = None
         self._pending: Optional[threading.Event] = None
+        self._per_worker = dict(worker_request(train_cfg).per_worker)
+        self._max_workers = train_cfg.worker_bounds[1]
 
     @property
     def run_uri(self) -> str:
@@ -114,16 +118,38 @@ class RayEnv(RunEnv):
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload)
 
-    def preemption_pending(self) -> bool:
+    def resize_pending(self) -> Optional[str]:
+        """Ray's preemption notice (a drained node: spot reclaim, ``ray drain-node``), or room for one
+        more worker of an elastic group. The preemption query is itself a collective of all ranks;
+        the resource check is rank 0's, shared through an all-reduce so every rank agrees."""
+        import ray
         import ray.train
 
+        from kilm_ray.resources import can_grow
+
         info = ray.train.get_preemption_info()
-        if info is not None and self.rank == 0:
-            log.warning("preemption notice: nodes %s (ranks %s) go at %s; checkpointing now",
-                        info.preempted_node_ids, info.preempted_ranks,
-                        time.strftime("%H:%M:%S", time.localtime(info.deadline_ms / 1000))
-                        if info.deadline_ms else "an unknown time")
-        return info is not None
+        if info is not None:
+            if self.rank == 0:
+                log.warning("preemption notice: nodes %s (ranks %s) go at %s; checkpointing now",
+                            info.preempted_node_ids, info.preempted_ranks,
+                            time.strftime("%H:%M:%S", time.localtime(info.deadline_ms / 1000))
+                            if info.deadline_ms else "an unknown time")
+            return "preemption"
+        if self.world_size >= self._max_workers:  # the same on every rank: no growing, nothing to agree on
+            return None
+        grow = self.rank == 0 and can_grow(ray.available_resources(), self._per_worker, self.world_size,
+                                           self._max_workers)
+        if self.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(grow)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(flag)
+            grow = flag.item() > 0
+        if grow and self.rank == 0:
+            log.info("room for another worker (%d now, up to %d): checkpointing before Ray grows the group",
+                     self.world_size, self._max_workers)
+        return "grow" if grow else None
 
     def close(self) -> None:
         if self._pending is not None:
@@ -136,10 +162,10 @@ def _worker(config: dict) -> None:
 
     worker_logging()
     cfg = config_from_dict(config["cfg"], source="train_loop_config")
-    train_worker(cfg, config["data_dir"], RayEnv(config["run_uri"]))
+    train_worker(cfg, config["data_dir"], RayEnv(config["run_uri"], cfg.train))
 
 
-def _bound_worker_start(timeout_s: float) -> int:
+def _bound_worker_start(timeout_s: float, attempt_s: float) -> int:
     """Make the controller give up on an unplaceable worker group after ``timeout_s`` in all: Ray's
     per-attempt wait (an environment variable the controller inherits from the process calling
     ``fit``) and the number of retries, which is unlimited by default in Ray 2.60 (a pending trial
@@ -148,7 +174,7 @@ def _bound_worker_start(timeout_s: float) -> int:
 
     from kilm_ray.resources import start_attempts
 
-    per_attempt, retries = start_attempts(timeout_s)
+    per_attempt, retries = start_attempts(timeout_s, attempt_s)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{per_attempt:g}"
     return retries
 
@@ -167,13 +193,14 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir, "run_uri": run_uri},
         scaling_config=ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     **({} if lo == hi else {"elastic_resize_monitor_interval_s": t.elastic_resize_check_s})),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             # Preemptions (drained nodes) are retried without limit and do not count as failures; the
             # checkpoint taken on the notice makes them cost nothing.
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1,
-                                         controller_failure_limit=_bound_worker_start(t.worker_start_timeout_s)),
+                                         controller_failure_limit=_bound_worker_start(t.worker_start_timeout_s, t.worker_start_attempt_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks or None,
         ),
