@@ -82,10 +82,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps({"run": args.run_dir, "metrics": metrics}, indent=2, default=str))
         return 0
     from kilm_ray.cluster import init_ray
-    from kilm_ray.train.ray_trainer import run_training
+    from kilm_ray.train.ray_trainer import RunStalled, run_training
 
     init_ray(args.address)
-    result = run_training(cfg, args.data, args.run_dir, args.name)
+    try:
+        result = run_training(cfg, args.data, args.run_dir, args.name)
+    except RunStalled as exc:
+        print(f"kilm-ray train: error: {exc}", file=sys.stderr)
+        return 1
     if result.error:
         print(f"kilm-ray train: error: training failed: {result.error}", file=sys.stderr)
         return 1

@@ -259,6 +259,9 @@ class TrainConfig:
     max_failures: int = _doc(
         "Worker-group restarts after failures tolerated (Ray FailureConfig; -1 = no limit, for spot "
         "capacity; preemptions with notice are not counted).", default=3)
+    max_restarts_without_progress: int = _doc(
+        "Stop a run whose worker group restarted this many times in a row from the same checkpoint (a "
+        "failure that recurs before the next checkpoint), even with max_failures -1 (0 = never).", default=5)
     worker_start_timeout_s: float = _doc(
         "Longest wait for the worker group to be placed (in all attempts) before the run fails with a "
         "message naming the resources asked for and free. Give an autoscaling cluster time to add nodes.",
@@ -304,6 +307,7 @@ class TrainConfig:
         for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers"):
             _check_min(f"{path}.{name}", getattr(self, name), 0)
         _check_min(f"{path}.max_failures", self.max_failures, -1)
+        _check_min(f"{path}.max_restarts_without_progress", self.max_restarts_without_progress, 0)
 
     @property
     def worker_bounds(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -95,7 +96,8 @@ def main() -> None:
         last = metrics(run)
         timeline.append({"event": event, "step": max((m["step"] for m in last), default=0), "time": time.time()})
 
-    wait_for("2 workers at step 3", lambda: any(m.get("world_size") == 2 and m["step"] >= 3 for m in metrics(run)))
+    # Ray may start the group with 1 worker before it sees both nodes, then grow it: wait for 2.
+    wait_for("2 workers", lambda: any(m.get("world_size") == 2 and "event" not in m for m in metrics(run)))
     mark("drain node B (preemption, 60 s deadline)")
     subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", cluster.address, "--node-id", node_b.node_id,
                     "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
@@ -111,7 +113,7 @@ def main() -> None:
     mark("add node C")
     cluster.add_node(**slot)
     wait_for("2 workers again", lambda: any(m.get("world_size") == 2 and m.get("event") == "resumed"
-                                            for m in metrics(run)))
+                                            and m["time"] > timeline[-1]["time"] for m in metrics(run)))
     mark("grown back to 2")
     thread.join(timeout=300)
     summary = {
@@ -123,6 +125,11 @@ def main() -> None:
     print(json.dumps(summary, default=str))
     ray.shutdown()
     cluster.shutdown()
+    # The simulated cluster registered itself as this machine's current Ray; once it is gone, a later
+    # ray.init() without an address must start a local Ray rather than look for it.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.exists() and current.read_text().strip() == cluster.address:
+        current.unlink()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from kilm_ray.train.checkpoint import read_checkpoint
 
 from conftest import REPO
 
-STEPS = 160
+STEPS = 200
 COMMON = ["train.epochs=10", f"train.max_steps={STEPS}", "train.checkpoint_every=1000", "train.eval_every=0",
           "train.export_at_end=false", "model.preset=tiny", "train.num_workers=[1,2]"]
 
@@ -37,7 +37,7 @@ def test_shrink_on_preemption_and_grow_back_bit_identical(tiny_data, tmp_path):
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
 
     assert summary["error"] is None
-    shrink, grow = summary["resumes"]
+    shrink, grow = summary["resumes"][-2:]  # (a first grow if Ray started the group before it saw node B)
     # A preemption costs at most the step running when the node went (the checkpoint was taken on the
     # notice); a grow at most the steps of one re-checkpoint interval (2 s here: Ray acts on the new
     # node 10-40 s after it joins, and the workers checkpoint every 2 s until it does).

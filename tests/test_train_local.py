@@ -184,3 +184,18 @@ def test_time_based_checkpoints_and_resume_refuses_other_data_or_settings(local_
         run_local(cfg.with_overrides({"train.seed": 4242}), tiny_data, str(tmp_path / "run"))
     assert resume_conflicts({"dataset": "a", "seed": 1}, {"dataset": "b", "seed": 1, "total_steps": 9}) == [
         "dataset: checkpoint 'a', now 'b'"]
+
+
+def test_restarts_that_make_no_progress_stop_the_run(local_cfg, tiny_data, tmp_path):
+    """An unlimited-retry run stops (rather than loops) once it restarted too often from one checkpoint."""
+    from kilm_ray.train.loop import restarts_without_progress
+
+    assert restarts_without_progress(None, 0) == {"start_step": 0, "without_progress": 0}
+    assert restarts_without_progress({"start_step": 4, "without_progress": 2}, 4)["without_progress"] == 3
+    assert restarts_without_progress({"start_step": 4, "without_progress": 2}, 8)["without_progress"] == 0
+    run = tmp_path / "stalled"
+    run.mkdir()
+    (run / "restarts.json").write_text(json.dumps({"start_step": 0, "without_progress": 2}))
+    metrics = run_local(local_cfg.with_overrides({"train.max_restarts_without_progress": 2}), tiny_data, str(run))
+    assert "3 restarts in a row from step 0 made no progress" in metrics["gave_up"]
+    assert not (run / "checkpoints" / "checkpoint_00000004").exists()

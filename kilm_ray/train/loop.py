@@ -84,6 +84,13 @@ class RunEnv(abc.ABC):
         """The run directory (local or s3://) for metrics, TensorBoard events and the export."""
 
 
+def restarts_without_progress(previous: Optional[dict], start_step: int) -> dict:
+    """The run's restart record after a start at ``start_step``: a start from the same step as the
+    previous one is a restart that made no progress."""
+    same = previous is not None and previous.get("start_step") == start_step
+    return {"start_step": start_step, "without_progress": previous["without_progress"] + 1 if same else 0}
+
+
 class Artifacts:
     """metrics.jsonl and TensorBoard events of rank 0, written locally and synced to the run dir."""
 
@@ -463,6 +470,10 @@ class Recipe:
             artifacts.event(start_step, event="resumed", world_size=env.world_size, steps_redone=redone)
             log.info("resumed at step %d with %d worker(s): %d step(s) since that checkpoint are done again",
                      start_step, env.world_size, redone)
+        stalled = self.gave_up(start_step, artifacts)
+        if stalled:
+            env.close()
+            return {"step": start_step, "gave_up": stalled}
         peak = peak_tflops(t.peak_tflops, device)
         total = self.plan.total_steps
         if self.is_rank0:
@@ -532,6 +543,27 @@ class Recipe:
             if artifacts is not None:
                 artifacts.close()
         return last
+
+    def gave_up(self, start_step: int, artifacts: Optional[Artifacts]) -> Optional[str]:
+        """Count restarts that made no progress (rank 0, in the run directory); past
+        ``train.max_restarts_without_progress`` every rank reports and returns instead of training, so
+        an unlimited-retry spot run does not loop forever on a failure that recurs."""
+        limit = self.t.max_restarts_without_progress
+        stop = 0.0
+        if artifacts is not None and limit:
+            path = storage.join(self.env.run_uri, "restarts.json")
+            previous = json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+            record = restarts_without_progress(previous, start_step)
+            storage.write_bytes(path, json.dumps(record).encode())
+            stop = float(record["without_progress"] > limit)
+        if not _all_reduce([stop], self.env, self.env.device)[0]:
+            return None
+        message = (f"stopped: {limit + 1} restarts in a row from step {start_step} made no progress "
+                   "(train.max_restarts_without_progress); see the workers' errors above")
+        if self.is_rank0:
+            log.error(message)
+        self.env.report({"step": start_step, "gave_up": message})
+        return message
 
     def step_metrics(self, done: int, sums: LossSums, elapsed: float, peak: float) -> dict[str, Any]:
         env, engine = self.env, self.engine

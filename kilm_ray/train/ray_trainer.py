@@ -227,6 +227,13 @@ def fit(trainer, cfg: KilmConfig):
         raise WorkerPlacementError(message) from None
 
 
+class RunStalled(RuntimeError):
+    """The run kept restarting from the same checkpoint (``train.max_restarts_without_progress``)."""
+
+
 def run_training(cfg: KilmConfig, data_dir: str, run_dir: str, name: str):
     """Fit (or resume) the run ``run_dir/name``; returns Ray's Result."""
-    return fit(build_trainer(cfg, data_dir, run_dir, name), cfg)
+    result = fit(build_trainer(cfg, data_dir, run_dir, name), cfg)
+    if result.error is None and (result.metrics or {}).get("gave_up"):
+        raise RunStalled(result.metrics["gave_up"])
+    return result
