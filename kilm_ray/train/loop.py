@@ -458,6 +458,10 @@ class Recipe:
         device = env.device
         self.setup_data()
         resume = self.read_resume()
+        stalled = self.gave_up(int(resume.state["step"]) if resume is not None else 0)
+        if stalled:  # before the model is built: nothing else to set up or tear down
+            env.close()
+            return {"step": int(resume.state["step"]) if resume is not None else 0, "gave_up": stalled}
         self.setup_model(resume)
         start_step = self.restore(resume)
         del resume
@@ -470,10 +474,6 @@ class Recipe:
             artifacts.event(start_step, event="resumed", world_size=env.world_size, steps_redone=redone)
             log.info("resumed at step %d with %d worker(s): %d step(s) since that checkpoint are done again",
                      start_step, env.world_size, redone)
-        stalled = self.gave_up(start_step, artifacts)
-        if stalled:
-            env.close()
-            return {"step": start_step, "gave_up": stalled}
         peak = peak_tflops(t.peak_tflops, device)
         total = self.plan.total_steps
         if self.is_rank0:
@@ -544,13 +544,13 @@ class Recipe:
                 artifacts.close()
         return last
 
-    def gave_up(self, start_step: int, artifacts: Optional[Artifacts]) -> Optional[str]:
+    def gave_up(self, start_step: int) -> Optional[str]:
         """Count restarts that made no progress (rank 0, in the run directory); past
         ``train.max_restarts_without_progress`` every rank reports and returns instead of training, so
         an unlimited-retry spot run does not loop forever on a failure that recurs."""
         limit = self.t.max_restarts_without_progress
         stop = 0.0
-        if artifacts is not None and limit:
+        if self.is_rank0 and limit:
             path = storage.join(self.env.run_uri, "restarts.json")
             previous = json.loads(storage.read_bytes(path)) if storage.exists(path) else None
             record = restarts_without_progress(previous, start_step)
