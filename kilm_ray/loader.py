@@ -150,9 +150,6 @@ class SampleStore:
     def entity_sources(self, i: int) -> list[str]:
         return self._column_value("ent_source", i)
 
-    def article(self, i: int) -> str:
-        return self._column_value("article", i)
-
     def text(self, i: int) -> str:
         return self._column_value("text", i)
 
@@ -232,14 +229,18 @@ class BatchPlan:
 
     @property
     def grad_accum(self) -> int:
-        return self.micro_per_share * math.ceil(self.shares / self.world_size)
+        return self.micro_per_share * len(self.hosted_shares(0))
+
+    def hosted_shares(self, rank: int) -> list[int]:
+        """The shares worker ``rank`` runs, padded with -1 (an empty filler share) to the same count on
+        every worker."""
+        hosted = list(range(rank, self.shares, self.world_size))
+        return hosted + [-1] * (math.ceil(self.shares / self.world_size) - len(hosted))
 
     def micro_batch_ids(self, rank: int) -> list[tuple[int, int]]:
         """(share, micro-batch index) of each micro-batch a worker runs: what seeds its dropout, so a
         micro-batch is computed the same way on whichever worker runs it."""
-        hosted = list(range(rank, self.shares, self.world_size))
-        hosted += [-1] * (math.ceil(self.shares / self.world_size) - len(hosted))  # filler shares
-        return [(v, i) for v in hosted for i in range(self.micro_per_share)]
+        return [(v, i) for v in self.hosted_shares(rank) for i in range(self.micro_per_share)]
 
     def step_positions(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, store positions) of global step ``step`` (0-based)."""
@@ -256,8 +257,8 @@ class BatchPlan:
         largest one comes first (an out-of-memory shows at once)."""
         epoch, positions = self.step_positions(step)
         micro: list[np.ndarray] = []
-        for v in range(rank, rank + self.world_size * math.ceil(self.shares / self.world_size), self.world_size):
-            share = positions[v:: self.shares] if v < self.shares else positions[:0]
+        for v in self.hosted_shares(rank):
+            share = positions[v:: self.shares] if v >= 0 else positions[:0]
             if lengths is not None and len(share) > 1:
                 share = share[np.argsort(-lengths(share), kind="stable")]
             micro.extend(np.array_split(share, self.micro_per_share))

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -168,6 +168,3 @@ def cached_array(path: Path, lock: Path, make: Callable[[], np.ndarray]) -> np.n
                 os.replace(tmp, path)
     return map_array(path)
 
-
-def clear(root: Optional[Path] = None) -> None:
-    shutil.rmtree(root or default_root(), ignore_errors=True)

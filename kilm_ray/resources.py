@@ -61,9 +61,7 @@ def runs_that_fit(free: Mapping[str, float], request: WorkerRequest, driver_cpus
 def can_grow(free: Mapping[str, float], per_worker: Mapping[str, float], world_size: int, max_workers: int) -> bool:
     """Whether the free resources hold one more worker of an elastic group below its maximum (Ray
     Train will then restart the group larger: checkpoint first)."""
-    if world_size >= max_workers:
-        return False
-    return all(free.get(name, 0.0) + _EPS >= amount for name, amount in per_worker.items() if amount > 0)
+    return world_size < max_workers and runs_that_fit(free, WorkerRequest(1, per_worker)) >= 1
 
 
 def start_attempts(timeout_s: float, attempt_s: float = START_ATTEMPT_S) -> tuple[float, int]:

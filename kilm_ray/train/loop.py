@@ -340,10 +340,10 @@ class Recipe:
         if t.compile:
             self.engine.compile()
 
-    def restore(self, resume: Optional[Checkpoint]) -> int:
-        """Optimizer, schedule and loss scale from the checkpoint; returns the step to start at."""
+    def restore(self, resume: Optional[Checkpoint]) -> None:
+        """Optimizer, schedule and loss scale from the checkpoint."""
         if resume is None:
-            return 0
+            return
         engine = self.engine
         restore_optimizer(engine, resume.weights, resume.moments, int(resume.state["adam_step"]))
         engine.lr_scheduler.load_state_dict(resume.state["scheduler"])
@@ -353,11 +353,9 @@ class Recipe:
             group["lr"] = lr
         restore_loss_scale(engine, resume.state.get("loss_scale"))
         engine.skipped_steps = int(resume.state.get("skipped_steps", 0))
-        start_step = int(resume.state["step"])
         if self.is_rank0:
-            log.info("resumed from %s at step %d (saved by %d workers, now %d)", resume.path, start_step,
+            log.info("resumed from %s at step %d (saved by %d workers, now %d)", resume.path, resume.state["step"],
                      resume.state["world_size"], self.env.world_size)
-        return start_step
 
     def data_loader(self, start_step: int):
         t, cfg = self.t, self.cfg
@@ -458,12 +456,13 @@ class Recipe:
         device = env.device
         self.setup_data()
         resume = self.read_resume()
-        stalled = self.gave_up(int(resume.state["step"]) if resume is not None else 0)
+        start_step = int(resume.state["step"]) if resume is not None else 0
+        stalled = self.gave_up(start_step)
         if stalled:  # before the model is built: nothing else to set up or tear down
             env.close()
-            return {"step": int(resume.state["step"]) if resume is not None else 0, "gave_up": stalled}
+            return {"step": start_step, "gave_up": stalled}
         self.setup_model(resume)
-        start_step = self.restore(resume)
+        self.restore(resume)
         del resume
         loader = self.data_loader(start_step)
         self.validation = Validation(self.data_dir, self.cfg, self.sp, env)

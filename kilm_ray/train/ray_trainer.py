@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig, config_from_dict
-from kilm_ray.train.loop import RunEnv, train_worker
+from kilm_ray.train.loop import RunEnv, _all_reduce, train_worker
 
 log = logging.getLogger("kilm_ray.train")
 
@@ -139,13 +139,7 @@ class RayEnv(RunEnv):
             return None
         grow = self.rank == 0 and can_grow(ray.available_resources(), self._per_worker, self.world_size,
                                            self._max_workers)
-        if self.world_size > 1:
-            import torch
-            import torch.distributed as dist
-
-            flag = torch.tensor([float(grow)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(flag)
-            grow = flag.item() > 0
+        grow = _all_reduce([float(grow)], self, self.device)[0] > 0
         if grow and self.rank == 0:
             log.info("room for another worker (%d now, up to %d): checkpointing before Ray grows the group",
                      self.world_size, self._max_workers)
