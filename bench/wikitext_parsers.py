@@ -1,23 +1,32 @@
 """Which wikitext cleaner: kilm_ray's (mwparserfromhell, a maintained MediaWiki parser) against a regex
 cleaner in the style of WikiExtractor / the official KILM preprocessing, on the real dump excerpt.
 
-    python bench/wikitext_parsers.py
+    python bench/wikitext_parsers.py [--baseline REV]
 
 Measures pages/s and quality: markup left in the text (``[[``, ``{{``, ``<ref``, ``''``, table rows...),
 links extracted, and paragraphs whose text is mostly markup debris. The regex cleaner lives here only, as
 the baseline the product's choice is measured against.
+
+It also measures the product's parser against its own earlier version (``--baseline``, a git revision:
+default c22c7d0, the parser before token pruning) in the same run: MB of article wikitext per CPU-second
+in lead and article mode, interleaved A/B rounds, and whether both give identical paragraphs and links.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SHARED_DATA, save  # noqa: E402
+from bench.common import REPO, SHARED_DATA, save  # noqa: E402
 
 DUMP = SHARED_DATA / "enwiki-sample-pages-articles.xml.bz2"
 RESIDUE = ("[[", "]]", "{{", "}}", "<ref", "</ref", "''", "{|", "|}", "|-", "&lt;", "&gt;", "<!--", "thumb|")
@@ -80,15 +89,60 @@ def measure(name: str, clean, texts: list[str]) -> dict:
             "debris_paragraphs": debris}
 
 
+def load_baseline(revision: str):
+    """kilm_ray/corpus/wikitext.py as it was at ``revision``, imported as a separate module."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:kilm_ray/corpus/wikitext.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_wikitext.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_wikitext", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _as_data(article) -> tuple:
+    return ([(p.text, [(l.start, l.end, l.target) for l in p.links]) for p in article.paragraphs],
+            article.short_description)
+
+
+def against_baseline(texts: list[str], revision: str, rounds: int = 3) -> dict:
+    """MB of wikitext per CPU-second, product parser vs the one at ``revision``, same pages, same run."""
+    from kilm_ray.corpus import wikitext as current
+
+    baseline = load_baseline(revision)
+    megabytes = sum(len(t.encode()) for t in texts) / 1e6
+    result = {"baseline_revision": revision, "megabytes": round(megabytes, 3)}
+    for mode in ("lead", "article"):
+        speeds: dict[str, list[float]] = {"baseline": [], "now": []}
+        outputs = {}
+        for _ in range(rounds):
+            for name, module in (("baseline", baseline), ("now", current)):
+                start = time.process_time()
+                outputs[name] = [_as_data(module.parse_article(t, mode)) for t in texts]
+                speeds[name].append(megabytes / (time.process_time() - start))
+        ratios = [now / base for now, base in zip(speeds["now"], speeds["baseline"])]
+        result[mode] = {"baseline_mb_per_cpu_s": [round(v, 2) for v in speeds["baseline"]],
+                        "now_mb_per_cpu_s": [round(v, 2) for v in speeds["now"]],
+                        "ratio_median": round(statistics.median(ratios), 2),
+                        "pages_with_different_output": sum(a != b for a, b in zip(outputs["baseline"], outputs["now"]))}
+    return result
+
+
 def main() -> None:
     from kilm_ray.corpus.dump import iter_raw_pages, parse_page_xml
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", default="c22c7d0", help="git revision of the parser to compare with")
+    args = parser.parse_args()
     pages = [parse_page_xml(r.xml) for r in iter_raw_pages(str(DUMP))]
     texts = [p.text for p in pages if p.redirect is None and p.ns == 0]
     result = {"workload": f"{len(texts)} article leads of {DUMP.name}",
               "regex": measure("regex", regex_clean, texts),
               "mwparserfromhell": measure("mwparserfromhell", mw_clean, texts)}
     result["speed_ratio_mw_over_regex"] = result["mwparserfromhell"]["pages_per_s"] / result["regex"]["pages_per_s"]
+    result["against_baseline"] = against_baseline(texts, args.baseline)
     save("wikitext_parsers", result)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import mwparserfromhell
+import numpy as np
 from mwparserfromhell import nodes as mwnodes
 
 # Namespaces whose links are not entity mentions (dropped with their text), lower-cased.
@@ -144,11 +145,11 @@ def first_sentence(text: str) -> Optional[str]:
 
 
 class _Builder:
-    """Accumulates text; each character remembers the link (index) it belongs to, or -1."""
+    """Accumulates text as pieces, each owned by a link (its index) or by none (-1)."""
 
     def __init__(self) -> None:
-        self.chars: list[str] = []
-        self.owner: list[int] = []
+        self.pieces: list[str] = []
+        self.owners: list[int] = []
         self.targets: list[str] = []
         self._after_link = False
 
@@ -171,14 +172,20 @@ class _Builder:
         self._after_link = True
 
     def _extend(self, text: str, owner: int) -> None:
-        self.chars.extend(text)
-        self.owner.extend([owner] * len(text))
+        if text:
+            self.pieces.append(text)
+            self.owners.append(owner)
+
+    def text_and_owner(self) -> tuple[str, np.ndarray]:
+        """The text, and for each character the link that owns it (-1: none)."""
+        lengths = np.fromiter((len(p) for p in self.pieces), dtype=np.int64, count=len(self.pieces))
+        return "".join(self.pieces), np.repeat(np.asarray(self.owners, dtype=np.int32), lengths)
 
 
 def _plain(code) -> str:
     builder = _Builder()
     _render_nodes(code.nodes, builder, links=False, state={})
-    return "".join(builder.chars)
+    return "".join(builder.pieces)
 
 
 def _template_name(node: mwnodes.Template) -> str:
@@ -245,42 +252,50 @@ _TIDY_STEPS = [
 ]
 
 
-def _tidy(chars: list[str], owner: list[int]) -> tuple[str, list[int]]:
-    text = "".join(" " if c.isspace() else c for c in chars)
+_SPACE_RE = re.compile(r"\s")  # the characters str.isspace() accepts, one for one
+
+
+def _tidy(text: str, owner: np.ndarray) -> tuple[str, np.ndarray]:
+    """Whitespace to spaces, then each of _TIDY_STEPS deletes its matches; ``owner`` follows the
+    characters. Works on spans (regex matches), never character by character in Python."""
+    text = _SPACE_RE.sub(" ", text)
     for pattern, group in _TIDY_STEPS:
-        keep = [True] * len(text)
-        for match in pattern.finditer(text):
-            for i in range(match.start(group), match.end(group)):
-                keep[i] = False
-        if not all(keep):
-            text = "".join(c for c, k in zip(text, keep) if k)
-            owner = [o for o, k in zip(owner, keep) if k]
-    start, end = 0, len(text)
-    while start < end and text[start] == " ":
-        start += 1
-    while end > start and text[end - 1] == " ":
-        end -= 1
-    return text[start:end], owner[start:end]
-
-
-def _paragraph(text: str, owner: list[int], targets: list[str]) -> Paragraph:
-    links: list[Link] = []
-    i = 0
-    while i < len(text):
-        if owner[i] < 0:
-            i += 1
+        if not pattern.search(text):
             continue
-        j = i
-        while j < len(text) and owner[j] == owner[i]:
-            j += 1
-        start, end = i, j
-        while start < end and text[start] == " ":
-            start += 1
-        while end > start and text[end - 1] == " ":
-            end -= 1
-        if end > start:
-            links.append(Link(start, end, targets[owner[i]]))
-        i = j
+        spans = [(m.start(group), m.end(group)) for m in pattern.finditer(text)]
+        spans = [(a, b) for a, b in spans if b > a >= 0]
+        if not spans:
+            continue
+        kept_text, kept_owner, previous = [], [], 0
+        for a, b in spans:
+            kept_text.append(text[previous:a])
+            kept_owner.append(owner[previous:a])
+            previous = b
+        kept_text.append(text[previous:])
+        kept_owner.append(owner[previous:])
+        text, owner = "".join(kept_text), np.concatenate(kept_owner)
+    stripped = text.lstrip(" ")
+    start = len(text) - len(stripped)
+    stripped = stripped.rstrip(" ")
+    return stripped, owner[start:start + len(stripped)]
+
+
+def _paragraph(text: str, owner: np.ndarray, targets: list[str]) -> Paragraph:
+    links: list[Link] = []
+    if len(owner) and owner.max() >= 0:
+        # Runs of one owner: boundaries where the owner changes.
+        bounds = np.flatnonzero(np.diff(owner)) + 1
+        starts = np.concatenate(([0], bounds)).tolist()
+        ends = np.concatenate((bounds, [len(owner)])).tolist()
+        for i, j in zip(starts, ends):
+            link = int(owner[i])
+            if link < 0:
+                continue
+            surface = text[i:j]
+            start = i + len(surface) - len(surface.lstrip(" "))
+            end = j - (len(surface) - len(surface.rstrip(" ")))
+            if end > start:
+                links.append(Link(start, end, targets[link]))
     return Paragraph(text, links)
 
 
@@ -291,16 +306,112 @@ def _keep_paragraph(text: str) -> bool:
 
 def _split_paragraphs(builder: _Builder) -> list[Paragraph]:
     paragraphs = []
-    chars, owner = builder.chars, builder.owner
+    text, owner = builder.text_and_owner()
     start = 0
-    for i in range(len(chars) + 1):
-        if i == len(chars) or chars[i] == "\n":
-            if i > start:
-                text, own = _tidy(chars[start:i], owner[start:i])
-                if _keep_paragraph(text):
-                    paragraphs.append(_paragraph(text, own, builder.targets))
-            start = i + 1
+    for line in text.split("\n"):
+        end = start + len(line)
+        if line:
+            clean, own = _tidy(line, owner[start:end])
+            if _keep_paragraph(clean):
+                paragraphs.append(_paragraph(clean, own, builder.targets))
+        start = end + 1
     return paragraphs
+
+
+_PARSER_TOKENS = mwparserfromhell.parser.tokens
+_KEPT_TEMPLATES = {"short description", "convert", "cvt", *KEEP_TEMPLATE_PARAM}
+# Each tag opens with TagOpenOpen and ends with exactly one of these.
+_TAG_ENDS = (_PARSER_TOKENS.TagCloseSelfclose, _PARSER_TOKENS.TagCloseClose)
+
+
+def _name_of(tokens: list, start: int, stops: tuple) -> Optional[str]:
+    """The name that starts at tokens[start] (a template's or a tag's) when it is plain text, lower-cased
+    with spaces normalized as the renderer does; None when anything else is in it."""
+    parts = []
+    for i in range(start, len(tokens)):
+        token = tokens[i]
+        if isinstance(token, stops):
+            break
+        if type(token) is not _PARSER_TOKENS.Text:
+            return None
+        parts.append(token.text)
+    return re.sub(r"\s+", " ", "".join(parts).replace("_", " ")).strip().lower()
+
+
+def _subtree_end(tokens: list, start: int, opens: type, closes: tuple) -> int:
+    """Index after the token that closes the node opened at tokens[start]."""
+    depth = 0
+    for i in range(start, len(tokens)):
+        if type(tokens[i]) is opens:
+            depth += 1
+        elif isinstance(tokens[i], closes):
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(tokens)
+
+
+def _prune(tokens: list) -> list:
+    """Drop, before mwparserfromhell's Python tree builder sees them, the token runs of nodes the renderer
+    would drop anyway: templates other than _KEPT_TEMPLATES, tags in DROP_TAGS (except list markers,
+    which parse_article reads) and comments. On enwiki articles these (references, citation templates,
+    infoboxes, tables, navboxes) are most of the tokens, and building their nodes was most of the parse
+    time. What is kept verbatim: kept templates and link titles (their raw text is read), and any node
+    whose name is not plain text (the renderer decides)."""
+    t = _PARSER_TOKENS
+    out: list = []
+    i, n = 0, len(tokens)
+    while i < n:
+        token = tokens[i]
+        kind = type(token)
+        if kind is t.TemplateOpen:
+            end = _subtree_end(tokens, i, t.TemplateOpen, (t.TemplateClose,))
+            name = _name_of(tokens, i + 1, (t.TemplateParamSeparator, t.TemplateClose))
+            if name is None or name in _KEPT_TEMPLATES:
+                out.extend(tokens[i:end])
+            i = end
+        elif kind is t.TagOpenOpen:
+            name = _name_of(tokens, i + 1, (t.TagAttrStart, t.TagCloseOpen, t.TagCloseSelfclose))
+            if name in DROP_TAGS and name not in LIST_TAGS:
+                i = _subtree_end(tokens, i, t.TagOpenOpen, _TAG_ENDS)
+            else:
+                out.append(token)
+                i += 1
+        elif kind is t.CommentStart:
+            i = _subtree_end(tokens, i, t.CommentStart, (t.CommentEnd,))
+        elif kind is t.WikilinkOpen:
+            title_end = i + 1
+            while title_end < n and type(tokens[title_end]) not in (t.WikilinkSeparator, t.WikilinkClose):
+                title_end += 1
+            out.extend(tokens[i:title_end])
+            i = title_end
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
+_NODE_END = {
+    _PARSER_TOKENS.TemplateOpen: (_PARSER_TOKENS.TemplateClose,),
+    _PARSER_TOKENS.ArgumentOpen: (_PARSER_TOKENS.ArgumentClose,),
+    _PARSER_TOKENS.WikilinkOpen: (_PARSER_TOKENS.WikilinkClose,),
+    _PARSER_TOKENS.ExternalLinkOpen: (_PARSER_TOKENS.ExternalLinkClose,),
+    _PARSER_TOKENS.TagOpenOpen: _TAG_ENDS,
+    _PARSER_TOKENS.HeadingStart: (_PARSER_TOKENS.HeadingEnd,),
+    _PARSER_TOKENS.CommentStart: (_PARSER_TOKENS.CommentEnd,),
+    _PARSER_TOKENS.HTMLEntityStart: (_PARSER_TOKENS.HTMLEntityEnd,),
+}
+
+
+def _top_level(tokens: list):
+    """(first token, the node's tokens) for each top-level node of a token stream, without building
+    the node: parse_article builds only the nodes it renders."""
+    i, n = 0, len(tokens)
+    while i < n:
+        kind = type(tokens[i])
+        end = _subtree_end(tokens, i, kind, _NODE_END[kind]) if kind in _NODE_END else i + 1
+        yield tokens[i], tokens[i:end]
+        i = end
 
 
 def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
@@ -309,31 +420,50 @@ def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
         heading = _FIRST_HEADING_RE.search(wikitext)
         if heading:
             wikitext = wikitext[: heading.start()]
-    code = mwparserfromhell.parse(wikitext, skip_style_tags=False)
+    parser = mwparserfromhell.parser.Parser()
+    tokens = _prune(parser._tokenizer.tokenize(wikitext, 0, False))
     builder = _Builder()
     state: dict = {}
     skipping = False
     in_list_item = False
-    for node in code.nodes:
+    text_token = _PARSER_TOKENS.Text
+    # Walks the top-level nodes as mwparserfromhell would build them, building only those it renders
+    # (plain text is added as it is; list lines and skipped sections are never built).
+    for first, span in _top_level(tokens):
+        kind = type(first)
         if in_list_item:  # lists are not running text: drop up to the end of the line
-            if isinstance(node, mwnodes.Text) and "\n" in str(node.value):
+            if kind is text_token and "\n" in first.text:
                 in_list_item = False
-                node = mwnodes.Text(str(node.value).split("\n", 1)[1])
+                first = text_token(text=first.text.split("\n", 1)[1])
+                span = [first]
                 builder.add("\n")
             else:
                 continue
-        if isinstance(node, mwnodes.Tag) and str(node.tag).lower() in LIST_TAGS and node.wiki_markup:
-            in_list_item = True
+        if kind is text_token:
+            if not skipping:
+                builder.add(first.text)
             continue
-        if isinstance(node, mwnodes.Heading):
+        if kind is _PARSER_TOKENS.TagOpenOpen and first.wiki_markup:
+            node = parser._builder.build(span).nodes[0]
+            if str(node.tag).lower() in LIST_TAGS:
+                in_list_item = True
+                continue
+            if not skipping:
+                _render_nodes([node], builder, links=True, state=state)
+            continue
+        if kind is _PARSER_TOKENS.HeadingStart:
             if mode == "lead":
                 break
+            node = parser._builder.build(span).nodes[0]
             skipping = _plain(node.title).strip().lower() in SKIP_SECTIONS
             builder.add("\n")
             continue
-        if skipping:
-            if isinstance(node, mwnodes.Template) and _template_name(node) == "short description":
-                _render_nodes([node], builder, links=True, state=state)
+        if skipping and kind is not _PARSER_TOKENS.TemplateOpen:
             continue
-        _render_nodes([node], builder, links=True, state=state)
+        nodes = parser._builder.build(span).nodes
+        if skipping:
+            if _template_name(nodes[0]) == "short description":
+                _render_nodes(nodes, builder, links=True, state=state)
+            continue
+        _render_nodes(nodes, builder, links=True, state=state)
     return ParsedArticle(_split_paragraphs(builder), state.get("short_description"))
