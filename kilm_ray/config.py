@@ -61,10 +61,13 @@ class CorpusConfig:
         "to pages); no process holds a corpus-sized table, but each shuffle costs ~20-40 s of fixed overhead "
         "on 2 cores (see BENCHMARKS.md). Both give identical samples.", default="lookup")
     shuffle_partitions: int = _doc(
-        "Partitions of the joins and group-bys that resolve links (0 = the cluster's CPUs, at least 2).",
-        default=0)
+        "Partitions of the group-bys that resolve links (0 = sized from the data: one per "
+        "corpus.shuffle_partition_mb of stage input, at least the cluster's CPUs).", default=0)
+    shuffle_partition_mb: float = _doc(
+        "With shuffle_partitions 0: MB of stage input (parquet) per partition. A reduce task holds one "
+        "partition, so this bounds its memory whatever the corpus size.", default=32)
     pages_per_block: int = _doc(
-        "Pages per Ray Data block out of the dump reader: the unit of parallel parsing and chunking.", default=16)
+        "Pages per Ray Data block out of the dump reader: the unit of parallel parsing and chunking.", default=64)
     valid_unseen_fraction: float = _doc(
         "Fraction of articles held out of training entirely (valid_unseen).", default=0.05
     )
@@ -96,6 +99,7 @@ class CorpusConfig:
         _check_range(f"{path}.read_unit_mb", self.read_unit_mb, 0.0, 1e6, low_open=True)
         _check_range(f"{path}.redirect_rounds", self.redirect_rounds, 0, 6)
         _check_min(f"{path}.shuffle_partitions", self.shuffle_partitions, 0)
+        _check_range(f"{path}.shuffle_partition_mb", self.shuffle_partition_mb, 0.0, 1e6, low_open=True)
         _check_min(f"{path}.max_description_chars", self.max_description_chars, 16)
 
 

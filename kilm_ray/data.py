@@ -153,6 +153,38 @@ def _datasource(make_blocks: list, schema: pa.Schema, inputs: list[str]):
     return StreamingDatasource()
 
 
+FILES_PER_READ_TASK = 8
+STAGE_FILE_ROWS = 4096  # page records per work-directory file (about 5-25 MB of parquet)
+
+
+def _parquet_blocks(files: list[str], columns: Optional[list[str]], rows_per_block: int) -> Iterable[pa.Table]:
+    import pyarrow.parquet as pq
+
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=columns):
+                yield pa.Table.from_batches([batch])
+
+
+def read_parquet_files(files: list[str], schema: pa.Schema, columns: Optional[list[str]] = None,
+                       rows_per_block: int = STAGE_FILE_ROWS):
+    """A Ray Dataset of parquet files we listed ourselves: one streaming read task per few files. Ray
+    2.60's ``read_parquet`` starts 32 footer-reading actors (a process each) per call to plan the read;
+    on a 2-core node the distributed pipeline's reads started hundreds and the node ran out of memory
+    on a 2 k-article corpus. We already know the files and their schema."""
+    import ray.data
+
+    if columns:
+        schema = pa.schema([schema.field(c) for c in columns])
+    if not files:
+        return ray.data.from_arrow(schema.empty_table())
+    groups = [files[i:i + FILES_PER_READ_TASK] for i in range(0, len(files), FILES_PER_READ_TASK)]
+    makers = [lambda g=g: _parquet_blocks(g, columns, rows_per_block) for g in groups]
+    return ray.data.read_datasource(_datasource(makers, schema, [g[0] for g in groups]),
+                                    override_num_blocks=len(groups))
+
+
 def read_pages(units: list[ReadUnit | str], cfg: KilmConfig):
     import ray.data
 
@@ -322,13 +354,7 @@ class Stages:
         return summary
 
     def read(self, name: str, schema: pa.Schema):
-        import ray.data
-
-        files = storage.list_files(self.dir(name), ".parquet")
-        if not files:
-            return ray.data.from_arrow(schema.empty_table())
-        fs, _ = storage.resolve(self.dir(name))
-        return ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs)
+        return read_parquet_files(storage.list_files(self.dir(name), ".parquet"), schema)
 
 
 def parse_stage(stages: Stages, units: list[ReadUnit], cfg: KilmConfig) -> dict:
@@ -337,8 +363,10 @@ def parse_stage(stages: Stages, units: list[ReadUnit], cfg: KilmConfig) -> dict:
         log.info("pages: parsed by an earlier run, reused (%s)", stages.dir("pages"))
         return found
     stages.clear("pages")
-    parts = _counts(_map(parse_pages(read_pages(units, cfg), cfg), _write_pages, cfg, num_cpus=0,
-                         directory=stages.dir("pages")))
+    parsed = parse_pages(read_pages(units, cfg), cfg)
+    # Files of STAGE_FILE_ROWS pages, not one per parse block: enwiki would leave 1.4 M small files.
+    parts = _counts(parsed.map_batches(_write_pages, batch_format="pyarrow", batch_size=STAGE_FILE_ROWS, num_cpus=0,
+                                       fn_kwargs={"directory": stages.dir("pages")}, **task_resources(cfg)))
     kinds, reasons, errors, paragraphs = Counter(), Counter(), [], 0
     for part in parts:
         kinds.update(part["kinds"])
@@ -356,7 +384,7 @@ def parse_stage(stages: Stages, units: list[ReadUnit], cfg: KilmConfig) -> dict:
     return stages.finish("pages", {"pages": pages, "paragraphs": paragraphs})
 
 
-def kb_stage(stages: Stages, files: list[str], cfg: KilmConfig, partitions: int) -> dict:
+def kb_stage(stages: Stages, files: list[str], cfg: KilmConfig) -> dict:
     """Knowledge-base files -> one (key, description) row per key, the best line winning."""
     import ray.data
 
@@ -376,7 +404,7 @@ def kb_stage(stages: Stages, files: list[str], cfg: KilmConfig, partitions: int)
             summary["lines"] += part["lines"]
             summary["bad_lines"] += part["bad_lines"]
             summary["bad_examples"].extend(part["bad_examples"][: 20 - len(summary["bad_examples"])])
-        best = bucketed(stages.read("kb_rows", KB_SCHEMA), "key", _best_kb_rows, cfg, partitions)
+        best = bucketed(stages.read("kb_rows", KB_SCHEMA), "key", _best_kb_rows, cfg, _partitions(cfg, stages, "kb_rows"))
         summary["entities"] = sum(p["rows"] for p in _counts(_map(best, _write_rows, cfg, num_cpus=0,
                                                                   directory=stages.dir("kb"), columns=["key"])))
         stages.clear("kb_rows")
@@ -614,7 +642,7 @@ def _page_article_rows(batch: pa.Table) -> pa.Table:
                     schema=PAGE_GROUP_SCHEMA)
 
 
-def links_stage(stages: Stages, cfg: KilmConfig, has_kb: bool, tokenizer_ref, partitions: int) -> dict:
+def links_stage(stages: Stages, cfg: KilmConfig, has_kb: bool, tokenizer_ref) -> dict:
     """Every link out of every article, resolved through redirects and joined with its entity's
     knowledge (first round: by the entity's key; second: by its bare title's key)."""
     found = stages.done("links")
@@ -622,6 +650,7 @@ def links_stage(stages: Stages, cfg: KilmConfig, has_kb: bool, tokenizer_ref, pa
         log.info("links: resolved by an earlier run, reused (%s)", stages.dir("links"))
         return found
     stages.clear("links")
+    partitions = _partitions(cfg, stages, "pages", "kb")
     pages = stages.read("pages", PAGE_SCHEMA)
     links = _map(pages, _link_rows, cfg, num_cpus=0.25).union(redirect_table(pages, cfg, partitions))
     entity_rows = [bucketed(links, "key", _follow_links, cfg, partitions),
@@ -827,17 +856,32 @@ def run_key(cfg: KilmConfig, units: list[ReadUnit], kb_files: list[str]) -> str:
     inputs = [[u.uri, u.offset, u.length, storage.file_size(u.uri)] for u in units]
     inputs += [[f, storage.file_size(f)] for f in kb_files]
     settings = {k: cfg.to_dict()[k] for k in ("corpus", "tokenizer", "data")}
-    settings["corpus"] = {k: v for k, v in settings["corpus"].items() if k not in ("task_resources", "shuffle_partitions")}
+    settings["corpus"] = {k: v for k, v in settings["corpus"].items() if k not in ("task_resources", "shuffle_partitions",
+                                                                                      "shuffle_partition_mb")}
     blob = json.dumps({"inputs": inputs, "settings": settings, "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _partitions(cfg: KilmConfig) -> int:
+MAX_PARTITIONS = 8192
+
+
+def shuffle_partitions(configured: int, input_bytes: int, partition_mb: float, cpus: int) -> int:
+    """Partitions of a group-by: as configured, else one per ``partition_mb`` of input (a reduce task
+    holds one partition, so its memory stays flat as the corpus grows), at least one per CPU."""
+    if configured:
+        return configured
+    by_size = -(-input_bytes // max(1, int(partition_mb * 2**20)))
+    return int(max(2, cpus, min(MAX_PARTITIONS, by_size)))
+
+
+def _partitions(cfg: KilmConfig, stages: "Stages", *inputs: str) -> int:
     import ray
 
-    if cfg.corpus.shuffle_partitions:
-        return cfg.corpus.shuffle_partitions
-    return max(2, min(512, int(ray.cluster_resources().get("CPU", 2))))
+    size = sum(storage.total_size(stages.dir(name), ".parquet") for name in inputs)
+    partitions = shuffle_partitions(cfg.corpus.shuffle_partitions, size, cfg.corpus.shuffle_partition_mb,
+                                    int(ray.cluster_resources().get("CPU", 2)))
+    log.info("%s: %.1f MB of input -> %d shuffle partitions", "+".join(inputs), size / 1e6, partitions)
+    return partitions
 
 
 def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[list[str]] = None) -> dict:
@@ -858,9 +902,11 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     # Shuffles (joins, group-bys) as Ray Data's v2 map/reduce tasks on warm workers: the default
     # aggregator actors start afresh for every operator (5-9 s each on 2 cores; v2: 0.4-1.6 s).
     ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+    # A shuffle's map task coalesces its input up to this size (Ray's default: 1 GiB); bounded so that
+    # a map task's memory does not grow with the corpus up to that size.
+    ctx.shuffle_input_batch_bytes = 64 * 2**20
     key = run_key(cfg, units, kb_files)
     stages = Stages(storage.join(out, "_work", key))
-    partitions = _partitions(cfg)
     has_kb = bool(kb_files) and "external" in cfg.corpus.knowledge_sources
     log.info("reading %d dump read unit(s) from %s; run key %s", len(units), ", ".join(dumps), key)
 
@@ -873,7 +919,7 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     log.info("parsed at %.1fs: %s", time.time() - started,
              {k: v for k, v in parsed["pages"].items() if k != "error_examples"})
     if distributed:
-        kb = kb_stage(stages, kb_files if has_kb else [], cfg, partitions)
+        kb = kb_stage(stages, kb_files if has_kb else [], cfg)
     else:
         kb = ray.get(kb_load[1]) if kb_load else {"files": [], "lines": 0, "entities": 0, "bad_lines": 0,
                                                   "bad_examples": []}
@@ -890,11 +936,12 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         tokenizer_ref = {"tokenizer_json": ray.put(tokenizer_json)}
         pages = stages.read("pages", PAGE_SCHEMA)
         if distributed:
-            links_stage(stages, cfg, has_kb, tokenizer_ref, partitions)
+            links_stage(stages, cfg, has_kb, tokenizer_ref)
             log.info("links resolved at %.1fs", time.time() - started)
             grouped = _map(pages, _page_article_rows, cfg, num_cpus=0.25).union(
                 _map(stages.read("links", LINK_SCHEMA), _page_link_rows, cfg, num_cpus=0.25))
-            built = bucketed(grouped, "page_id", _chunk_pages, cfg, partitions, tokenizer_ref=tokenizer_ref,
+            built = bucketed(grouped, "page_id", _chunk_pages, cfg, _partitions(cfg, stages, "pages", "links"),
+                             tokenizer_ref=tokenizer_ref,
                              cfg_dict=cfg.to_dict())
         else:
             lookup = build_lookup(pages, cfg)
@@ -1020,10 +1067,8 @@ def masked_dataset(data_dir: str, split: str, epoch: int, seed: int, cfg: KilmCo
     params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
     from kilm_ray.loader import split_files
 
-    files = split_files(data_dir, split)
-    fs, _ = storage.resolve(data_dir)
-    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs,
-                               columns=["sample_id", "input_ids", "ent_start", "ent_end", "ent_knowledge"])
+    ds = read_parquet_files(split_files(data_dir, split), CHUNK_SCHEMA,
+                            columns=["sample_id", "input_ids", "ent_start", "ent_end", "ent_knowledge"], rows_per_block=1024)
     ds = ds.map_batches(_mask_rows, batch_format="numpy",
                         fn_kwargs={"seed": seed, "epoch": epoch, "params": params, "sp_dict": sp.__dict__})
     return ds.sort("order")

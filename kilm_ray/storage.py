@@ -116,6 +116,13 @@ def list_files(uri: str | os.PathLike, suffix: str = "", recursive: bool = True)
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def total_size(uri: str | os.PathLike, suffix: str = "") -> int:
+    """Bytes of the files under a directory (recursive); 0 when it does not exist."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
     """Copy a local directory tree to ``uri`` (local or remote)."""
     fs, path = resolve(uri)

@@ -66,7 +66,9 @@ def _decompressed_chunks(stream: BinaryIO, uri: str) -> Iterator[bytes]:
                 raise EOFError("compressed stream ended before its end-of-stream marker")
             return
         while data:
-            yield decompressor.decompress(data)
+            out = decompressor.decompress(data)
+            if out:  # bz2 gives nothing until a whole block is in; b"" means the end to the callers
+                yield out
             if decompressor.eof:
                 data = decompressor.unused_data
                 decompressor = new() if data else decompressor

@@ -1,0 +1,185 @@
+"""How preprocessing's memory and time grow with the corpus: synthetic enwiki-shaped dumps and knowledge
+bases (bench/synthetic_enwiki.py) at several sizes, each through ``kilm_ray.data.preprocess`` on a fresh
+local Ray, with every process of the job watched.
+
+    python bench/preprocess_scale.py --articles 5000 20000 80000 --kb-per-article 10 --cpus 2
+    python bench/preprocess_scale.py --articles 20000 --cpus 1 2      # the 1-CPU / 2-CPU ratio
+
+Per run: wall time and time per stage (from the job's own log lines), the peak resident memory of the
+driver, of the largest Ray worker process and of Ray's own daemons (RSS, and RSS minus shared pages:
+the object store's shared memory shows up in the RSS of every process that maps it), the CPU seconds
+of all processes together, and pages per CPU-second. Goal (issue 11): peaks flat across a 16x range
+(largest <= 1.25x smallest) and pages per CPU-second not falling; 2 CPUs >= 1.7x 1 CPU on one dump file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, SHARED_DATA, save  # noqa: E402
+from bench.synthetic_enwiki import write_dump, write_kb  # noqa: E402
+
+STAGES = {"parse": "parsed at", "knowledge_base": "knowledge base at", "tokenizer": "tokenizer ready",
+          "links": "links resolved at", "chunks_and_shards": "chunks at"}
+RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client")
+
+CHILD = """
+import json, logging, os, sys
+os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+from kilm_ray.cluster import init_ray
+from kilm_ray.config import load_config
+from kilm_ray.data import preprocess
+args = json.loads(sys.argv[1])
+init_ray(num_cpus=args["cpus"])
+cfg = load_config(args["config"], args["overrides"])
+stats = preprocess(cfg, [args["dump"]], args["out"], [args["kb"]] if args["kb"] else [])
+print("RESULT " + json.dumps({"pages": stats["pages"]["read"], "articles": stats["pages"]["articles"],
+                              "chunks": stats["chunks"]["total"], "links": stats["links"],
+                              "kb_entities": stats["knowledge_base"]["entities"], "elapsed_s": stats["elapsed_s"]}))
+"""
+
+
+class Watcher(threading.Thread):
+    """Polls the process tree under ``root`` every ``interval`` s: peak memory per process, CPU time."""
+
+    def __init__(self, root: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root = psutil.Process(root)
+        self.interval = interval
+        self.peaks: dict[int, dict] = {}
+        self.stop = threading.Event()
+
+    def _kind(self, proc) -> str:
+        if proc.pid == self.root.pid:
+            return "driver"
+        cmd = " ".join(proc.cmdline())
+        if any(d in cmd for d in RAY_DAEMONS):
+            return "ray_daemon"
+        return "worker" if ("ray::" in cmd or "default_worker" in cmd or "worker" in proc.name()) else "other"
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                try:
+                    with proc.oneshot():
+                        mem = proc.memory_info()
+                        cpu = proc.cpu_times()
+                        entry = self.peaks.setdefault(proc.pid, {"kind": self._kind(proc), "rss": 0, "private": 0})
+                        entry["rss"] = max(entry["rss"], mem.rss)
+                        entry["private"] = max(entry["private"], mem.rss - mem.shared)
+                        entry["cpu_s"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            self.stop.wait(self.interval)
+
+    def summary(self) -> dict:
+        out: dict = {"cpu_s_all_processes": round(sum(p.get("cpu_s", 0) for p in self.peaks.values()), 1)}
+        for kind in ("driver", "worker", "ray_daemon"):
+            entries = [p for p in self.peaks.values() if p["kind"] == kind]
+            if entries:
+                out[kind] = {"processes": len(entries),
+                             "peak_rss_mb": round(max(p["rss"] for p in entries) / 2**20),
+                             "peak_private_mb": round(max(p["private"] for p in entries) / 2**20)}
+        return out
+
+
+def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: Path) -> dict:
+    out = tempfile.mkdtemp(dir=work, prefix="out-")
+    args = {"cpus": cpus, "config": str(REPO / "configs" / "tiny.yaml"), "dump": dump, "kb": kb, "out": out,
+            "overrides": [f"tokenizer.source=gpt2-bpe:{SHARED_DATA / 'gpt2-bpe'}", *overrides]}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    watcher = Watcher(proc.pid)
+    watcher.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+    proc.wait()
+    wall = time.perf_counter() - started
+    watcher.stop.set()
+    watcher.join()
+    result = next((json.loads(l.split("RESULT ", 1)[1]) for l in lines if l.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        raise RuntimeError("preprocess failed:\n" + "".join(lines[-40:]))
+    stages, previous = {}, 0.0
+    for name, marker in STAGES.items():
+        for line in lines:
+            if marker in line and (m := re.search(r" at ([0-9.]+)s", line)):
+                at = float(m.group(1))
+                stages[name] = round(at - previous, 1)
+                previous = at
+                break
+    memory = watcher.summary()
+    subprocess.run(["rm", "-rf", out])
+    return {"cpus": cpus, "wall_s": round(wall, 1), "stage_s": stages, **result, "memory": memory,
+            "pages_per_cpu_s": round(result["pages"] / memory["cpu_s_all_processes"], 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--articles", type=int, nargs="+", default=[5000, 20000, 80000])
+    parser.add_argument("--kb-per-article", type=float, default=10.0, help="knowledge-base rows per article")
+    parser.add_argument("--cpus", type=int, nargs="+", default=[2], help="logical CPUs of the local Ray")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kilm_scale")
+    parser.add_argument("--name", default="preprocess_scale")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. corpus.link_resolution=distributed")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for articles in args.articles:
+        data = args.work / f"syn-{articles}"
+        dump = data / "enwiki-synthetic-pages-articles-multistream.xml.bz2"
+        kb_rows = int(articles * args.kb_per_article)
+        if not dump.exists():
+            write_dump(articles, data)
+        kb = str(write_kb(kb_rows, articles, data)) if kb_rows and not (data / "kb.jsonl.gz").exists() else (
+            str(data / "kb.jsonl.gz") if kb_rows else None)
+        for cpus in args.cpus:
+            run = {"articles": articles, "kb_rows": kb_rows, "dump_mb": round(dump.stat().st_size / 1e6, 1),
+                   **run_once(str(dump), kb, cpus, args.overrides, args.work)}
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    result = {"workload": "synthetic enwiki-shaped multistream dumps (bench/synthetic_enwiki.py), configs/tiny.yaml",
+              "overrides": args.overrides, "runs": runs}
+    sizes = sorted({r["articles"] for r in runs})
+    if len(sizes) > 1:
+        small = [r for r in runs if r["articles"] == sizes[0]]
+        large = [r for r in runs if r["articles"] == sizes[-1]]
+        growth = {}
+        for kind in ("driver", "worker", "ray_daemon"):
+            if kind in small[0]["memory"] and kind in large[0]["memory"]:
+                growth[kind] = {m: round(large[0]["memory"][kind][m] / max(1, small[0]["memory"][kind][m]), 2)
+                                for m in ("peak_rss_mb", "peak_private_mb")}
+        result["largest_over_smallest"] = {"size_ratio": sizes[-1] / sizes[0], "memory": growth,
+                                           "pages_per_cpu_s": round(large[0]["pages_per_cpu_s"] / small[0]["pages_per_cpu_s"], 2)}
+    if len(args.cpus) > 1:
+        result["speedup"] = {a: round(min(r["wall_s"] for r in runs if r["articles"] == a and r["cpus"] == min(args.cpus))
+                                      / min(r["wall_s"] for r in runs if r["articles"] == a and r["cpus"] == max(args.cpus)), 2)
+                             for a in sizes}
+    save(args.name, result)
+
+
+if __name__ == "__main__":
+    main()
