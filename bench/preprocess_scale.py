@@ -32,7 +32,8 @@ from bench.synthetic_enwiki import write_dump, write_kb  # noqa: E402
 
 STAGES = {"parse": "parsed at", "knowledge_base": "knowledge base at", "tokenizer": "tokenizer ready",
           "links": "links resolved at", "chunks_and_shards": "chunks at"}
-RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client")
+RAY_DAEMONS = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard.py", "log_monitor",
+               "monitor.py")
 
 CHILD = """
 import json, logging, os, sys
@@ -66,10 +67,11 @@ class Watcher(threading.Thread):
     def _kind(self, proc) -> str:
         if proc.pid == self.root.pid:
             return "driver"
-        cmd = " ".join(proc.cmdline())
-        if any(d in cmd for d in RAY_DAEMONS):
+        argv = proc.cmdline()
+        head = " ".join(argv[:2])  # worker command lines name the runtime-env agent's port too
+        if any(d in head for d in RAY_DAEMONS):
             return "ray_daemon"
-        return "worker" if ("ray::" in cmd or "default_worker" in cmd or "worker" in proc.name()) else "other"
+        return "worker" if (head.startswith("ray::") or "default_worker" in head) else "other"
 
     def run(self) -> None:
         import psutil

@@ -8,8 +8,8 @@ preprocessing cost: about 1.6 redirect pages per article (2% of them chained), a
 on 80% of articles, link targets drawn Zipf-like (popular entities are linked from everywhere; 5% of
 links go to missing pages, 25% through a redirect), an infobox with links, ``<ref>`` citations with
 ``{{cite web}}``, bold title, sections, lists, a table, categories, HTML comments; about 6 KB of
-wikitext per article (enwiki's mean). The knowledge base has ``{name, description}`` rows: the article
-titles first (a quarter of them), then entities the dump does not have, with aliases. Deterministic
+wikitext per article (enwiki's mean). The knowledge base has ``{name, description}`` rows (30% with an
+alias): article titles, linked entities that have no article, and entities nobody links to. Deterministic
 in ``--seed``; streaming, so the generator itself stays small at any size.
 """
 
@@ -65,8 +65,8 @@ class Shape:
 
     def target(self, rng: random.Random) -> str:
         roll = rng.random()
-        if roll < 0.05:
-            return f"Missing page {rng.randrange(10**7)}"
+        if roll < 0.05:  # an entity without an article; the knowledge base knows many of them
+            return missing_title(rng.randrange(2 * self.articles))
         pick = rng.random() * self.weights_cum[-1]
         lo, hi = 0, self.articles - 1
         while lo < hi:  # bisect on the cumulative Zipf weights
@@ -79,6 +79,10 @@ class Shape:
         if roll < 0.30:
             return redirect_title(article, rng.randrange(2))
         return title_of(article)
+
+
+def missing_title(n: int) -> str:
+    return f"Missing page {n}"
 
 
 def redirect_title(article: int, variant: int) -> str:
@@ -177,7 +181,11 @@ def write_kb(rows: int, articles: int, out: Path, seed: int = 0) -> Path:
     path = out / "kb.jsonl.gz"
     with gzip.open(path, "wt") as f:
         for i in range(rows):
-            name = title_of(i) if i < articles // 4 else f"Entity {rng.choice(WORDS)} {i}"
+            # A quarter each: article titles (their in-dump knowledge wins), linked entities without an
+            # article (the KB's own answers), and entities nobody links to (half).
+            kind, n = i % 4, i // 4
+            name = (title_of(n % articles) if kind == 0 else missing_title(n) if kind == 1
+                    else f"Entity {rng.choice(WORDS)} {i}")
             row = {"name": name, "description": f"{rng.choice(WORDS)} {rng.choice(WORDS)} of {rng.choice(WORDS)}"}
             if rng.random() < 0.3:
                 row["aliases"] = [f"{name} ({rng.choice(WORDS)})"]

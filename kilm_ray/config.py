@@ -54,12 +54,17 @@ class CorpusConfig:
     redirect_rounds: int = _doc(
         "Rounds of redirect-chain compression (one join each): chains of up to 2^N redirects are followed "
         "(Wikipedia bots fix double redirects, so 2 is plenty).", default=2)
-    link_resolution: Literal["lookup", "distributed"] = _doc(
-        "How links meet their targets' redirects and knowledge. 'lookup': the driver builds one table of "
-        "redirects and descriptions that every chunking process holds (fast on small corpora; memory grows "
-        "with the corpus). 'distributed': Ray Data shuffles (redirect chains, knowledge by entity, links back "
-        "to pages); no process holds a corpus-sized table, but each shuffle costs ~20-40 s of fixed overhead "
-        "on 2 cores (see BENCHMARKS.md). Both give identical samples.", default="lookup")
+    link_resolution: Literal["auto", "lookup", "distributed"] = _doc(
+        "How links meet their targets' redirects and knowledge. 'distributed': Ray Data group-bys "
+        "(redirect chains, knowledge by entity, links back to pages); no process holds a table that grows "
+        "with the corpus. 'lookup': the driver builds one table of redirects and descriptions that every "
+        "chunking process holds: faster on small inputs (no shuffles), but 4-5 KB per page per process. "
+        "'auto': lookup when the dumps and knowledge bases together are at most "
+        "corpus.lookup_max_input_mb (compressed), else distributed. Both give identical samples.",
+        default="auto")
+    lookup_max_input_mb: float = _doc(
+        "With link_resolution auto: the largest input (dump + knowledge-base files, compressed MB) resolved "
+        "by lookup; 64 MB of enwiki bz2 is about 60 k pages, ~300 MB of tables per process.", default=64)
     shuffle_partitions: int = _doc(
         "Partitions of the group-bys that resolve links (0 = sized from the data: one per "
         "corpus.shuffle_partition_mb of stage input, at least the cluster's CPUs).", default=0)
@@ -100,6 +105,7 @@ class CorpusConfig:
         _check_range(f"{path}.redirect_rounds", self.redirect_rounds, 0, 6)
         _check_min(f"{path}.shuffle_partitions", self.shuffle_partitions, 0)
         _check_range(f"{path}.shuffle_partition_mb", self.shuffle_partition_mb, 0.0, 1e6, low_open=True)
+        _check_min(f"{path}.lookup_max_input_mb", self.lookup_max_input_mb, 0)
         _check_min(f"{path}.max_description_chars", self.max_description_chars, 16)
 
 

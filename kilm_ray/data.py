@@ -884,6 +884,14 @@ def _partitions(cfg: KilmConfig, stages: "Stages", *inputs: str) -> int:
     return partitions
 
 
+def uses_distributed_resolution(mode: str, lookup_max_input_mb: float, input_bytes: int) -> bool:
+    """corpus.link_resolution: 'auto' resolves small inputs by lookup (its tables are bounded by the
+    input limit) and everything else distributed."""
+    if mode == "auto":
+        return input_bytes > lookup_max_input_mb * 1e6
+    return mode == "distributed"
+
+
 def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[list[str]] = None) -> dict:
     """Run the whole pipeline on the current Ray cluster; returns the stats (also in out/stats.json)."""
     import ray
@@ -910,7 +918,9 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     has_kb = bool(kb_files) and "external" in cfg.corpus.knowledge_sources
     log.info("reading %d dump read unit(s) from %s; run key %s", len(units), ", ".join(dumps), key)
 
-    distributed = cfg.corpus.link_resolution == "distributed"
+    distributed = uses_distributed_resolution(cfg.corpus.link_resolution, cfg.corpus.lookup_max_input_mb,
+                                              sum(storage.file_size(f) for f in dump_files + kb_files))
+    log.info("link resolution: %s", "distributed" if distributed else "lookup")
     kb_load = None
     if has_kb and not distributed:  # loads in a task while the dump is parsed
         kb_load = ray.remote(_load_kb).options(num_returns=2, num_cpus=1, **task_resources(cfg)).remote(

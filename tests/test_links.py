@@ -64,3 +64,16 @@ def test_kb_lines_page_targets_and_the_tokenizer_sample():
     assert page_link_targets(doc) == ["A", "B"]
     assert sample_threshold(10, 5) == 2**63 and 0 < sample_threshold(10, 1000) < 2**63 // 50
     assert sample_hash(0, "text") == sample_hash(0, "text") != sample_hash(1, "text")
+
+
+def test_shuffle_partitions_grow_with_the_input_and_auto_picks_the_path():
+    from kilm_ray.data import MAX_PARTITIONS, shuffle_partitions, uses_distributed_resolution
+
+    mb = 2**20
+    assert shuffle_partitions(0, 10 * mb, 32, cpus=4) == 4  # small input: one per CPU
+    assert shuffle_partitions(0, 3200 * mb, 32, cpus=4) == 100  # a partition holds ~32 MB at any size
+    assert shuffle_partitions(0, 10**15, 32, cpus=4) == MAX_PARTITIONS
+    assert shuffle_partitions(7, 3200 * mb, 32, cpus=4) == 7  # configured
+    assert not uses_distributed_resolution("auto", 64, 63 * 10**6)
+    assert uses_distributed_resolution("auto", 64, 65 * 10**6)
+    assert uses_distributed_resolution("distributed", 64, 1) and not uses_distributed_resolution("lookup", 64, 10**12)
