@@ -62,6 +62,8 @@ class Watcher(threading.Thread):
         self.root = psutil.Process(root)
         self.interval = interval
         self.peaks: dict[int, dict] = {}
+        self.stage = next(iter(STAGES))  # set by the reader of the job's log as stages finish
+        self.stage_peaks: dict[str, dict[str, int]] = {}
         self.stop = threading.Event()
 
     def _kind(self, proc) -> str:
@@ -71,7 +73,7 @@ class Watcher(threading.Thread):
         head = " ".join(argv[:2])  # worker command lines name the runtime-env agent's port too
         if any(d in head for d in RAY_DAEMONS):
             return "ray_daemon"
-        return "worker" if (head.startswith("ray::") or "default_worker" in head) else "other"
+        return "worker"  # Ray workers (task and actor processes; their titles name what they run)
 
     def run(self) -> None:
         import psutil
@@ -87,7 +89,12 @@ class Watcher(threading.Thread):
                         mem = proc.memory_info()
                         cpu = proc.cpu_times()
                         entry = self.peaks.setdefault(proc.pid, {"kind": self._kind(proc), "rss": 0, "private": 0})
+                        title = " ".join(proc.cmdline()[:1])[:60]
+                        if title.startswith("ray::") and title != "ray::IDLE":  # the tasks it ran
+                            entry.setdefault("ran", set()).add(title[5:].split(".")[0])
                         entry["rss"] = max(entry["rss"], mem.rss)
+                        by_kind = self.stage_peaks.setdefault(self.stage, {})
+                        by_kind[entry["kind"]] = max(by_kind.get(entry["kind"], 0), mem.rss)
                         entry["private"] = max(entry["private"], mem.rss - mem.shared)
                         entry["cpu_s"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -102,6 +109,11 @@ class Watcher(threading.Thread):
                 out[kind] = {"processes": len(entries),
                              "peak_rss_mb": round(max(p["rss"] for p in entries) / 2**20),
                              "peak_private_mb": round(max(p["private"] for p in entries) / 2**20)}
+        out["peak_rss_mb_by_stage"] = {stage: {k: round(v / 2**20) for k, v in kinds.items()}
+                                       for stage, kinds in self.stage_peaks.items()}
+        top = sorted(self.peaks.values(), key=lambda p: -p["rss"])[:4]
+        out["largest"] = [f"{p['kind']} {round(p['rss'] / 2**20)} MB, ran: {' '.join(sorted(p.get('ran', ())))}"
+                          for p in top]
         return out
 
 
@@ -116,8 +128,12 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
     watcher = Watcher(proc.pid)
     watcher.start()
     lines = []
+    stage_names = list(STAGES)
     for line in proc.stdout:
         lines.append(line)
+        for i, name in enumerate(stage_names[:-1]):
+            if STAGES[name] in line:
+                watcher.stage = stage_names[i + 1]
     proc.wait()
     wall = time.perf_counter() - started
     watcher.stop.set()
@@ -134,9 +150,26 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
                 previous = at
                 break
     memory = watcher.summary()
+    memory["partitions"] = [l.split("kilm_ray.data ", 1)[-1].strip() for l in lines if "shuffle partitions" in l]
     subprocess.run(["rm", "-rf", out])
     return {"cpus": cpus, "wall_s": round(wall, 1), "stage_s": stages, **result, "memory": memory,
             "pages_per_cpu_s": round(result["pages"] / memory["cpu_s_all_processes"], 1)}
+
+
+def markdown(result: dict) -> str:
+    """The runs as a BENCHMARKS.md table."""
+    head = ("| articles (pages) | KB rows | CPUs | wall s | parse / kb / links / chunks s | driver peak RSS (private) MB "
+            "| largest worker peak RSS (private) MB | worker processes | partitions | pages per CPU-s |")
+    rows = [head, "|" + "---|" * 10]
+    for r in result["runs"]:
+        m, st = r["memory"], r["stage_s"]
+        parts = ", ".join(p.split("-> ")[-1].split()[0] for p in m.get("partitions", []))
+        rows.append(f"| {r['articles']:,} ({r['pages']:,}) | {r['kb_rows']:,} | {r['cpus']} | {r['wall_s']} | "
+                    f"{st.get('parse')} / {st.get('knowledge_base')} / {st.get('links', '-')} / {st.get('chunks_and_shards')} | "
+                    f"{m['driver']['peak_rss_mb']} ({m['driver']['peak_private_mb']}) | "
+                    f"{m['worker']['peak_rss_mb']} ({m['worker']['peak_private_mb']}) | {m['worker']['processes']} | "
+                    f"{parts or '-'} | {r['pages_per_cpu_s']} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -181,6 +214,7 @@ def main() -> None:
                                       / min(r["wall_s"] for r in runs if r["articles"] == a and r["cpus"] == max(args.cpus)), 2)
                              for a in sizes}
     save(args.name, result)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ PAGE_GROUP_SCHEMA = pa.schema([
     ("knowledge", pa.large_list(pa.int32())),
 ])
 LINK_COLUMNS = ["links", "links_template", "links_first_sentence", "links_external", "links_no_knowledge"]
-SHARD_ROWS = 50_000  # chunks per parquet shard (per split) at most
+SHARD_ROWS = 8192  # chunks per parquet shard (per split) at most: the writing task holds one shard
 
 
 def task_resources(cfg: KilmConfig) -> dict:
@@ -101,9 +101,20 @@ def task_resources(cfg: KilmConfig) -> dict:
     return {"resources": dict(cfg.corpus.task_resources)} if cfg.corpus.task_resources else {}
 
 
+def light_pool():
+    """Compute strategy of the steps that ask for (almost) no CPU (reads, writes): at most one task per
+    cluster CPU at a time. Unbounded, Ray Data ran as many as there were blocks in flight, each in its
+    own worker process: 61 processes on a 4 k-article corpus, 131 on 16 k, 362 on 64 k (2 CPUs)."""
+    import ray
+    import ray.data
+
+    return ray.data.TaskPoolStrategy(size=max(2, int(ray.cluster_resources().get("CPU", 2))))
+
+
 def _map(ds, fn, cfg: KilmConfig, num_cpus: float = 1, **kwargs):
+    light = {"compute": light_pool()} if num_cpus < 0.25 else {}  # 0.25 CPU: at most 4 per CPU anyway
     return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus, fn_kwargs=kwargs,
-                          **task_resources(cfg))
+                          **light, **task_resources(cfg))
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -126,7 +137,10 @@ def _raw_page_blocks(unit: ReadUnit, max_pages: int, pages_per_block: int) -> It
         yield _table(rows, RAW_SCHEMA)
 
 
-def _kb_line_blocks(file_index: int, uri: str, lines_per_block: int = 20_000) -> Iterable[pa.Table]:
+KB_LINES_PER_BATCH = 20_000
+
+
+def _kb_line_blocks(file_index: int, uri: str, lines_per_block: int = KB_LINES_PER_BATCH) -> Iterable[pa.Table]:
     rows: list[dict] = []
     for line_no, line in enumerate(storage.iter_lines(uri), start=1):
         rows.append({"file_index": file_index, "line_no": line_no, "line": line})
@@ -154,7 +168,7 @@ def _datasource(make_blocks: list, schema: pa.Schema, inputs: list[str]):
 
 
 FILES_PER_READ_TASK = 8
-STAGE_FILE_ROWS = 4096  # page records per work-directory file (about 5-25 MB of parquet)
+STAGE_FILE_ROWS = 2048  # page records per work-directory file (a few MB of parquet)
 
 
 def _parquet_blocks(files: list[str], columns: Optional[list[str]], rows_per_block: int) -> Iterable[pa.Table]:
@@ -182,7 +196,7 @@ def read_parquet_files(files: list[str], schema: pa.Schema, columns: Optional[li
     groups = [files[i:i + FILES_PER_READ_TASK] for i in range(0, len(files), FILES_PER_READ_TASK)]
     makers = [lambda g=g: _parquet_blocks(g, columns, rows_per_block) for g in groups]
     return ray.data.read_datasource(_datasource(makers, schema, [g[0] for g in groups]),
-                                    override_num_blocks=len(groups))
+                                    override_num_blocks=len(groups), compute=light_pool())
 
 
 def read_pages(units: list[ReadUnit | str], cfg: KilmConfig):
@@ -194,7 +208,8 @@ def read_pages(units: list[ReadUnit | str], cfg: KilmConfig):
     # Reading (decompress, cut at <page>) is light: a fraction of a CPU, and a resource shape unlike
     # the parse step's, so that Ray Data does not fuse the two into one sequential task per file.
     return ray.data.read_datasource(_datasource(makers, RAW_SCHEMA, [u.label for u in units]),
-                                    override_num_blocks=len(units), num_cpus=0.01, **task_resources(cfg))
+                                    override_num_blocks=len(units), num_cpus=0.01, compute=light_pool(),
+                                    **task_resources(cfg))
 
 
 def parse_pages(raw, cfg: KilmConfig):
@@ -366,7 +381,8 @@ def parse_stage(stages: Stages, units: list[ReadUnit], cfg: KilmConfig) -> dict:
     parsed = parse_pages(read_pages(units, cfg), cfg)
     # Files of STAGE_FILE_ROWS pages, not one per parse block: enwiki would leave 1.4 M small files.
     parts = _counts(parsed.map_batches(_write_pages, batch_format="pyarrow", batch_size=STAGE_FILE_ROWS, num_cpus=0,
-                                       fn_kwargs={"directory": stages.dir("pages")}, **task_resources(cfg)))
+                                       compute=light_pool(), fn_kwargs={"directory": stages.dir("pages")},
+                                       **task_resources(cfg)))
     kinds, reasons, errors, paragraphs = Counter(), Counter(), [], 0
     for part in parts:
         kinds.update(part["kinds"])
@@ -398,9 +414,13 @@ def kb_stage(stages: Stages, files: list[str], cfg: KilmConfig) -> dict:
     if files:
         makers = [lambda i=i, f=f: _kb_line_blocks(i, f) for i, f in enumerate(files)]
         lines = ray.data.read_datasource(_datasource(makers, KB_LINE_SCHEMA, files), override_num_blocks=len(files),
-                                         num_cpus=0.01, **task_resources(cfg))
-        for part in _counts(_map(lines, _parse_kb_lines, cfg, max_chars=cfg.corpus.max_description_chars,
-                                 files=files, directory=stages.dir("kb_rows"))):
+                                         num_cpus=0.01, compute=light_pool(), **task_resources(cfg))
+        # Ray Data coalesces a read task's yields into blocks of up to 128 MiB: parse them 20 k lines at a
+        # time (whole blocks as Python rows took a worker to 1.1 GB on 640 k lines, and grew with the file).
+        parsed_lines = lines.map_batches(_parse_kb_lines, batch_format="pyarrow", batch_size=KB_LINES_PER_BATCH,
+                                         fn_kwargs={"max_chars": cfg.corpus.max_description_chars, "files": files,
+                                                    "directory": stages.dir("kb_rows")}, **task_resources(cfg))
+        for part in _counts(parsed_lines):
             summary["lines"] += part["lines"]
             summary["bad_lines"] += part["bad_lines"]
             summary["bad_examples"].extend(part["bad_examples"][: 20 - len(summary["bad_examples"])])
@@ -910,9 +930,9 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     # Shuffles (joins, group-bys) as Ray Data's v2 map/reduce tasks on warm workers: the default
     # aggregator actors start afresh for every operator (5-9 s each on 2 cores; v2: 0.4-1.6 s).
     ctx.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
-    # A shuffle's map task coalesces its input up to this size (Ray's default: 1 GiB); bounded so that
-    # a map task's memory does not grow with the corpus up to that size.
-    ctx.shuffle_input_batch_bytes = 64 * 2**20
+    # A shuffle's map task coalesces its input up to this size (Ray's default: 1 GiB, which a map task
+    # would hold: its memory grew with the corpus up to that size).
+    ctx.shuffle_input_batch_bytes = 16 * 2**20
     key = run_key(cfg, units, kb_files)
     stages = Stages(storage.join(out, "_work", key))
     has_kb = bool(kb_files) and "external" in cfg.corpus.knowledge_sources
@@ -966,6 +986,7 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         fs.delete_dir_contents(shards_path, missing_dir_ok=True)
         # One pass writes every split's shards and returns the counts: no second read of the data.
         written = built.map_batches(_write_shards, batch_format="pyarrow", batch_size=SHARD_ROWS, num_cpus=0,
+                                    compute=light_pool(),
                                     fn_kwargs={"out": shards, "max_eval_entities": cfg.data.max_eval_entities},
                                     **task_resources(cfg))
         parts = _counts(written)

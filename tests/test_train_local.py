@@ -58,6 +58,8 @@ def test_resume_is_bit_identical(overrides, local_cfg, tiny_data, tmp_path):
     run_local(cfg, tiny_data, str(tmp_path / "crashed"))
     assert_same_state(full / f"checkpoint_{STEPS:08d}", tmp_path / "crashed" / "checkpoints" / f"checkpoint_{STEPS:08d}")
     assert not partial.exists()  # the torn temporary was never used and is cleaned up
+    logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("loss_scale" in row for row in logged)  # fp16 only; these runs are fp32 / bf16
 
 
 def test_resume_on_another_zero_stage(local_cfg, tiny_data, tmp_path):

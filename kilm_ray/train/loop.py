@@ -264,7 +264,8 @@ def _describe_accuracy(engine, validation: Validation, tokenizer, sp: SpecialIds
 def precision_metrics(engine) -> dict[str, float]:
     """Steps skipped on fp16 overflow (the optimizer did not step) and the current loss scale."""
     out = {"skipped_steps": float(getattr(engine, "skipped_steps", 0))}
-    scale = loss_scale_state(engine)
+    # DeepSpeed's ZeRO optimizers keep a scaler object in fp32 and bf16 runs too (scale 1, never used).
+    scale = loss_scale_state(engine) if getattr(engine, "fp16_enabled", lambda: False)() else None
     if scale is not None:
         out["loss_scale"] = float(scale["cur_scale"])
     return out
