@@ -117,7 +117,7 @@ def test_killed_run_rerun_is_identical_and_readers_need_the_manifest(tmp_path, r
 def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_data, tiny_config, caplog):
     """The excerpt rewritten as a multistream dump (20 pages per bz2 stream) with its index: the index
     cuts it into several read tasks. Resolved the way a full dump is (link_resolution auto with the
-    input over the lookup limit: Ray Data group-bys, partitions sized from the data), the samples are
+    input over the lookup limit: Ray Data group-bys), the samples are
     those of the single-file read resolved by lookup (the session's tiny_data), row for row."""
     from kilm_ray.corpus.dump import iter_raw_pages, read_units, write_multistream
 
@@ -125,8 +125,7 @@ def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_dat
     dump = write_multistream(pages, str(tmp_path / "enwiki-pages-articles-multistream.xml.bz2"), pages_per_stream=20)
     units = read_units([str(tmp_path)], unit_bytes=30_000)
     assert len(units) > 2 and all(u.uri == dump and u.length > 0 for u in units)  # the index file is not a dump
-    cfg = tiny_config.with_overrides({"corpus.read_unit_mb": 30_000 / 2**20, "corpus.lookup_max_input_mb": 1,
-                                      "corpus.shuffle_partition_mb": 0.25})
+    cfg = tiny_config.with_overrides({"corpus.read_unit_mb": 30_000 / 2**20, "corpus.lookup_max_input_mb": 1})
     with caplog.at_level(logging.INFO, logger="kilm_ray.data"):
         stats = preprocess(cfg, [str(tmp_path)], str(tmp_path / "out"), [str(WORDNET)])
     assert "link resolution: distributed" in caplog.text
