@@ -111,9 +111,10 @@ def light_pool():
     return ray.data.TaskPoolStrategy(size=max(2, int(ray.cluster_resources().get("CPU", 2))))
 
 
-def _map(ds, fn, cfg: KilmConfig, num_cpus: float = 1, **kwargs):
+def _map(ds, fn, cfg: KilmConfig, num_cpus: float = 1, batch_size: Optional[int] = None, **kwargs):
+    """``fn(batch, **kwargs)`` over pyarrow batches (whole blocks unless ``batch_size``)."""
     light = {"compute": light_pool()} if num_cpus < 0.25 else {}  # 0.25 CPU: at most 4 per CPU anyway
-    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus, fn_kwargs=kwargs,
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus, fn_kwargs=kwargs,
                           **light, **task_resources(cfg))
 
 
@@ -380,9 +381,8 @@ def parse_stage(stages: Stages, units: list[ReadUnit], cfg: KilmConfig) -> dict:
     stages.clear("pages")
     parsed = parse_pages(read_pages(units, cfg), cfg)
     # Files of STAGE_FILE_ROWS pages, not one per parse block: enwiki would leave 1.4 M small files.
-    parts = _counts(parsed.map_batches(_write_pages, batch_format="pyarrow", batch_size=STAGE_FILE_ROWS, num_cpus=0,
-                                       compute=light_pool(), fn_kwargs={"directory": stages.dir("pages")},
-                                       **task_resources(cfg)))
+    parts = _counts(_map(parsed, _write_pages, cfg, num_cpus=0, batch_size=STAGE_FILE_ROWS,
+                         directory=stages.dir("pages")))
     kinds, reasons, errors, paragraphs = Counter(), Counter(), [], 0
     for part in parts:
         kinds.update(part["kinds"])
@@ -417,10 +417,9 @@ def kb_stage(stages: Stages, files: list[str], cfg: KilmConfig) -> dict:
                                          num_cpus=0.01, compute=light_pool(), **task_resources(cfg))
         # Ray Data coalesces a read task's yields into blocks of up to 128 MiB: parse them 20 k lines at a
         # time (whole blocks as Python rows took a worker to 1.1 GB on 640 k lines, and grew with the file).
-        parsed_lines = lines.map_batches(_parse_kb_lines, batch_format="pyarrow", batch_size=KB_LINES_PER_BATCH,
-                                         fn_kwargs={"max_chars": cfg.corpus.max_description_chars, "files": files,
-                                                    "directory": stages.dir("kb_rows")}, **task_resources(cfg))
-        for part in _counts(parsed_lines):
+        for part in _counts(_map(lines, _parse_kb_lines, cfg, batch_size=KB_LINES_PER_BATCH,
+                                 max_chars=cfg.corpus.max_description_chars, files=files,
+                                 directory=stages.dir("kb_rows"))):
             summary["lines"] += part["lines"]
             summary["bad_lines"] += part["bad_lines"]
             summary["bad_examples"].extend(part["bad_examples"][: 20 - len(summary["bad_examples"])])
@@ -985,11 +984,8 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
         fs, shards_path = storage.resolve(shards)
         fs.delete_dir_contents(shards_path, missing_dir_ok=True)
         # One pass writes every split's shards and returns the counts: no second read of the data.
-        written = built.map_batches(_write_shards, batch_format="pyarrow", batch_size=SHARD_ROWS, num_cpus=0,
-                                    compute=light_pool(),
-                                    fn_kwargs={"out": shards, "max_eval_entities": cfg.data.max_eval_entities},
-                                    **task_resources(cfg))
-        parts = _counts(written)
+        parts = _counts(_map(built, _write_shards, cfg, num_cpus=0, batch_size=SHARD_ROWS, out=shards,
+                             max_eval_entities=cfg.data.max_eval_entities))
         stats = {"pages": parsed["pages"]}
         stats.update(_sum_counts(parts))
         files = sorted((f for p in parts for f in p["files"]), key=lambda f: (f["split"], f["min_sample_id"]))
@@ -1090,8 +1086,6 @@ def masked_dataset(data_dir: str, split: str, epoch: int, seed: int, cfg: KilmCo
     """A Ray Dataset of masked training examples of ``split`` for one epoch, in a seeded order that
     depends on nothing but ``(seed, epoch, sample_id)``. Feed it to ``iter_torch_batches`` with
     :func:`collate_fn`. Masks are identical to the training loader's (same pure function)."""
-    import ray.data
-
     from kilm_ray.loader import special_ids_of
 
     sp = special_ids_of(data_dir)

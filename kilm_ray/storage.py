@@ -108,19 +108,21 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def list_files(uri: str | os.PathLike, suffix: str = "", recursive: bool = True) -> list[str]:
-    """Files under a directory (recursive by default), as URIs of the same scheme, sorted."""
+def _file_infos(uri: str | os.PathLike, suffix: str, recursive: bool) -> list[pafs.FileInfo]:
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)]
+
+
+def list_files(uri: str | os.PathLike, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files under a directory (recursive by default), as URIs of the same scheme, sorted."""
     prefix = "s3://" if str(uri).startswith("s3://") else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return sorted(prefix + i.path for i in _file_infos(uri, suffix, recursive))
 
 
 def total_size(uri: str | os.PathLike, suffix: str = "") -> int:
     """Bytes of the files under a directory (recursive); 0 when it does not exist."""
-    fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return sum(i.size or 0 for i in _file_infos(uri, suffix, recursive=True))
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:

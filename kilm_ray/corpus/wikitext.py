@@ -188,8 +188,13 @@ def _plain(code) -> str:
     return "".join(builder.pieces)
 
 
+def _normalized_name(raw: str) -> str:
+    """A template or tag name as the renderer compares it: lower case, spaces for underscores and runs."""
+    return re.sub(r"\s+", " ", raw.replace("_", " ")).strip().lower()
+
+
 def _template_name(node: mwnodes.Template) -> str:
-    return re.sub(r"\s+", " ", str(node.name).replace("_", " ")).strip().lower()
+    return _normalized_name(str(node.name))
 
 
 def _render_nodes(nodes, out: _Builder, links: bool, state: dict) -> None:
@@ -260,8 +265,6 @@ def _tidy(text: str, owner: np.ndarray) -> tuple[str, np.ndarray]:
     characters. Works on spans (regex matches), never character by character in Python."""
     text = _SPACE_RE.sub(" ", text)
     for pattern, group in _TIDY_STEPS:
-        if not pattern.search(text):
-            continue
         spans = [(m.start(group), m.end(group)) for m in pattern.finditer(text)]
         spans = [(a, b) for a, b in spans if b > a >= 0]
         if not spans:
@@ -335,7 +338,7 @@ def _name_of(tokens: list, start: int, stops: tuple) -> Optional[str]:
         if type(token) is not _PARSER_TOKENS.Text:
             return None
         parts.append(token.text)
-    return re.sub(r"\s+", " ", "".join(parts).replace("_", " ")).strip().lower()
+    return _normalized_name("".join(parts))
 
 
 def _subtree_end(tokens: list, start: int, opens: type, closes: tuple) -> int:
