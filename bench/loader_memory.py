@@ -90,8 +90,8 @@ def write_dataset(root: Path, n_rows: int, seed: int = 0) -> None:
         pq.write_table(table, root / "shards/k" / name)
         files.append({"path": name, "rows": n, "min_sample_id": int(sids[0]), "max_sample_id": int(sids[-1])})
     manifest = {"format": 1, "run_key": f"synthetic-{n_rows}-{seed}", "special_ids": SPECIAL, "shards": "shards/k",
-                "files": {"train": sorted(files, key=lambda f: f["min_sample_id"]), "valid_seen": [],
-                          "valid_unseen": []}, "samples": {"train": n_rows}}
+                "files": {"train": sorted(files, key=lambda f: f["min_sample_id"]), "valid": [],
+                          "test": []}, "samples": {"train": n_rows}}
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 

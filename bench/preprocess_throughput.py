@@ -88,7 +88,7 @@ def plain_loop(mode: str, dumps: list[str]) -> dict:
         chunks, _ = article_chunks(paragraphs_from_doc(r["doc"]), resolve, encode,
                                    lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False),
                                    encode("\n")[0], cfg.data.max_text_tokens, cfg.data.min_chunk_tokens)
-        splits = split_of(r["title"], 0, cfg.corpus.valid_unseen_fraction, cfg.corpus.valid_seen_fraction)
+        splits = split_of(r["title"], 0, cfg.corpus.valid_fraction, cfg.corpus.test_fraction)
         rows += len(chunk_rows(r["page_id"], r["title"], chunks, splits))
     elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "pages": len(records), "samples": rows}

@@ -89,7 +89,7 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
     plan = BatchPlan(len(store), t.global_batch_size, t.micro_batch_size, 1, t.epochs, t.seed, t.max_steps)
     dataset = StepDataset(store, plan, 0, 0, MaskingParams(), sp, 1.0)
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, len(tokenizer), sp, cfg.data.max_target_tokens).to(device)
+    model = build_model(cfg.model, len(tokenizer), sp, cfg.max_positions).to(device)
     dims = BartDims.of(model.config)
     if t.compile:
         model = torch.compile(model)

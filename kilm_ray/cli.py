@@ -170,8 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.qa:
         cfg = cfg.with_overrides({"eval.qa_file": args.qa})
+    if args.split:
+        cfg = cfg.with_overrides({"eval.split": args.split})
     metrics = evaluate(args.model, args.data, cfg, kb_file=args.knowledge, qa_file=cfg.eval.qa_file,
-                       device=args.device)
+                       device=args.device, run_dir=args.run)
     out = Path(args.report)
     save_metrics(metrics, out)
     report = write_report({args.label: metrics}, out, {args.label: args.run} if args.run else None)
@@ -194,7 +196,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.metrics)} metrics files")
     models = {label: json.loads(Path(path).read_text()) for label, path in zip(args.labels, args.metrics)}
     runs = dict(zip(args.labels, args.runs)) if args.runs else None
-    print(write_report(models, args.out, runs))
+    print(write_report(models, args.out, runs, into=args.into))
     return 0
 
 
@@ -271,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="output directory for metrics.json, report.md and plots")
     p.add_argument("--run", help="the training run directory (for training curves)")
     p.add_argument("--knowledge", help="a WordNet-shaped knowledge base: adds sense disambiguation")
-    p.add_argument("--qa", help="question<TAB>answer[<TAB>answer...] file for zero-shot QA")
+    p.add_argument("--qa", help="questions for zero-shot QA: DPR NQ-open TSV (question<TAB>['answer', ...]), "
+                              "question<TAB>answer..., or a JSON list")
+    p.add_argument("--split", choices=["test", "valid"], help="the held-out split to evaluate (eval.split)")
     p.add_argument("--label", default="model", help="the model's name in the report")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _common(p, address=False)
@@ -282,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", required=True, help="a name per metrics file")
     p.add_argument("--runs", nargs="*", help="the training run directories, in the same order (curves)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--into", help="also write the generated section of this Markdown file (e.g. EXPERIMENTS.md)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")

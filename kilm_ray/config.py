@@ -75,11 +75,11 @@ class CorpusConfig:
         "Pages per Ray Data block out of the dump reader: the unit of parallel parsing. Blocks under "
         "100 kB stay in the driver's memory while they wait for the writer (Ray keeps small task results "
         "with their owner): 64 lead-section pages made the driver grow ~1.4 KB per page.", default=256)
-    valid_unseen_fraction: float = _doc(
-        "Fraction of articles held out of training entirely (valid_unseen).", default=0.05
+    valid_fraction: float = _doc(
+        "Fraction of articles held out of training for validation during training (and Tune).", default=0.05
     )
-    valid_seen_fraction: float = _doc(
-        "Fraction of training articles whose chunks are also evaluated (valid_seen).", default=0.05
+    test_fraction: float = _doc(
+        "Fraction of articles held out of training for the final evaluation (kilm-ray eval).", default=0.05
     )
     split_seed: int = _doc("Seed of the article-level split (a keyed hash of the title).", default=0)
     max_description_chars: int = _doc(
@@ -99,8 +99,10 @@ class CorpusConfig:
             raise ConfigError(
                 f"{path}.knowledge_sources: {bad or '[]'} not allowed; choose from {sorted(allowed)}"
             )
-        _check_range(f"{path}.valid_unseen_fraction", self.valid_unseen_fraction, 0.0, 0.9)
-        _check_range(f"{path}.valid_seen_fraction", self.valid_seen_fraction, 0.0, 1.0)
+        _check_range(f"{path}.valid_fraction", self.valid_fraction, 0.0, 0.9)
+        _check_range(f"{path}.test_fraction", self.test_fraction, 0.0, 0.9)
+        if self.valid_fraction + self.test_fraction > 0.9:
+            raise ConfigError(f"{path}.valid_fraction + {path}.test_fraction: must leave 10% of articles to train on")
         _check_min(f"{path}.max_pages", self.max_pages, 0)
         _check_min(f"{path}.pages_per_block", self.pages_per_block, 1)
         _check_range(f"{path}.read_unit_mb", self.read_unit_mb, 0.0, 1e6, low_open=True)
@@ -138,21 +140,22 @@ class DataConfig:
     )
     min_chunk_tokens: int = _doc("Chunks shorter than this are dropped.", default=8)
     max_eval_entities: int = _doc("Evaluation: samples per chunk, one per entity (the first N).", default=10)
+    train_min_mentions: int = _doc(
+        "Training chunks with fewer linked entities (with knowledge) are not written: 1 trains on the "
+        "chunks that carry knowledge only (3.4x fewer chunks on the excerpt's whole articles), so a fixed "
+        "budget sees each entity more often. 0 keeps all text.", default=0)
 
     def validate(self, path: str) -> None:
         _check_min(f"{path}.max_source_tokens", self.max_source_tokens, 32)
         _check_min(f"{path}.max_knowledge_tokens", self.max_knowledge_tokens, 4)
         _check_min(f"{path}.min_chunk_tokens", self.min_chunk_tokens, 1)
         _check_min(f"{path}.max_eval_entities", self.max_eval_entities, 1)
+        _check_min(f"{path}.train_min_mentions", self.train_min_mentions, 0)
 
     @property
     def max_text_tokens(self) -> int:
         # <s> </s> around the text, <ent> </ent> around the mention, <ent_desc> <mask> </ent_desc>.
         return self.max_source_tokens - 7
-
-    @property
-    def max_target_tokens(self) -> int:
-        return self.max_source_tokens + self.max_knowledge_tokens
 
 
 @dataclass
@@ -171,12 +174,25 @@ class MaskingConfig:
         "Weight of knowledge tokens (inside <ent_desc>...</ent_desc>) in the token-averaged loss.",
         default=1.0,
     )
+    entities_per_chunk: int = _doc(
+        "Linked entities (with knowledge) marked in a chunk that gets knowledge, at most; chosen uniformly "
+        "without replacement per (seed, epoch, sample). 1 = the paper; more puts every link of a short "
+        "chunk to work each epoch (the model's positions grow by max_knowledge_tokens + 4 per extra one).",
+        default=1,
+    )
+    knowledge_slot: bool = _doc(
+        "True = KILM: each marked entity gets <ent_desc>knowledge</ent_desc>, masked in the source. False = "
+        "the fair baseline: the same entities are marked <ent>mention</ent>, with no knowledge slot, so "
+        "only the knowledge objective differs.",
+        default=True,
+    )
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.mask_ratio", self.mask_ratio, 0.0, 0.95)
         _check_range(f"{path}.poisson_lambda", self.poisson_lambda, 0.0, 64.0, low_open=True)
         _check_range(f"{path}.knowledge_prob", self.knowledge_prob, 0.0, 1.0)
         _check_range(f"{path}.knowledge_loss_weight", self.knowledge_loss_weight, 0.0, 100.0)
+        _check_range(f"{path}.entities_per_chunk", self.entities_per_chunk, 1, 64)
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -260,7 +276,7 @@ class TrainConfig:
     eval_every: int = _doc("Steps between validation passes (0 = only at the end).", default=100)
     eval_max_samples: int = _doc("Validation samples per split per pass (0 = all).", default=512)
     eval_generate_samples: int = _doc(
-        "valid_seen samples whose description is generated at each validation (title accuracy).",
+        "valid samples (held-out articles) whose description is generated at each validation (title accuracy).",
         default=0,
     )
     checkpoint_every: int = _doc("Steps between checkpoints (a final one is always written).", default=100)
@@ -366,10 +382,11 @@ class TuneConfig:
     search_alg: Literal["random", "optuna"] = _doc(
         "'random': random/grid sampling of search_space; 'optuna': Bayesian optimisation (TPE) through "
         "Ray Tune's Optuna integration (no grid kinds). ASHA stops weak trials in both.", default="random")
-    metric: Literal["valid_seen_loss", "valid_unseen_loss", "description_accuracy"] = _doc(
-        "Objective: validation loss on valid_seen / valid_unseen, or title accuracy of generated "
-        "descriptions on valid_seen (needs train.eval_generate_samples > 0).",
-        default="valid_seen_loss",
+    metric: Literal["valid_loss", "valid_knowledge_loss", "valid_text_loss", "description_accuracy"] = _doc(
+        "Objective: loss on the valid split's mentions (all tokens, or the knowledge slots), text-infilling "
+        "loss on valid text, or title accuracy of generated descriptions on valid mentions (needs "
+        "train.eval_generate_samples > 0). valid is held out of training; test is kept for kilm-ray eval.",
+        default="valid_loss",
     )
     grace_period: int = _doc("ASHA: validations a trial gets before it can be stopped.", default=1)
     reduction_factor: float = _doc("ASHA: keep the top 1/reduction_factor at each rung.", default=2.0)
@@ -450,20 +467,32 @@ class ServeConfig:
 
 @dataclass
 class EvalConfig:
-    max_samples: int = _doc("Samples per split for description generation (0 = all).", default=500)
+    split: Literal["test", "valid"] = _doc(
+        "The held-out split evaluated (articles never trained on). valid is what training validated on.",
+        default="test")
+    max_samples: int = _doc("Held-out mentions evaluated by description generation (0 = all).", default=500)
+    train_recall_samples: int = _doc(
+        "Training mentions whose knowledge is generated too: recall of training samples, reported as such "
+        "(not held out). 0 = skip.", default=256)
+    max_sense_items: int = _doc(
+        "WordNet usage examples in the word-sense probe (a seeded sample; 0 = all).", default=400)
     batch_size: int = _doc("Sequences per generation / scoring batch.", default=16)
     num_beams: int = _doc("Beams for description generation.", default=1)
     max_new_tokens: int = _doc("Longest generated knowledge string.", default=48)
     max_disambiguation_mentions: int = _doc("Mentions scored in entity disambiguation (0 = all).", default=500)
     max_candidates: int = _doc("Candidates per mention in disambiguation.", default=8)
     retention_max_chunks: int = _doc("Held-out chunks for the text-infilling (retention) loss.", default=200)
-    qa_file: Optional[str] = _doc("A question<TAB>answer[<TAB>answer...] file for zero-shot QA.", default=None)
+    qa_file: Optional[str] = _doc(
+        "Questions for zero-shot QA: the DPR NQ-open TSV (question<TAB>['answer', ...]), question<TAB>answer"
+        "[<TAB>answer...], or a JSON list of {question, answer(s)} objects / [question, answers] pairs.",
+        default=None)
     seed: int = _doc("Seed of the masks in the retention test.", default=1234)
 
     def validate(self, path: str) -> None:
         for name in ("batch_size", "num_beams", "max_new_tokens", "max_candidates"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
-        for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks"):
+        for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
+                     "max_sense_items"):
             _check_min(f"{path}.{name}", getattr(self, name), 0)
 
 
@@ -485,6 +514,14 @@ class KilmConfig:
         if self.data.max_knowledge_tokens >= self.data.max_source_tokens * 4:
             raise ConfigError("data.max_knowledge_tokens: unreasonably long next to data.max_source_tokens")
         return self
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the model sees: a target with ``masking.entities_per_chunk`` filled slots
+        (each ``<ent></ent><ent_desc></ent_desc>`` + knowledge) around the chunk text."""
+        k = self.masking.entities_per_chunk
+        longest = self.data.max_text_tokens + 2 + k * (self.data.max_knowledge_tokens + 4)
+        return -(-longest // 8) * 8  # batches are padded to a multiple of 8
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -705,9 +705,10 @@ def _chunk_articles(articles: Iterable[dict], resolver_of, tokenizer, cfg: KilmC
         chunks, counts = article_chunks(paragraphs_from_doc(r["doc"]), resolver_of(r["page_id"]), tokenizer.encode,
                                         tokenizer.decode, tokenizer.encode("\n")[0], cfg.data.max_text_tokens,
                                         cfg.data.min_chunk_tokens)
-        splits = split_of(r["title"], cfg.corpus.split_seed, cfg.corpus.valid_unseen_fraction,
-                          cfg.corpus.valid_seen_fraction)
-        out.extend({**row, **_zero_counts()} for row in chunk_rows(r["page_id"], r["title"], chunks, splits))
+        splits = split_of(r["title"], cfg.corpus.split_seed, cfg.corpus.valid_fraction,
+                          cfg.corpus.test_fraction)
+        out.extend({**row, **_zero_counts()} for row in chunk_rows(r["page_id"], r["title"], chunks, splits,
+                                                                       cfg.data.train_min_mentions))
         out.append(_article_stats_row(r["page_id"], r["title"], counts, len(chunks)))
     return _table(out, CHUNK_SCHEMA)
 
@@ -1089,7 +1090,7 @@ def masked_dataset(data_dir: str, split: str, epoch: int, seed: int, cfg: KilmCo
     from kilm_ray.loader import special_ids_of
 
     sp = special_ids_of(data_dir)
-    params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
+    params = MaskingParams.from_config(cfg.masking)
     from kilm_ray.loader import split_files
 
     ds = read_parquet_files(split_files(data_dir, split), CHUNK_SCHEMA,

@@ -76,17 +76,23 @@ def fetch_wordnet(cache: Path) -> Optional[Path]:
 
 
 def probe_examples(data_dir: str, n: int) -> list[dict]:
-    """valid_seen mentions in context, as describe requests with their gold knowledge."""
+    """Mentions in held-out articles (the valid split) of entities whose knowledge was trained on, in
+    context, as describe requests with their gold knowledge."""
     from transformers import AutoTokenizer
 
     from kilm_ray.loader import SampleStore
 
     tokenizer = AutoTokenizer.from_pretrained(f"{data_dir}/tokenizer")
-    store = SampleStore.load(data_dir, "valid_seen")
+    from kilm_ray.eval.split import trained_titles
+
+    trained = trained_titles(SampleStore.load(data_dir, "train"))
+    store = SampleStore.load(data_dir, "valid")
     out = []
     for i in range(len(store)):
         ids = store.ids(i)
         for ent, title in zip(store.entities(i), store.entity_titles(i)):
+            if title not in trained:
+                continue
             decode = lambda t: tokenizer.decode(t, clean_up_tokenization_spaces=False)  # noqa: E731
             left, mention, right = decode(ids[: ent.start]), decode(ids[ent.start: ent.end]), decode(ids[ent.end:])
             gold = decode(ent.knowledge).replace("<sep>", " | ")
@@ -229,8 +235,8 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     export = runs / "demo" / "export"
     m = result.metrics or {}
     print(f"[3/5] trained {m.get('step')} steps on {cfg.train.worker_bounds[1]} DeepSpeed workers: train loss "
-          f"{m.get('train_loss', float('nan')):.3f}, valid_seen knowledge loss "
-          f"{m.get('valid_seen_knowledge_loss', float('nan')):.3f} -> {export}", flush=True)
+          f"{m.get('train_loss', float('nan')):.3f}, valid (held-out) knowledge loss "
+          f"{m.get('valid_knowledge_loss', float('nan')):.3f} -> {export}", flush=True)
 
     settings = cfg.to_dict()["serve"]
     settings.update(host="127.0.0.1", port=free_local_port(port))
@@ -239,7 +245,7 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
 
     client = ProbeClient(url)
     answers = []
-    print("[5/5] describe probes on entities the model saw in training (valid_seen):", flush=True)
+    print("[5/5] describe probes on trained entities in held-out articles (valid):", flush=True)
     for example in probe_examples(str(data), 5):
         reply = client.post("describe", example["request"])
         answers.append({**example, "answer": reply})

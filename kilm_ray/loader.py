@@ -153,6 +153,9 @@ class SampleStore:
     def text(self, i: int) -> str:
         return self._column_value("text", i)
 
+    def article(self, i: int) -> str:
+        return self._column_value("article", i)
+
     def n_entities(self, i: int) -> int:
         s, r = self._at(i)
         return int(s.ent_off[r + 1] - s.ent_off[r])

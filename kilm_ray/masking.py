@@ -42,6 +42,14 @@ class MaskingParams:
     mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
     knowledge_prob: float = 1.0
+    entities_per_chunk: int = 1  # linked entities marked per chunk (at most; the paper marks one)
+    knowledge_slot: bool = True  # False: marked as <ent>mention</ent> only (the fair baseline)
+
+    @classmethod
+    def from_config(cls, masking, knowledge_prob: Optional[float] = None) -> "MaskingParams":
+        prob = masking.knowledge_prob if knowledge_prob is None else knowledge_prob
+        return cls(masking.mask_ratio, masking.poisson_lambda, prob, masking.entities_per_chunk,
+                   masking.knowledge_slot)
 
 
 @dataclass
@@ -84,6 +92,35 @@ def slot_sequences(ids: Sequence[int], start: int, end: int, knowledge: Optional
     in_slot = np.zeros(len(target), dtype=bool)
     in_slot[len(head): len(head) + len(knowledge) + 1] = True  # + </ent_desc>: knowing where to stop
     return source, target, in_slot
+
+
+def marked_sequences(ids: Sequence[int], entities: Sequence[Entity], sp: SpecialIds,
+                     knowledge_slot: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source, target, knowledge mask over target) with each of ``entities`` (sorted, non-overlapping)
+    marked as ``<ent>mention</ent>``, followed by its knowledge slot when ``knowledge_slot``: masked in
+    the source, ``Title<sep>description`` in the target. One entity with a slot = :func:`slot_sequences`."""
+    source: list[int] = [sp.bos]
+    target: list[int] = [sp.bos]
+    in_slot: list[bool] = [False]
+    pos = 0
+    for ent in entities:
+        if not (pos <= ent.start < ent.end <= len(ids)):
+            raise ValueError(f"bad or overlapping mention span [{ent.start}, {ent.end}) for {len(ids)} tokens")
+        marked = [*ids[pos:ent.start], sp.ent, *ids[ent.start:ent.end], sp.ent_end]
+        source += marked
+        target += marked
+        in_slot += [False] * len(marked)
+        if knowledge_slot:
+            knowledge = [int(t) for t in ent.knowledge]
+            source += [sp.desc, sp.mask, sp.desc_end]
+            target += [sp.desc, *knowledge, sp.desc_end]
+            in_slot += [False] + [True] * (len(knowledge) + 1)  # + </ent_desc>: knowing where to stop
+        pos = ent.end
+    tail = [*ids[pos:], sp.eos]
+    source += tail
+    target += tail
+    in_slot += [False] * len(tail)
+    return (np.array(source, dtype=np.int64), np.array(target, dtype=np.int64), np.array(in_slot, dtype=bool))
 
 
 def plain_sequences(ids: Sequence[int], sp: SpecialIds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,18 +166,23 @@ def text_infilling(tokens: np.ndarray, rng: np.random.Generator, ratio: float, p
 
 def build_train_example(ids: Sequence[int], entities: Sequence[Entity], sample_id: int, seed: int,
                         epoch: int, params: MaskingParams, sp: SpecialIds) -> Example:
-    """One training example: with probability ``knowledge_prob`` one entity (uniform) gets a knowledge
-    slot, the other links stay plain text; then text infilling on the source."""
+    """One training example: with probability ``knowledge_prob`` up to ``entities_per_chunk`` entities
+    (uniform, without replacement) are marked and get knowledge slots (or markup only, for the
+    baseline), the other links stay plain text; then text infilling on the source."""
     rng = sample_rng(seed, epoch, sample_id)
-    entity = -1
+    chosen: list[int] = []
     if entities and params.knowledge_prob > 0 and rng.random() < params.knowledge_prob:
-        entity = int(rng.integers(len(entities)))
-        ent = entities[entity]
-        source, target, in_slot = slot_sequences(ids, ent.start, ent.end, ent.knowledge, sp)
+        if params.entities_per_chunk == 1 or len(entities) == 1:
+            chosen = [int(rng.integers(len(entities)))]  # the one-entity draw of earlier versions, kept
+        else:
+            k = min(params.entities_per_chunk, len(entities))
+            chosen = sorted(int(i) for i in rng.choice(len(entities), size=k, replace=False))
+    if chosen:
+        source, target, in_slot = marked_sequences(ids, [entities[i] for i in chosen], sp, params.knowledge_slot)
     else:
         source, target, in_slot = plain_sequences(ids, sp)
     source = text_infilling(source, rng, params.mask_ratio, params.poisson_lambda, sp)
-    return Example(source, target, in_slot, sample_id, entity)
+    return Example(source, target, in_slot, sample_id, chosen[0] if chosen else -1)
 
 
 def build_eval_examples(ids: Sequence[int], entities: Sequence[Entity], sample_id: int, max_entities: int,

@@ -24,8 +24,9 @@ from kilm_ray.config import ConfigError, KilmConfig, SearchParam, config_from_di
 log = logging.getLogger("kilm_ray.tune")
 
 METRICS = {  # tune.metric -> (reported key, mode)
-    "valid_seen_loss": ("valid_seen_loss", "min"),
-    "valid_unseen_loss": ("valid_unseen_loss", "min"),
+    "valid_loss": ("valid_loss", "min"),
+    "valid_knowledge_loss": ("valid_knowledge_loss", "min"),
+    "valid_text_loss": ("valid_text_loss", "min"),
     "description_accuracy": ("description_accuracy", "max"),
 }
 

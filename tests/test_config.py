@@ -11,7 +11,7 @@ def test_defaults_are_the_official_kilm_hyperparameters():
     cfg = KilmConfig().validate()
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps) == (5e-5, 0.01, 0)
     assert (cfg.masking.mask_ratio, cfg.masking.poisson_lambda) == (0.3, 3.0)
-    assert (cfg.data.max_source_tokens, cfg.data.max_target_tokens) == (512, 640)
+    assert (cfg.data.max_source_tokens, cfg.max_positions) == (512, 640)
 
 
 def test_yaml_then_overrides_with_types():

@@ -95,6 +95,27 @@ def test_one_entity_per_training_chunk_others_stay_text():
     assert ex.input_ids.tolist().count(SP.mask) == 1
 
 
+def test_several_entities_per_chunk_and_the_markup_only_baseline():
+    ents = [Entity(2, 4, KNOW), Entity(6, 7, [80]), Entity(10, 12, [60, SP.sep, 61])]
+    params = MaskingParams(0.0, 3.0, 1.0, entities_per_chunk=2)
+    ex = build_train_example(TEXT, ents, 5, 0, 0, params, SP)
+    labels = ex.labels.tolist()
+    assert labels.count(SP.ent) == 2 == labels.count(SP.desc) and ex.input_ids.tolist().count(SP.mask) == 2
+    drawn = {tuple(build_train_example(TEXT, ents, 5, 0, e, params, SP).labels.tolist()) for e in range(12)}
+    assert len(drawn) == 3  # the pair is re-drawn per epoch: all 3 pairs of 3 entities occur
+    # One slot per entity, each holding that entity's knowledge, in text order.
+    everything = build_train_example(TEXT, ents, 5, 0, 0, MaskingParams(0.0, 3.0, 1.0, 8), SP)
+    assert everything.labels[everything.knowledge].tolist() == [*KNOW, SP.desc_end, 80, SP.desc_end, 60, SP.sep, 61,
+                                                                SP.desc_end]
+    # The fair baseline: the same entities, same draws, marked <ent>mention</ent> with no knowledge slot.
+    base = build_train_example(TEXT, ents, 5, 0, 0, MaskingParams(0.0, 3.0, 1.0, 2, knowledge_slot=False), SP)
+    assert base.labels.tolist() == [t for t, k in zip(labels, ex.knowledge) if not k and t != SP.desc]
+    assert not base.knowledge.any() and SP.mask not in base.input_ids.tolist() and SP.desc not in base.labels
+    # One entity: the paper's format, the same as the probes' slot_sequences.
+    one = build_train_example(TEXT, ents[:1], 5, 0, 0, params, SP)
+    assert one.labels.tolist() == slot_sequences(TEXT, 2, 4, KNOW, SP)[1].tolist()
+
+
 def test_chunk_without_links_gets_infilling_only_and_baseline_switch():
     ex = build_train_example(TEXT, [], 9, 0, 0, MaskingParams(0.3, 3.0, 1.0), SP)
     assert ex.entity == -1 and SP.ent not in ex.labels.tolist()

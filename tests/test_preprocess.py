@@ -46,8 +46,9 @@ def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
     for split in SPLITS:
         assert stats["samples"][split]["chunks"] == len(rows[split]) > 0
     train_articles = {r["article"] for r in rows["train"]}
-    assert not train_articles & {r["article"] for r in rows["valid_unseen"]}
-    assert {r["article"] for r in rows["valid_seen"]} <= train_articles
+    assert not train_articles & {r["article"] for r in rows["valid"]}
+    assert not train_articles & {r["article"] for r in rows["test"]}
+    assert not {r["article"] for r in rows["valid"]} & {r["article"] for r in rows["test"]}
     # Stored chunks hold spans and knowledge, not masks.
     sp = special_ids_of(tiny_data)
     for r in rows["train"]:
@@ -191,9 +192,9 @@ def test_s3_globs_and_prefixes_in_and_dataset_out(s3_server, ray_cluster, tiny_c
 
 
 def test_masked_ray_dataset_matches_the_training_loader(tiny_data, tiny_config, ray_cluster):
-    ds = masked_dataset(tiny_data, "valid_seen", epoch=3, seed=11, cfg=tiny_config)
+    ds = masked_dataset(tiny_data, "valid", epoch=3, seed=11, cfg=tiny_config)
     rows = ds.take_all()
-    store = SampleStore.load(tiny_data, "valid_seen")
+    store = SampleStore.load(tiny_data, "valid")
     sp = special_ids_of(tiny_data)
     params = MaskingParams(tiny_config.masking.mask_ratio, tiny_config.masking.poisson_lambda,
                            tiny_config.masking.knowledge_prob)
@@ -203,7 +204,7 @@ def test_masked_ray_dataset_matches_the_training_loader(tiny_data, tiny_config, 
         ex = store.train_example(by_id[int(r["sample_id"])], 11, 3, params, sp)
         assert np.array_equal(ex.input_ids, r["input_ids"]) and np.array_equal(ex.labels, r["labels"])
     # Same order on a second pass; batches come out padded, ready for training.
-    assert [r["sample_id"] for r in masked_dataset(tiny_data, "valid_seen", 3, 11, tiny_config).take_all()] == \
+    assert [r["sample_id"] for r in masked_dataset(tiny_data, "valid", 3, 11, tiny_config).take_all()] == \
         [r["sample_id"] for r in rows]
     batch = next(iter(ds.iter_torch_batches(batch_size=4, collate_fn=collate_fn(tiny_config, tiny_data))))
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == batch["label_weights"].shape

@@ -64,7 +64,7 @@ def test_run_outputs_checkpoints_metrics_and_export(reference_run):
     assert [m["step"] for m in lines] == list(range(5, STEPS + 1, 5)) and "event" not in str(lines)
     last = lines[-1]
     for key in ("train_loss", "train_knowledge_loss", "train_copy_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                "nonpad_share", "valid_seen_loss", "valid_unseen_knowledge_loss"):
+                "nonpad_share", "valid_loss", "valid_knowledge_loss", "valid_text_loss", "train_text_loss"):
         assert key in last
     assert last["train_loss"] < lines[0]["train_loss"]  # it learns
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -77,7 +77,7 @@ def test_search_early_stopping_restore_and_best_config(ray_cluster, tiny_data, t
     assert any(r["stopped_early"] for r in rows)  # ASHA cut at least one trial short
     assert (run_dir / "search" / "trials.csv").read_text().count("\n") == 5
     assert (run_dir / "search" / "validation.png").stat().st_size > 10_000
-    best = min(rows, key=lambda r: r["best_valid_seen_loss"])
+    best = min(rows, key=lambda r: r["best_valid_loss"])
     assert summary["best"]["trial"] == best["trial"] and best["train.lr"] == 0.003
 
     # best.yaml is a plain config that `kilm-ray train --config` accepts as is.

@@ -17,7 +17,7 @@ from kilm_ray.corpus.wikitext import (
     redirect_target,
 )
 
-SPLITS = ("train", "valid_seen", "valid_unseen")
+SPLITS = ("train", "valid", "test")  # valid and test: articles held out of training
 
 
 def page_record(raw: RawPage, mode: str = "lead", max_description_chars: int = 400) -> dict[str, Any]:
@@ -66,17 +66,19 @@ def paragraphs_from_doc(doc: str) -> list[Paragraph]:
     return [Paragraph(text, [Link(s, e, t) for s, e, t in links]) for text, links in json.loads(doc)]
 
 
-def split_of(title: str, seed: int, unseen_fraction: float, seen_fraction: float) -> tuple[str, ...]:
-    """The splits an article's chunks go to, from a keyed hash of its title (a seeded shuffle that
-    needs no global pass): ('valid_unseen',), ('train',) or ('train', 'valid_seen')."""
+def split_of(title: str, seed: int, valid_fraction: float, test_fraction: float) -> tuple[str, ...]:
+    """The split an article's chunks go to, from a keyed hash of its title (a seeded shuffle that
+    needs no global pass): ('test',), ('valid',) or ('train',). An article is in one split only, so
+    nothing evaluated is a training sample; whether an evaluated mention's entity was seen in
+    training is a property of the mention (kilm_ray.eval.split), not of the split."""
     def unit(salt: str) -> float:
         digest = hashlib.blake2b(f"{seed}:{salt}:{title}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
 
-    if unit("unseen") < unseen_fraction:
-        return ("valid_unseen",)
-    if unit("seen") < seen_fraction:
-        return ("train", "valid_seen")
+    if unit("unseen") < test_fraction:  # the salt of the old held-out split: same test articles
+        return ("test",)
+    if unit("valid") < valid_fraction / max(1.0 - test_fraction, 1e-9):
+        return ("valid",)
     return ("train",)
 
 
@@ -115,14 +117,18 @@ def article_chunks(paragraphs: list[Paragraph], resolve_link: LinkResolver, enco
     return chunks, counts
 
 
-def chunk_rows(page_id: int, title: str, chunks: list[Chunk], splits: tuple[str, ...]) -> list[dict[str, Any]]:
+def chunk_rows(page_id: int, title: str, chunks: list[Chunk], splits: tuple[str, ...],
+               train_min_mentions: int = 0) -> list[dict[str, Any]]:
     """Parquet rows of an article's chunks. ``sample_id = page_id * 10000 + chunk index``: stable
-    across runs and independent of how Ray scheduled the work."""
+    across runs and independent of how Ray scheduled the work. Training chunks with fewer than
+    ``train_min_mentions`` linked entities (with knowledge) are left out."""
     rows = []
     for index, chunk in enumerate(chunks):
         for split in splits:
             if split != "train" and not chunk.mentions:
                 continue  # evaluation samples are per entity
+            if split == "train" and len(chunk.mentions) < train_min_mentions:
+                continue
             rows.append({
                 "split": split,
                 "sample_id": page_id * 10_000 + index,

@@ -200,20 +200,33 @@ def _forward_losses(engine, batch: dict) -> torch.Tensor:
 
 
 class Validation:
-    """Validation loss on valid_seen / valid_unseen: the evaluation format (one sample per entity,
-    only its knowledge masked), fixed across epochs and masking settings so trials compare."""
+    """Fixed example sets, the same across epochs and masking settings so trials compare:
+
+    - ``valid``: the valid split's mentions (held-out articles) in the evaluation format (one sample
+      per entity, only its knowledge masked);
+    - ``valid_text`` / ``train_text``: plain BART text infilling (seeded masks, no entity markup) on
+      held-out text and on the first training chunks. Their pair over training gives retention at
+      matched training loss (``kilm-ray compare``): held-out infilling loss where both models fit
+      their training text equally well."""
 
     def __init__(self, data_dir: str, cfg: KilmConfig, sp: SpecialIds, env: RunEnv):
         self.sets = {}
-        for split in ("valid_seen", "valid_unseen"):
+        cache = cfg.train.node_cache_dir or None
+        n = cfg.train.eval_max_samples
+        text_params = MaskingParams.from_config(cfg.masking, knowledge_prob=0.0)
+        for split, name in (("valid", "valid"), ("valid", "valid_text"), ("train", "train_text")):
             try:
-                store = SampleStore.load(data_dir, split, cfg.train.node_cache_dir or None)
+                store = SampleStore.load(data_dir, split, cache)
             except Exception as exc:  # an empty or missing split: nothing to validate on
-                log.warning("no %s validation: %s", split, exc)
+                log.warning("no %s validation: %s", name, exc)
                 continue
-            examples = eval_example_list(store, cfg.train.eval_max_samples, cfg.data.max_eval_entities, sp)
+            if name == "valid":
+                examples = eval_example_list(store, n, cfg.data.max_eval_entities, sp)
+            else:
+                examples = [store.retention_example(i, cfg.eval.seed, text_params, sp)
+                            for i in range(min(len(store), n) if n else len(store))]
             if examples:
-                self.sets[split] = examples
+                self.sets[name] = examples
         self.cfg, self.sp, self.env = cfg, sp, env
 
     @torch.no_grad()
@@ -235,19 +248,19 @@ class Validation:
                     batch["labels"][:] = -100
                 batch = _to_device({k: torch.from_numpy(v) for k, v in batch.items()}, device)
                 sums.add_batch(_forward_losses(engine, batch), batch)
-            total = LossSums.from_vector(_all_reduce(sums.vector(), self.env, device))
-            metrics.update(total.summary(prefix=f"{split}_"))
+            total = LossSums.from_vector(_all_reduce(sums.vector(), self.env, device)).summary(prefix=f"{split}_")
+            metrics.update(total if split == "valid" else {f"{split}_loss": total[f"{split}_loss"]})
         engine.train()
         return metrics
 
 
 def _describe_accuracy(engine, validation: Validation, tokenizer, sp: SpecialIds, n: int) -> dict[str, float]:
-    """Title exact match of greedy descriptions on the first ``n`` valid_seen samples (rank 0)."""
+    """Title exact match of greedy descriptions on the first ``n`` valid samples (rank 0)."""
     from kilm_ray.eval.metrics import exact_match
     from kilm_ray.generation import greedy_describe
     from kilm_ray.probes import gold_knowledge, parse_knowledge, prompt_from_example
 
-    examples = validation.sets.get("valid_seen", [])[:n]
+    examples = validation.sets.get("valid", [])[:n]
     if not examples:
         return {}
     model = engine.module
@@ -325,7 +338,7 @@ class Recipe:
 
         t, device = self.t, self.env.device
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(self.cfg.model, len(self.tokenizer), self.sp, self.cfg.data.max_target_tokens)
+        model = build_model(self.cfg.model, len(self.tokenizer), self.sp, self.cfg.max_positions)
         if resume is not None:
             load_weights_into_module(model, resume.weights)
         model.to(device)
@@ -360,7 +373,7 @@ class Recipe:
 
     def data_loader(self, start_step: int):
         t, cfg = self.t, self.cfg
-        params = MaskingParams(cfg.masking.mask_ratio, cfg.masking.poisson_lambda, cfg.masking.knowledge_prob)
+        params = MaskingParams.from_config(cfg.masking)
         dataset = StepDataset(self.store, self.plan, self.env.rank, start_step, params, self.sp,
                               cfg.masking.knowledge_loss_weight, group_by_length=t.group_by_length)
         return torch.utils.data.DataLoader(
@@ -438,7 +451,7 @@ class Recipe:
         weights, _ = gather_state(self.engine, with_moments=False)
         if not self.is_rank0:
             return
-        module = build_model(self.cfg.model, len(self.tokenizer), self.sp, self.cfg.data.max_target_tokens)
+        module = build_model(self.cfg.model, len(self.tokenizer), self.sp, self.cfg.max_positions)
         load_weights_into_module(module, weights)
         out_uri = storage.join(self.env.run_uri, "export")
         meta = export_metadata(self.cfg, step, self.data_dir, checkpoint=None)
@@ -590,7 +603,8 @@ class Recipe:
                  f" MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "",
                  f" | loss scale {metrics['loss_scale']:g}, {metrics['skipped_steps']:g} skipped"
                  if "loss_scale" in metrics else "",
-                 "".join(f" | {k} {metrics[k]:.4f}" for k in ("valid_seen_loss", "valid_unseen_loss",
+                 "".join(f" | {k} {metrics[k]:.4f}" for k in ("valid_loss", "valid_knowledge_loss",
+                                                               "valid_text_loss", "train_text_loss",
                                                                "description_accuracy") if k in metrics),
                  format_eta(eta))
 
