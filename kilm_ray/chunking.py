@@ -121,8 +121,24 @@ def pack_chunks(pieces: Sequence[_Piece], max_tokens: int, newline_ids: Sequence
 
 
 def knowledge_ids(encode: Encode, title: str, description: str, sep_id: int, max_tokens: int) -> list[int]:
-    """Tokens of ``Title<sep>description``, the description cut to fit ``max_tokens`` in all."""
-    title_ids = encode(title)[0][: max(1, max_tokens // 2)]
-    desc_ids = encode(description)[0]
+    """Tokens of ``Title<sep>description``, the description cut to fit ``max_tokens`` in all. Both
+    parts are encoded as words after a space (``ĠTitle``), as the official code's tokenizer sees
+    ``<ent_desc> Title <sep> description``: a title then has the tokens of the same words in text."""
+    title_ids = encode(" " + title)[0][: max(1, max_tokens // 2)]
+    desc_ids = encode(" " + description)[0]
     room = max_tokens - len(title_ids) - 1
     return title_ids + [sep_id] + desc_ids[: max(0, room)]
+
+
+def title_as_mentioned(encode: Encode, sep_id: int, max_tokens: int, surface: str, title: str,
+                       knowledge: Sequence[int]) -> list[int]:
+    """Wikipedia titles ignore the case of their first letter (``[[vowel]]`` links the page Vowel).
+    When a mention starts with the title's first letter in lower case, spell the title that way in this
+    mention's knowledge: the same title, in the tokens the text uses, so a small model trained from
+    scratch can copy it instead of learning a capitalised twin of every word (exact match ignores case)."""
+    first = title[:1]
+    if not (first.isupper() and surface[:1] == first.lower()) or sep_id not in knowledge:
+        return list(knowledge)
+    rest = list(knowledge[list(knowledge).index(sep_id):])
+    title_ids = encode(" " + surface[:1] + title[1:])[0][: max(1, max_tokens // 2)]
+    return (title_ids + rest)[:max_tokens]

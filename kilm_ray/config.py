@@ -140,6 +140,11 @@ class DataConfig:
     )
     min_chunk_tokens: int = _doc("Chunks shorter than this are dropped.", default=8)
     max_eval_entities: int = _doc("Evaluation: samples per chunk, one per entity (the first N).", default=10)
+    title_as_mentioned: bool = _doc(
+        "Spell a mention's knowledge title with a lower-case first letter when the mention has one "
+        "([[vowel]] -> 'vowel<sep>...'; Wikipedia titles ignore the first letter's case, exact match too). "
+        "For small models from scratch: copying a title is then copying tokens. False = page titles.",
+        default=False)
     train_min_mentions: int = _doc(
         "Training chunks with fewer linked entities (with knowledge) are not written: 1 trains on the "
         "chunks that carry knowledge only (3.4x fewer chunks on the excerpt's whole articles), so a fixed "

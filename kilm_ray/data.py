@@ -25,6 +25,7 @@ written, the work directory and shards of other settings are removed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -42,6 +43,7 @@ import pyarrow.compute as pc
 
 from kilm_ray import __version__, storage
 from kilm_ray.config import KilmConfig
+from kilm_ray.chunking import title_as_mentioned
 from kilm_ray.corpus.articles import SPLITS, LinkCounts, article_chunks, chunk_rows, page_record, paragraphs_from_doc, split_of
 from kilm_ray.corpus.dump import DUMP_SUFFIXES, ReadUnit, iter_raw_pages, read_units
 from kilm_ray.corpus.knowledge import KB_SUFFIXES, KnowledgeLookup, kb_line_rows, load_knowledge_base
@@ -701,10 +703,14 @@ def links_stage(stages: Stages, cfg: KilmConfig, has_kb: bool, tokenizer_ref) ->
 def _chunk_articles(articles: Iterable[dict], resolver_of, tokenizer, cfg: KilmConfig) -> pa.Table:
     """Articles -> chunk rows and one stats row per article; ``resolver_of(page_id)`` resolves links."""
     out: list[dict[str, Any]] = []
+    retitle = None
+    if cfg.data.title_as_mentioned:
+        retitle = functools.partial(title_as_mentioned, tokenizer.encode, tokenizer.token_id("<sep>"),
+                                    cfg.data.max_knowledge_tokens)
     for r in articles:
         chunks, counts = article_chunks(paragraphs_from_doc(r["doc"]), resolver_of(r["page_id"]), tokenizer.encode,
                                         tokenizer.decode, tokenizer.encode("\n")[0], cfg.data.max_text_tokens,
-                                        cfg.data.min_chunk_tokens)
+                                        cfg.data.min_chunk_tokens, retitle)
         splits = split_of(r["title"], cfg.corpus.split_seed, cfg.corpus.valid_fraction,
                           cfg.corpus.test_fraction)
         out.extend({**row, **_zero_counts()} for row in chunk_rows(r["page_id"], r["title"], chunks, splits,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from kilm_ray.chunking import Chunk, Encode, pack_chunks, tokenize_paragraph
 from kilm_ray.corpus.dump import MalformedPage, RawPage, parse_page_xml, title_of_raw
@@ -97,9 +97,11 @@ class LinkCounts:
 
 def article_chunks(paragraphs: list[Paragraph], resolve_link: LinkResolver, encode: Encode,
                    decode: Callable[[list[int]], str], newline_ids: list[int], max_text_tokens: int,
-                   min_chunk_tokens: int) -> tuple[list[Chunk], LinkCounts]:
+                   min_chunk_tokens: int, retitle: Optional[Callable[[str, str, list[int]], list[int]]] = None,
+                   ) -> tuple[list[Chunk], LinkCounts]:
     """Resolve each link (``resolve_link``: redirects, then knowledge sources in order), tokenize, and
-    chunk. A link without knowledge stays plain surface text."""
+    chunk. A link without knowledge stays plain surface text. ``retitle(surface, title, knowledge)``
+    may respell a mention's knowledge (``data.title_as_mentioned``)."""
     counts = LinkCounts()
     pieces = []
     for para in paragraphs:
@@ -111,7 +113,10 @@ def article_chunks(paragraphs: list[Paragraph], resolve_link: LinkResolver, enco
                 counts.no_knowledge += 1
                 continue
             setattr(counts, hit.source, getattr(counts, hit.source) + 1)
-            links.append((link.start, link.end, hit.title, hit.source, hit.knowledge))
+            knowledge = hit.knowledge
+            if retitle is not None:
+                knowledge = retitle(para.text[link.start:link.end], hit.title, list(knowledge))
+            links.append((link.start, link.end, hit.title, hit.source, knowledge))
         pieces.append(tokenize_paragraph(encode, para.text, links))
     chunks = pack_chunks(pieces, max_text_tokens, newline_ids, min_chunk_tokens, decode)
     return chunks, counts
