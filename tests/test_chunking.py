@@ -80,4 +80,16 @@ def test_knowledge_ids_fit_the_budget(tok):
     sep = tok.convert_tokens_to_ids("<sep>")
     ids = knowledge_ids(encoder(tok), "Aristotle", "an ancient Greek philosopher " * 20, sep, 16)
     assert len(ids) == 16 and ids[ids.index(sep) - 1] is not None
-    assert tok.decode(ids[: ids.index(sep)]) == "Aristotle"
+    assert tok.decode(ids[: ids.index(sep)]) == " Aristotle"  # the word's tokens in running text
+
+
+def test_title_as_mentioned_respells_only_the_first_letter(tok):
+    from kilm_ray.chunking import title_as_mentioned
+
+    sep, enc = tok.convert_tokens_to_ids("<sep>"), encoder(tok)
+    know = knowledge_ids(enc, "Vowel", "a speech sound", sep, 16)
+    respelt = title_as_mentioned(enc, sep, 16, "vowel", "Vowel", know)
+    assert tok.decode(respelt) == " vowel<sep> a speech sound"
+    assert respelt[: respelt.index(sep)] == enc(" vowel")[0]  # the mention's own tokens
+    for surface, title in (("Vowel", "Vowel"), ("sound", "Vowel"), ("iPhone", "iPhone")):
+        assert title_as_mentioned(enc, sep, 16, surface, title, know) == know

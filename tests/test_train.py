@@ -28,7 +28,7 @@ STEPS = 40
 def train_cfg(tiny_config):
     # Dropout off so that runs on different worker counts differ only by float summation order.
     return tiny_config.with_overrides({
-        "model.dropout": 0.0, "train.max_steps": STEPS, "train.checkpoint_every": 10, "train.log_every": 5,
+        "model.dropout": 0.0, "train.epochs": 3, "train.max_steps": STEPS, "train.checkpoint_every": 10, "train.log_every": 5,
         "train.eval_every": 20, "train.eval_max_samples": 32, "train.keep_checkpoints": 2, "train.num_workers": 2,
     })
 
