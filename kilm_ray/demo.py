@@ -76,31 +76,35 @@ def fetch_wordnet(cache: Path) -> Optional[Path]:
 
 
 def probe_examples(data_dir: str, n: int) -> list[dict]:
-    """Mentions in held-out articles (the valid split) of entities whose knowledge was trained on, in
-    context, as describe requests with their gold knowledge."""
+    """Mentions in held-out articles (the valid split), as describe requests with their gold knowledge:
+    one per chunk, entities whose knowledge was trained on first (``seen``), then others."""
     from transformers import AutoTokenizer
 
+    from kilm_ray.eval.split import trained_titles
     from kilm_ray.loader import SampleStore
 
     tokenizer = AutoTokenizer.from_pretrained(f"{data_dir}/tokenizer")
-    from kilm_ray.eval.split import trained_titles
-
     trained = trained_titles(SampleStore.load(data_dir, "train"))
     store = SampleStore.load(data_dir, "valid")
-    out = []
+
+    def decode(ids) -> str:
+        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+    found: dict[bool, list[dict]] = {True: [], False: []}
     for i in range(len(store)):
         ids = store.ids(i)
+        picked = set()
         for ent, title in zip(store.entities(i), store.entity_titles(i)):
-            if title not in trained:
+            seen = title in trained
+            if seen in picked:
                 continue
-            decode = lambda t: tokenizer.decode(t, clean_up_tokenization_spaces=False)  # noqa: E731
+            picked.add(seen)
             left, mention, right = decode(ids[: ent.start]), decode(ids[ent.start: ent.end]), decode(ids[ent.end:])
-            gold = decode(ent.knowledge).replace("<sep>", " | ")
-            out.append({"request": {"left": left[-300:], "mention": mention, "right": right[:200]}, "gold": gold})
-            break  # one mention per chunk, for variety
-        if len(out) >= n:
+            found[seen].append({"request": {"left": left[-300:], "mention": mention, "right": right[:200]},
+                                "gold": decode(ent.knowledge).replace("<sep>", " | ").strip(), "seen": seen})
+        if len(found[True]) >= n:
             break
-    return out
+    return (found[True] + found[False])[:n]
 
 
 @contextlib.contextmanager
@@ -245,7 +249,8 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
 
     client = ProbeClient(url)
     answers = []
-    print("[5/5] describe probes on trained entities in held-out articles (valid):", flush=True)
+    print("[5/5] describe probes on mentions in held-out articles (valid; entities seen in training first):",
+          flush=True)
     for example in probe_examples(str(data), 5):
         reply = client.post("describe", example["request"])
         answers.append({**example, "answer": reply})
