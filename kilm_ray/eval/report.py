@@ -134,7 +134,7 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
                                    ("word_senses", "word senses (WordNet usage examples)", "most frequent sense")):
         spec += [(f"{label}: items", (probe, "all", "mentions"), 0),
                  (f"{label}: accuracy", (probe, "all", "accuracy"), 3),
-                 (f"{label}: seen / unseen words accuracy", None, 3),
+                 (f"{label}: accuracy, seen / unseen", None, 3),
                  (f"{label}: {baseline} (no model)", (probe, "all", "baseline_accuracy"), 3),
                  (f"{label}: random choice (expected, no model)", (probe, "all", "random_accuracy"), 3),
                  (f"{label}: gold among the candidates", (probe, "all", "gold_among_candidates"), 3),
