@@ -15,7 +15,7 @@ from kilm_ray.train.checkpoint import read_checkpoint
 from conftest import REPO
 
 STEPS = 200
-COMMON = ["train.epochs=10", f"train.max_steps={STEPS}", "train.checkpoint_every=1000", "train.eval_every=0",
+COMMON = ["train.epochs=14", f"train.max_steps={STEPS}", "train.checkpoint_every=1000", "train.eval_every=0",
           "train.export_at_end=false", "model.preset=tiny", "train.num_workers=[1,2]"]
 
 

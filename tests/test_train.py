@@ -135,7 +135,7 @@ def test_killed_driver_rerun_resumes_on_one_worker(reference_run, ray_cluster, t
     base = [sys.executable, "-m", "kilm_ray.cli", "train", "--data", tiny_data, "--run-dir", str(run_dir),
             "--name", "elastic", "--address", ray.get_runtime_context().gcs_address,
             "--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
-            "model.dropout=0.0", f"train.max_steps={STEPS}", "train.checkpoint_every=10", "train.log_every=5",
+            "model.dropout=0.0", "train.epochs=3", f"train.max_steps={STEPS}", "train.checkpoint_every=10", "train.log_every=5",
             "train.eval_every=20", "train.eval_max_samples=32", "train.keep_checkpoints=2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(base + ["train.num_workers=2"], env=env, stdout=subprocess.DEVNULL,
