@@ -151,7 +151,7 @@ def test_candidate_continuations_are_cut_to_the_budget(tok):
     assert len(ids) == 20 and ids[-1] == sp.desc_end and ids.count(sp.sep) == 1
     assert tok.decode(ids[: ids.index(sp.sep)]) == " Mercury (planet)"
     short = candidate_continuation(tok, sp, "Mercury", "a planet", 64)
-    assert tok.decode(short) == "Mercury<sep>a planet</ent_desc>"  # as knowledge_ids encodes it in training
+    assert tok.decode(short) == " Mercury<sep> a planet</ent_desc>"  # as knowledge_ids encodes it in training
     with pytest.raises(ProbeError, match="candidates.3.title: contains the reserved token <sep>"):
         candidate_continuation(tok, sp, "A<sep>B", "", 64, field="candidates.3")
 
