@@ -24,6 +24,7 @@ the Serve endpoints.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import logging
 import math
@@ -31,21 +32,19 @@ import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from kilm_ray.config import KilmConfig
 from kilm_ray.eval.metrics import best_over, exact_match, mean, rouge_l, token_f1
-from kilm_ray.eval.split import Mention, group_counts, iter_mentions, split_invariants, trained_titles
+from kilm_ray.eval.split import GROUPS, Mention, group_counts, iter_mentions, split_invariants, trained_titles
 from kilm_ray.loader import SampleStore, special_ids_of
 from kilm_ray.masking import Example, MaskingParams, SpecialIds, collate
 from kilm_ray.probes import (Prompt, ProbeError, appositive_prompt, candidate_continuation, describe_prompt,
                              gold_knowledge, parse_knowledge, parse_text, prompt_from_example, qa_prompt)
 
 log = logging.getLogger("kilm_ray.eval")
-
-GROUPS = ("seen", "unseen")
 
 
 def mention_examples(store: SampleStore, mentions: Sequence[Mention], max_entities: int,
@@ -203,7 +202,7 @@ def anchor_items(train: SampleStore, store: SampleStore, mentions: Sequence[Ment
     """Held-out mentions whose anchor text links to two or more titles in the training split. The
     candidates and the most-frequent-target baseline come from training links only."""
     def decode(ids) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return tokenizer.decode(ids, skip_special_tokens=True)
 
     targets: dict[str, Counter] = defaultdict(Counter)
     knowledge: dict[str, list[int]] = {}
@@ -432,8 +431,9 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
     log.info("description generation on %d %s mentions (%s)", len(held_out), split, group_counts(held_out))
     metrics["describe"] = describe_eval(model, tokenizer, sp, stores[split], held_out, cfg)
     if cfg.eval.train_recall_samples:
-        recall = _limit(list(iter_mentions(stores["train"], "train", decode, cfg.data.max_eval_entities, trained)),
-                        cfg.eval.train_recall_samples)
+        # The first mentions only: decoding every training mention for a sample would grow with the corpus.
+        recall = list(itertools.islice(iter_mentions(stores["train"], "train", decode, cfg.data.max_eval_entities,
+                                                     trained), cfg.eval.train_recall_samples))
         metrics["training_recall"] = describe_eval(model, tokenizer, sp, stores["train"], recall, cfg)
     log.info("appositive generation")
     metrics["appositive"] = appositive_eval(model, tokenizer, sp, stores[split], held_out, cfg)

@@ -16,6 +16,8 @@ from typing import Iterable, Iterator, Optional
 
 from kilm_ray.eval.metrics import normalize
 
+GROUPS = ("seen", "unseen")  # the entity groups every probe reports
+
 
 @dataclass(frozen=True)
 class Mention:
@@ -31,7 +33,7 @@ class Mention:
 
     @property
     def group(self) -> str:
-        return "seen" if self.seen else "unseen"
+        return GROUPS[0] if self.seen else GROUPS[1]
 
     @property
     def title_is_surface(self) -> bool:
@@ -83,4 +85,4 @@ def split_invariants(stores: dict[str, object]) -> dict[str, int]:
 
 def group_counts(mentions: Iterable[Mention]) -> dict[str, int]:
     counts = Counter(m.group for m in mentions)
-    return {"seen": counts["seen"], "unseen": counts["unseen"]}
+    return {g: counts[g] for g in GROUPS}

@@ -214,11 +214,16 @@ class Validation:
         cache = cfg.train.node_cache_dir or None
         n = cfg.train.eval_max_samples
         text_params = MaskingParams.from_config(cfg.masking, knowledge_prob=0.0)
+        stores: dict[str, Optional[SampleStore]] = {}
         for split, name in (("valid", "valid"), ("valid", "valid_text"), ("train", "train_text")):
-            try:
-                store = SampleStore.load(data_dir, split, cache)
-            except Exception as exc:  # an empty or missing split: nothing to validate on
-                log.warning("no %s validation: %s", name, exc)
+            if split not in stores:
+                try:
+                    stores[split] = SampleStore.load(data_dir, split, cache)
+                except Exception as exc:  # an empty or missing split: nothing to validate on
+                    log.warning("no %s validation: %s", split, exc)
+                    stores[split] = None
+            store = stores[split]
+            if store is None:
                 continue
             if name == "valid":
                 examples = eval_example_list(store, n, cfg.data.max_eval_entities, sp)
