@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, load_config
+from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, load_config, resolve_local_paths
+from kilm_ray.errors import UsageError, UserInputError
 
 log = logging.getLogger("kilm_ray")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -22,7 +23,46 @@ def _config(args: argparse.Namespace) -> KilmConfig:
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    return load_config(path, args.overrides)
+    return resolve_local_paths(load_config(path, args.overrides), Path.cwd())
+
+
+# Arguments that name files or directories. Ray workers, Serve replicas and Tune trials run in
+# working directories of their own, so every relative path is made absolute here, on the driver,
+# against the directory the command was typed in, before anything is sent to Ray.
+PATH_ARGUMENTS = ("config", "dump", "knowledge", "out", "data", "run_dir", "checkpoint", "model", "report",
+                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl")
+
+
+OUTPUT_ARGUMENTS = ("out", "run_dir", "report")
+
+
+def absolute_path_arguments(args: argparse.Namespace, in_submitted_job: bool = False) -> argparse.Namespace:
+    """``args`` with its local paths made absolute (``a,b`` lists part by part); URIs stay as they are.
+
+    A job of ``ray job submit`` runs in Ray's temporary copy of ``--working-dir`` on the head node: a
+    relative input such as ``configs/x.yaml`` is read from that copy (it travelled with the job), but a
+    relative output would be written into it and deleted with it, so it is refused."""
+    from kilm_ray.storage import absolute, is_remote
+
+    def fix(name: str, value):
+        if isinstance(value, list):
+            return [fix(name, v) for v in value]
+        if not isinstance(value, str):
+            return value
+        parts = value.split(",")
+        if in_submitted_job and name in OUTPUT_ARGUMENTS:
+            for part in parts:
+                if part and not is_remote(part) and not os.path.isabs(os.path.expanduser(part)):
+                    raise UsageError(
+                        f"--{name.replace('_', '-')} {part}: a relative path in a job of `ray job submit` would "
+                        f"be written into Ray's temporary copy of the working directory ({os.getcwd()}) and lost "
+                        f"with it; give s3://... or an absolute path (e.g. \"$PWD/{part}\")")
+        return ",".join(absolute(part) if part else part for part in parts)
+
+    for name in PATH_ARGUMENTS:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, fix(name, getattr(args, name)))
+    return args
 
 
 def _common(p: argparse.ArgumentParser, address: bool = True, default_config: Optional[Path] = None) -> None:
@@ -156,6 +196,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                                    {"title": c.split(":", 1)[0], "description": c.split(":", 1)[-1]}
                                                    for c in args.candidate or []]}
     try:
+        if args.wait:
+            client.wait_until_ready(args.wait)
         print(json.dumps(client.post(args.task, body), indent=2, ensure_ascii=False))
     except RuntimeError as exc:
         print(f"kilm-ray probe: error: {exc}", file=sys.stderr)
@@ -265,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", action="append", help="disambiguate: 'Title:description' or JSON (repeatable)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--num-beams", type=int)
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for the service to come up (it loads the model first)")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("eval", help="knowledge probes and retention of an exported model -> metrics.json + report")
@@ -324,21 +368,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from kilm_ray.storage import InputError
-
     try:
+        # The job's driver environment of `ray job submit` (set by Ray's job supervisor).
+        absolute_path_arguments(args, in_submitted_job="RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
         return args.func(args)
-    except (ConfigError, InputError) as exc:
+    except UserInputError as exc:  # a bad path, config value, dataset or tokenizer: one line, no traceback
         print(f"kilm-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # known user-facing failures carry a clear message
-        from kilm_ray.loader import DataError
-        from kilm_ray.tokenizer import TokenizerError
-
-        if isinstance(exc, (DataError, TokenizerError)):
-            print(f"kilm-ray {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

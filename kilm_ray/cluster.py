@@ -55,21 +55,35 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     memory = int(min(2 * 1024**3, _total_memory() * 0.2))
-    log.info("starting a local Ray with %d logical CPUs", cpus)
-    ray.init(num_cpus=cpus, object_store_memory=memory, include_dashboard=False, runtime_env=runtime_env,
-             configure_logging=True, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
-             log_to_driver=log_to_driver)
+    dashboard_port = free_local_port(8265)
+    log.info("starting a local Ray with %d logical CPUs (dashboard: http://127.0.0.1:%d)", cpus, dashboard_port)
+    # The dashboard is on: Ray Train's PlacementGroupCleaner asks Ray's state API (served by the
+    # dashboard) once a second whether the run's controller is alive; without it, every ask logs a
+    # warning (hundreds of lines per run) and the cleaner cannot do its job. It also gives the local
+    # cluster a dashboard and a job API on 127.0.0.1 (8265, or a free port when that one is taken).
+    # address="local": a new cluster of our own, as documented, even where a `ray start` cluster runs on
+    # this machine (ray.init() would otherwise join that one and refuse num_cpus).
+    ray.init(address="local", num_cpus=cpus, object_store_memory=memory, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, runtime_env=runtime_env, configure_logging=True,
+             logging_level=logging.WARNING, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
 
 
-def worker_logging() -> None:
+def worker_logging(rank: int = 0) -> None:
     """INFO lines of kilm_ray (progress, resume notices) from inside Ray workers, whatever logging
-    setup the worker process inherited."""
+    setup the worker process inherited; Ray Train's own lines once per run, not once per rank."""
+    import warnings
+
+    # DeepSpeed's ZeRO calls a torch.distributed function that torch has deprecated: nothing a user can
+    # act on, printed once by every worker.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     logger = logging.getLogger("kilm_ray")
     logger.setLevel(logging.INFO)
     try:  # Ray Train logs every report of every rank at INFO: our own progress line says more
         from ray.train.v2._internal.execution import context as train_context
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        if rank:  # "Checkpoint successfully created at ...": rank 0's line says it for every rank
+            logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
     except ImportError:
         pass
     if not any(getattr(h, "_kilm", False) for h in logger.handlers):

@@ -18,16 +18,21 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from kilm_ray.errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError, ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text feeds the generated config reference."""
+def _doc(text: str, path: Optional[str] = None, **kwargs: Any) -> Any:
+    """A dataclass field whose help text feeds the generated config reference. ``path`` marks a value
+    that names a file or directory (see :func:`resolve_local_paths`): ``"local"`` always a path,
+    ``"local_or_hub"`` a path when it exists locally, else a hub id."""
+    metadata = {"help": text, **({"path": path} if path else {})}
     if "default_factory" in kwargs:
-        return field(default_factory=kwargs.pop("default_factory"), metadata={"help": text})
-    return field(default=kwargs.pop("default"), metadata={"help": text})
+        return field(default_factory=kwargs.pop("default_factory"), metadata=metadata)
+    return field(default=kwargs.pop("default"), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class TokenizerConfig:
         "Where the tokenizer comes from: 'train' (a byte-level BPE trained on the corpus), "
         "'gpt2-bpe:DIR' (encoder.json + vocab.bpe), or a local directory / hub id such as "
         "facebook/bart-base. The five KILM tokens are always added.",
-        default="train",
+        default="train", path="local_or_hub",
     )
     vocab_size: int = _doc("Vocabulary size when source=train.", default=8000)
     train_max_paragraphs: int = _doc("Paragraphs sampled to train the BPE (source=train).", default=200_000)
@@ -215,7 +220,7 @@ class ModelConfig:
     pretrained: Optional[str] = _doc(
         "A local directory or hub id (e.g. facebook/bart-base) to start from; null = random init "
         "from the preset below.",
-        default=None,
+        default=None, path="local_or_hub",
     )
     preset: Literal["tiny", "mini", "small", "base", "large"] = _doc(
         "Architecture when training from scratch.", default="tiny"
@@ -232,7 +237,10 @@ class ModelConfig:
 class TrainConfig:
     seed: int = _doc("Seed of the data order, masking and dropout.", default=0)
     epochs: int = _doc("Passes over the training split (each re-samples entities and masks).", default=10)
-    max_steps: int = _doc("Stop after this many optimizer steps (0 = run all epochs).", default=0)
+    max_steps: int = _doc(
+        "Optimizer steps to train (0 = train.epochs passes over the training split). When set it wins over "
+        "train.epochs, as max_steps does in Hugging Face's Trainer: the run goes on into further epochs (each "
+        "re-samples entities and masks) or stops inside one; the start of the run says which.", default=0)
     global_batch_size: int = _doc(
         "Sequences per optimizer step, whatever the worker count (gradient accumulation fills it).",
         default=1024,
@@ -276,7 +284,7 @@ class TrainConfig:
         "token-weighted loss over the global batch is unchanged).", default=True)
     node_cache_dir: str = _doc(
         "Local directory for the node's memory-mapped copy of the dataset ('' = $KILM_RAY_CACHE or "
-        "<tmp>/kilm_ray_cache); shared by the ranks of a node, built once per dataset.", default="")
+        "<tmp>/kilm_ray_cache); shared by the ranks of a node, built once per dataset.", default="", path="local")
     log_every: int = _doc("Steps between metric lines / reports.", default=10)
     eval_every: int = _doc("Steps between validation passes (0 = only at the end).", default=100)
     eval_max_samples: int = _doc("Validation samples per split per pass (0 = all).", default=512)
@@ -490,7 +498,7 @@ class EvalConfig:
     qa_file: Optional[str] = _doc(
         "Questions for zero-shot QA: the DPR NQ-open TSV (question<TAB>['answer', ...]), question<TAB>answer"
         "[<TAB>answer...], or a JSON list of {question, answer(s)} objects / [question, answers] pairs.",
-        default=None)
+        default=None, path="local")
     seed: int = _doc("Seed of the masks in the retention test.", default=1234)
 
     def validate(self, path: str) -> None:
@@ -565,6 +573,33 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         key, value = parse_override(item)
         _set_dotted(cfg, key, value, source="command line")
     return cfg.validate()
+
+
+def resolve_local_paths(cfg: KilmConfig, base: str | Path) -> KilmConfig:
+    """``cfg`` with every relative local path made absolute against ``base`` (where the user typed the
+    command). Ray workers run in directories of their own, so a relative path must be settled on the
+    driver before the config is shipped to them. URIs (``s3://``), ``train`` and hub ids that name
+    nothing on the local disk stay as they are; ``gpt2-bpe:DIR`` resolves its ``DIR``."""
+    new = copy.deepcopy(cfg)
+    for section in dataclasses.fields(new):
+        node = getattr(new, section.name)
+        for f in dataclasses.fields(node):
+            kind, value = f.metadata.get("path"), getattr(node, f.name)
+            if kind and isinstance(value, str) and value:
+                setattr(node, f.name, _absolute_path(value, Path(base), must_exist=kind == "local_or_hub"))
+    return new
+
+
+def _absolute_path(value: str, base: Path, must_exist: bool) -> str:
+    prefix, _, rest = value.partition(":")
+    if rest and "/" not in prefix and not rest.startswith("//"):  # a scheme of ours: gpt2-bpe:DIR
+        return f"{prefix}:{_absolute_path(rest, base, must_exist=False)}"
+    if "://" in value or value == "train":
+        return value
+    candidate = base / Path(value).expanduser()
+    if must_exist and not candidate.exists():
+        return value  # a hub id such as facebook/bart-base
+    return str(candidate.resolve())
 
 
 def config_from_dict(data: dict[str, Any], source: str = "dict") -> KilmConfig:

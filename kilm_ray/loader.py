@@ -12,7 +12,9 @@ No Ray in this module: the same loader feeds the worker loop with and without Ra
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,14 +24,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kilm_ray import node_cache, storage
+from kilm_ray.errors import UserInputError
 from kilm_ray.masking import (
     Entity, Example, MaskingParams, SpecialIds, build_eval_examples, build_retention_example,
     build_train_example, collate,
 )
 
+log = logging.getLogger("kilm_ray")
 
-class DataError(ValueError):
-    pass
+
+class DataError(UserInputError, ValueError):
+    """The dataset is missing, uncommitted or not one this kilm_ray reads; the message names it."""
 
 
 def read_meta(data_dir: str) -> dict:
@@ -44,6 +49,18 @@ def read_meta(data_dir: str) -> dict:
     manifest = json.loads(storage.read_bytes(path))
     if manifest.get("format") != 1:
         raise DataError(f"{path}: manifest format {manifest.get('format')!r} is not one this kilm_ray reads (1)")
+    return manifest
+
+
+def check_dataset(train_cfg, data_dir: str) -> dict:
+    """Run at the start of training or tuning, before any worker starts: the manifest of a committed
+    dataset (a missing one fails here, at once, rather than in every worker of every retry), and one
+    line when ``train.max_steps`` and ``train.epochs`` disagree. Returns the manifest."""
+    manifest = read_meta(data_dir)
+    t = train_cfg
+    note = schedule_note(manifest["samples"]["train"], t.global_batch_size, t.epochs, t.max_steps)
+    if note and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per process
+        log.info(note)
     return manifest
 
 
@@ -188,6 +205,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFF, int(epoch), 0x5EED]).permutation(n)
 
 
+def schedule_note(n_samples: int, global_batch: int, epochs: int, max_steps: int) -> Optional[str]:
+    """One line for the start of a run whose ``train.max_steps`` and ``train.epochs`` disagree (None when
+    they agree or max_steps is unset): which figure wins, and what the other would have given."""
+    per_epoch = max(1, math.ceil(n_samples / global_batch))
+    if not max_steps or max_steps == epochs * per_epoch:
+        return None
+    return (f"train.max_steps={max_steps} wins over train.epochs={epochs}: training {max_steps} steps, "
+            f"{max_steps / per_epoch:.3g} passes over the {n_samples} training samples ({per_epoch} steps per "
+            f"epoch at global batch {global_batch}; {epochs} epochs would be {epochs * per_epoch} steps)")
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Which samples each optimizer step and each worker consume.
@@ -219,8 +247,9 @@ class BatchPlan:
 
     @property
     def total_steps(self) -> int:
-        full = self.epochs * self.steps_per_epoch
-        return min(full, self.max_steps) if self.max_steps else full
+        """``max_steps`` when set (it wins over ``epochs``, as in Hugging Face's Trainer: the run goes on
+        into further epochs, or stops inside one), else ``epochs`` whole epochs."""
+        return self.max_steps or self.epochs * self.steps_per_epoch
 
     @property
     def shares(self) -> int:

@@ -15,13 +15,26 @@ from typing import BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 
+from kilm_ray.errors import UserInputError
 
-class InputError(FileNotFoundError):
-    """An input file or URI is missing or unreadable; the message names it."""
+
+class InputError(UserInputError, FileNotFoundError):
+    """An input file or URI is missing or unreadable; the message names it. ``transient``: the store
+    itself failed to answer (endpoint down, throttled), so a retry may succeed."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
     return "://" in str(uri)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute against the current directory (``~`` expanded, symlinks kept);
+    a URI unchanged."""
+    return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -72,7 +85,7 @@ def check_readable(uri: str | os.PathLike, what: str = "input") -> None:
         fs, path = resolve(uri)
         info = fs.get_file_info(path)
     except Exception as exc:  # credentials, bad bucket name, endpoint down...
-        raise InputError(f"cannot read {what} {uri}: {exc}") from None
+        raise InputError(f"cannot read {what} {uri}: {exc}", transient=True) from None
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{what} not found: {uri}")
     if info.type != pafs.FileType.File:

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from kilm_ray.errors import UserInputError
 from kilm_ray.masking import SpecialIds
 
 KILM_TOKENS = ["<ent>", "</ent>", "<ent_desc>", "</ent_desc>", "<sep>"]
 BART_BASE_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserInputError, ValueError):
     pass
 
 

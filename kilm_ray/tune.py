@@ -176,10 +176,11 @@ def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[st
 
 
 def _total_steps(cfg: KilmConfig, data_dir: str) -> int:
-    from kilm_ray.loader import BatchPlan, read_meta
+    """The trials' step count; checks the dataset first (before any trial starts)."""
+    from kilm_ray.loader import BatchPlan, check_dataset
 
     t = cfg.train
-    return BatchPlan(read_meta(data_dir)["samples"]["train"], t.global_batch_size, t.micro_batch_size, 1, t.epochs,
+    return BatchPlan(check_dataset(t, data_dir)["samples"]["train"], t.global_batch_size, t.micro_batch_size, 1, t.epochs,
                      t.seed, t.max_steps).total_steps
 
 

@@ -4,6 +4,9 @@ loopback), the real data in ../shared/data, and a tiny KILM dataset preprocessed
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ DUMP = SHARED_DATA / "enwiki-sample-pages-articles.xml.bz2"
 WORDNET = SHARED_DATA / "wordnet-nouns.jsonl.gz"
 GPT2_BPE = SHARED_DATA / "gpt2-bpe"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 # The S3 endpoint and credentials must be in the environment before Ray starts, so that every Ray
@@ -66,7 +70,7 @@ def ray_cluster():
     must not starve the Ray Data tasks that feed them (DESIGN.md §4)."""
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=1024**3, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=4, object_store_memory=1024**3, include_dashboard=False, _node_ip_address="127.0.0.1",
              _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
@@ -100,3 +104,56 @@ def trained_export(tmp_path_factory, tiny_data, tiny_config) -> str:
                                       "train.checkpoint_every": 30, "train.eval_max_samples": 16})
     run_local(cfg, tiny_data, str(run))
     return str(run / "export")
+
+
+def _processes_mentioning(text: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in arg for arg in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    """A real `ray start --head` on 127.0.0.1 with its own ports, temp dir and auth token (Ray 2.60 turns
+    token auth on), in its own process group. Teardown kills only that cluster: `ray stop` would also kill
+    the test session's cluster and its driver."""
+    import signal
+
+    temp = tmp_path_factory.mktemp("rayhead")
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    gcs, dash = free_local_port(), free_local_port()
+    # The session's own cluster holds Ray's default agent ports (52365, ...): give this one free ports.
+    agent_ports = [f"--{flag}={free_local_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    # As with an activated virtualenv: the job's `python` is the one that has kilm_ray's dependencies.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    start = [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+             "--object-store-memory=600000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports]
+    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                pass
+            for proc in _processes_mentioning(str(temp)):
+                proc.send_signal(sig)
+            try:
+                head.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass

@@ -1,15 +1,13 @@
 """Cluster operations: cluster.yaml validated by Ray's own autoscaler schema (no cloud call), job entry
-points that request the right resources, `ray job submit` against a real `ray start --head`, the
-Serve config file, the demo chain, and a README that cannot drift from the code."""
+points that request the right resources, the Serve config file, the demo chain, and a README that cannot
+drift from the code. (`ray job submit` against a real `ray start --head` runs the README's own block, in
+test_readme_blocks.py.)"""
 
 import copy
 import json
-import os
 import re
-import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,6 @@ from kilm_ray.cluster import free_local_port
 from kilm_ray.config import config_reference_markdown, load_config
 
 from conftest import DUMP, REPO, WORDNET
-
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 def test_cluster_yaml_passes_ray_autoscaler_validation():
@@ -63,96 +59,6 @@ def test_job_configs_place_preprocessing_on_cpu_nodes_and_training_on_gpu_nodes(
         scaling = trainer.scaling_config
         assert scaling.use_gpu and scaling.resources_per_worker["GPU"] == 1
         assert scaling.resources_per_worker["trainer"] == 1 and scaling.num_workers == (8, 32)
-
-
-def _processes_mentioning(text: str) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in arg for arg in proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-@pytest.fixture(scope="module")
-def head_node(tmp_path_factory):
-    """A real `ray start --head` on 127.0.0.1 with its own ports, temp dir and auth token (Ray 2.60 turns
-    token auth on), in its own process group. Teardown kills only that cluster: `ray stop` would also kill
-    the test session's cluster and its driver."""
-    import signal
-
-    temp = tmp_path_factory.mktemp("rayhead")
-    token = temp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    gcs, dash = free_local_port(), free_local_port()
-    # The session's own cluster holds Ray's default agent ports (52365, ...): give this one free ports.
-    agent_ports = [f"--{flag}={free_local_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "ray-client-server-port")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    # As with an activated virtualenv: the job's `python` is the one that has kilm_ray's dependencies.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    start = [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-             "--object-store-memory=600000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports]
-    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    finally:
-        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                pass
-            for proc in _processes_mentioning(str(temp)):
-                proc.send_signal(sig)
-            try:
-                head.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _submit(head, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "bench/results"]}),
-           "--", "python", *args]
-    # The job server answers before the node's agent registers; Ray says so with this 500 and asks to retry.
-    deadline = time.time() + 120
-    while True:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=head["env"])
-        if "No available agent" not in done.stderr or time.time() > deadline:
-            return done
-        time.sleep(3)
-
-
-def test_ray_job_submit_preprocess_then_pretrain(head_node, tmp_path):
-    # Wait until the job server answers (the dashboard starts asynchronously).
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        probe = subprocess.run([RAY, "job", "list", "--address", head_node["dashboard"]], capture_output=True,
-                               text=True, env=head_node["env"])
-        if probe.returncode == 0:
-            break
-        time.sleep(2)
-    data, runs = tmp_path / "data", tmp_path / "runs"
-    pre = _submit(head_node, ["jobs/preprocess.py", "--dump", str(DUMP), "--knowledge", str(WORDNET),
-                              "--out", str(data), "corpus.max_pages=60"])
-    assert pre.returncode == 0 and "succeeded" in pre.stdout, pre.stdout[-3000:] + pre.stderr[-2000:]
-    assert json.loads((data / "stats.json").read_text())["pages"]["read"] == 60
-    train = _submit(head_node, ["jobs/pretrain.py", "--data", str(data), "--run-dir", str(runs), "--name", "job",
-                                "train.max_steps=6", "train.epochs=50", "train.checkpoint_every=3", "train.eval_every=6",
-                                "train.eval_max_samples=8", "train.num_workers=2", "train.log_every=3"])
-    assert train.returncode == 0 and "succeeded" in train.stdout, train.stdout[-3000:] + train.stderr[-2000:]
-    state = json.loads((runs / "job" / "checkpoint_00000006" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["world_size"] == 2
-    assert (runs / "job" / "export" / "model.safetensors").is_file()
-    assert "step 6/6" in train.stdout  # the job's log shows the training progress line
 
 
 def test_serve_config_file_is_a_valid_serve_deploy_schema(trained_export):

@@ -1,5 +1,7 @@
 """The typed config tree: YAML + dotted overrides, and errors that name the bad key."""
 
+from pathlib import Path
+
 import pytest
 
 from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, load_config
@@ -65,3 +67,50 @@ def test_reference_covers_every_key():
     for section, obj in KilmConfig().__dict__.items():
         for key in obj.__dataclass_fields__:
             assert f"`{section}.{key}`" in ref
+
+
+def test_relative_paths_in_the_config_resolve_where_the_command_was_typed(tmp_path):
+    """Ray workers run in directories of their own: the driver settles every relative path first."""
+    from kilm_ray.config import resolve_local_paths
+
+    (tmp_path / "bart").mkdir()
+    cfg = load_config(None, ["tokenizer.source=gpt2-bpe:bpe", "model.pretrained=bart", "eval.qa_file=qa.tsv",
+                             "train.node_cache_dir=~/cache"])
+    resolved = resolve_local_paths(cfg, tmp_path)
+    assert resolved.tokenizer.source == f"gpt2-bpe:{tmp_path / 'bpe'}"
+    assert resolved.model.pretrained == str(tmp_path / "bart")  # exists here: a local directory
+    assert resolved.eval.qa_file == str(tmp_path / "qa.tsv")
+    assert resolved.train.node_cache_dir == str(Path("~/cache").expanduser())
+    hub = resolve_local_paths(load_config(None, ["model.pretrained=facebook/bart-base",
+                                                 "tokenizer.source=train"]), tmp_path)
+    assert hub.model.pretrained == "facebook/bart-base" and hub.tokenizer.source == "train"  # not paths here
+    remote = resolve_local_paths(load_config(None, ["eval.qa_file=s3://bucket/qa.tsv"]), tmp_path)
+    assert remote.eval.qa_file == "s3://bucket/qa.tsv" and cfg.eval.qa_file == "qa.tsv"  # a copy; URIs kept
+
+
+def test_cli_resolves_path_arguments_on_the_driver(tmp_path, monkeypatch):
+    """Every path argument of every command is made absolute before anything reaches Ray; in a job of
+    `ray job submit` (which runs in Ray's temporary copy of the working directory) a relative output is
+    refused with a message that says why and what to give instead."""
+    from kilm_ray.cli import absolute_path_arguments, build_parser
+    from kilm_ray.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    args = absolute_path_arguments(parser.parse_args(
+        ["preprocess", "--dump", "a.xml.bz2,s3://b/c.bz2", "--dump", "d/*.bz2", "--out", "runs/data",
+         "--knowledge", "kb.jsonl", "--config", "configs/x.yaml"]))
+    assert args.dump == [f"{tmp_path}/a.xml.bz2,s3://b/c.bz2", f"{tmp_path}/d/*.bz2"]
+    assert (args.out, args.knowledge, args.config) == (
+        f"{tmp_path}/runs/data", [f"{tmp_path}/kb.jsonl"], f"{tmp_path}/configs/x.yaml")
+    args = absolute_path_arguments(parser.parse_args(
+        ["eval", "--model", "m", "--data", "d", "--report", "r", "--run", "runs/x", "--qa", "q.tsv"]))
+    assert [args.model, args.data, args.report, args.run, args.qa] == [str(tmp_path / p) for p in
+                                                                       ("m", "d", "r", "runs/x", "q.tsv")]
+    train = ["train", "--data", "configs/../d", "--run-dir", "s3://bkt/runs"]
+    args = absolute_path_arguments(parser.parse_args(train), in_submitted_job=True)
+    assert args.data == str(tmp_path / "d") and args.run_dir == "s3://bkt/runs"  # inputs: the job's copy
+    with pytest.raises(UsageError, match=r"--run-dir runs: a relative path in a job of `ray job submit`.*"
+                                         r"s3://\.\.\. or an absolute path"):
+        absolute_path_arguments(parser.parse_args(["train", "--data", "d", "--run-dir", "runs"]),
+                                in_submitted_job=True)

@@ -38,6 +38,22 @@ def test_global_batches_do_not_depend_on_world_size_but_on_seed_and_epoch():
     assert BatchPlan(100, 16, 4, 1, 3, seed=5, max_steps=4).total_steps == 4
 
 
+def test_max_steps_wins_over_epochs_and_says_so():
+    """As in Hugging Face's Trainer: max_steps beyond the epochs goes on into further epochs (each a new
+    permutation, every sample once), and the start of the run names both figures."""
+    from kilm_ray.loader import schedule_note
+
+    plan = BatchPlan(100, 16, 4, 1, 3, seed=5, max_steps=30)
+    assert plan.total_steps == 30 and plan.steps_per_epoch == 7
+    fourth = [p for step in range(21, 28) for p in plan.step_positions(step)[1].tolist()]
+    assert plan.step_positions(27)[0] == 3 and sorted(fourth) == list(range(100))
+    assert schedule_note(100, 16, 3, 30) == (
+        "train.max_steps=30 wins over train.epochs=3: training 30 steps, 4.29 passes over the 100 training "
+        "samples (7 steps per epoch at global batch 16; 3 epochs would be 21 steps)")
+    assert "training 4 steps" in schedule_note(100, 16, 3, 4)
+    assert schedule_note(100, 16, 3, 0) is None and schedule_note(100, 16, 3, 21) is None
+
+
 def test_resumed_dataset_yields_the_same_batches(tiny_data, tiny_config):
     store = SampleStore.load(tiny_data, "train")
     sp = special_ids_of(tiny_data)

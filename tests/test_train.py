@@ -171,3 +171,30 @@ def test_killed_driver_rerun_resumes_on_one_worker(reference_run, ray_cluster, t
     # Same samples, same optimizer state; only the order of float sums differs (2 workers vs 1).
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=1e-3, atol=1e-4)
+
+
+def test_an_error_in_the_users_input_stops_the_run_at_once(ray_cluster, tiny_data, train_cfg, tmp_path):
+    """A worker that fails on the input (here a dataset whose manifest lists no training shards) would fail
+    the same way after every restart: the run stops at the first failure with the worker's own message,
+    even under max_failures -1, instead of restarting forever. A missing dataset fails on the driver,
+    before any worker starts."""
+    import shutil
+
+    from kilm_ray.config import ConfigError
+    from kilm_ray.loader import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["files"]["train"] = []
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    cfg = train_cfg.with_overrides({"train.max_failures": -1})
+    started = time.time()
+    with pytest.raises(ConfigError, match="the train split is empty"):
+        run_training(cfg, str(data), str(tmp_path / "runs"), "bad-input")
+    assert time.time() - started < 120
+    assert not (tmp_path / "runs" / "bad-input" / "restarts.json").exists() or json.loads(
+        (tmp_path / "runs" / "bad-input" / "restarts.json").read_text())["without_progress"] == 0
+    with pytest.raises(DataError, match="has no manifest.json"):
+        run_training(cfg, str(tmp_path / "missing"), str(tmp_path / "runs"), "no-data")
+    assert not (tmp_path / "runs" / "no-data").exists()  # nothing was started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 import httpx
@@ -13,6 +14,19 @@ class ProbeClient:
         token = token or os.environ.get("KILM_SERVE_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """Poll ``/healthz`` until the service answers (it loads the model first), at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no service answered at {self.http.base_url} within {timeout_s:g} s")
+            time.sleep(1.0)
 
     def post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self.http.post(f"/v1/{endpoint}", json=body)

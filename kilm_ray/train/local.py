@@ -65,5 +65,8 @@ class LocalEnv(RunEnv):
 
 
 def run_local(cfg: KilmConfig, data_dir: str, run_dir: str) -> dict[str, Any]:
+    from kilm_ray.loader import check_dataset
+
+    check_dataset(cfg.train, data_dir)
     env = LocalEnv(run_dir, cfg.train.keep_checkpoints)
     return train_worker(cfg, data_dir, env)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig, config_from_dict
+from kilm_ray.errors import UserInputError, input_error_of
 from kilm_ray.train.loop import RunEnv, _all_reduce, train_worker
 
 log = logging.getLogger("kilm_ray.train")
@@ -112,11 +113,15 @@ class RayEnv(RunEnv):
                     write_state(directory, state)
                 return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
             finally:
+                # Removed here, before ``close`` may remove the parent: Ray's own removal after the upload
+                # would race with it (and log a FileNotFoundError traceback per rank).
+                shutil.rmtree(directory, ignore_errors=True)
                 done.set()
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload)
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload,
+                         delete_local_checkpoint_after_upload=False)
 
     def resize_pending(self) -> Optional[str]:
         """Ray's preemption notice (a drained node: spot reclaim, ``ray drain-node``), or room for one
@@ -152,11 +157,17 @@ class RayEnv(RunEnv):
 
 
 def _worker(config: dict) -> None:
+    import ray.train
+
     from kilm_ray.cluster import worker_logging
 
-    worker_logging()
+    worker_logging(ray.train.get_context().get_world_rank())
     cfg = config_from_dict(config["cfg"], source="train_loop_config")
-    train_worker(cfg, config["data_dir"], RayEnv(config["run_uri"], cfg.train))
+    try:
+        train_worker(cfg, config["data_dir"], RayEnv(config["run_uri"], cfg.train))
+    except UserInputError as exc:
+        # The message names the input; the traceback Ray logs for every rank would say nothing more.
+        raise exc.with_traceback(None) from None
 
 
 def _bound_worker_start(timeout_s: float, attempt_s: float) -> int:
@@ -171,6 +182,25 @@ def _bound_worker_start(timeout_s: float, attempt_s: float) -> int:
     per_attempt, retries = start_attempts(timeout_s, attempt_s)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{per_attempt:g}"
     return retries
+
+
+def stop_on_input_errors():
+    """A Ray Train callback (it runs in the run's controller) that ends the run when a worker failed on
+    the user's input: a missing or uncommitted dataset, a bad config value, a tokenizer that does not
+    match. Such a failure recurs after every restart, and Ray Train V2 retries every worker error
+    (``max_failures`` times, forever under -1), so the first one ends the run and ``fit`` raises it.
+    Transient storage errors (an S3 endpoint that did not answer) are still retried."""
+    from ray.train import UserCallback
+
+    class StopOnInputErrors(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                error = input_error_of(worker_exceptions[rank])
+                if error is not None and not error.transient:
+                    # Raised here, in the controller, it becomes a ControllerError that Ray never retries.
+                    raise error
+
+    return StopOnInputErrors()
 
 
 def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callbacks: Optional[list] = None):
@@ -196,7 +226,7 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1,
                                          controller_failure_limit=_bound_worker_start(t.worker_start_timeout_s, t.worker_start_attempt_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks or None,
+            callbacks=[stop_on_input_errors(), *(callbacks or [])],
         ),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
@@ -212,6 +242,9 @@ def fit(trainer, cfg: KilmConfig):
     try:
         return trainer.fit()
     except ControllerError as exc:
+        input_error = input_error_of(exc)
+        if input_error is not None:  # stop_on_input_errors: the worker's own one-line message
+            raise input_error from None
         if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         import ray
@@ -226,7 +259,11 @@ class RunStalled(RuntimeError):
 
 
 def run_training(cfg: KilmConfig, data_dir: str, run_dir: str, name: str):
-    """Fit (or resume) the run ``run_dir/name``; returns Ray's Result."""
+    """Fit (or resume) the run ``run_dir/name``; returns Ray's Result. The dataset is checked here,
+    on the driver, before any worker starts: a missing or uncommitted one fails at once."""
+    from kilm_ray.loader import check_dataset
+
+    check_dataset(cfg.train, data_dir)
     result = fit(build_trainer(cfg, data_dir, run_dir, name), cfg)
     if result.error is None and (result.metrics or {}).get("gave_up"):
         raise RunStalled(result.metrics["gave_up"])
