@@ -8,17 +8,43 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Dense bf16/fp16 TFLOP/s per device used for MFU (DESIGN.md §4 uses 790 for Hopper).
-PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# Spec peak: dense (no sparsity) tensor-core TFLOP/s per device and 16-bit dtype, from NVIDIA's data
+# sheets; MFU is measured against it. Matched against torch.cuda.get_device_name in order, the more
+# specific names first ("NVIDIA H100 80GB HBM3" is the SXM part; PCIe and NVL parts run slower clocks).
+# V100 has no bf16 tensor cores. (DESIGN.md §4 used 790 for the H100 SXM, which reads MFU 1.25x high.)
+SPEC_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0}),
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0}),
+    ("A10G", {"bf16": 125.0, "fp16": 125.0}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0}),
+    ("L40", {"bf16": 181.0, "fp16": 181.0}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0}),
+    ("V100S", {"fp16": 130.0}),
+    ("V100-PCIE", {"fp16": 112.0}),
+    ("V100", {"fp16": 125.0}),
+)
 
 
-def peak_tflops(configured: float, device: torch.device) -> float:
+def spec_peak_tflops(device_name: str, dtype: str = "bf16") -> float:
+    """The spec peak of ``device_name`` (``torch.cuda.get_device_name``) for ``dtype`` ("bf16" or "fp16";
+    "fp32" training is measured against the 16-bit tensor-core peak too); 0 when unknown or unsupported."""
+    dtype = "bf16" if dtype == "fp32" else dtype
+    for fragment, peaks in SPEC_PEAK_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            return peaks.get(dtype, 0.0)
+    return 0.0
+
+
+def peak_tflops(configured: float, device: torch.device, precision: str = "bf16") -> float:
     if configured > 0:
         return configured
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    return spec_peak_tflops(torch.cuda.get_device_name(device), precision)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
