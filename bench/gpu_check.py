@@ -393,10 +393,10 @@ def markdown(report: dict) -> str:
                     row(name, label, run.get("reason") or run.get("error", ""), "", run.get("status", ""))
                     continue
                 row(name, f"{label}: losses after resume = uninterrupted, step for step",
-                    f"{run['steps_compared']} steps, max |diff| {run['max_abs_diff'].get('train_loss', 0):.3g}",
+                    f"{run['steps_compared']} steps, max abs diff {run['max_abs_diff'].get('train_loss', 0):.3g}",
                     "exact", ("met" if run["exact"] else "not met") if gpu else f"CPU: {'exact' if run['exact'] else 'not exact'}")
                 row(name, f"{label}: final weights and Adam moments", "bit-identical" if run["final_state_equal"]
-                    else f"max |diff| {run.get('final_state_max_abs_diff')}", "identical", "")
+                    else f"max abs diff {run.get('final_state_max_abs_diff')}", "identical", "")
                 if label == "fp16":
                     row(name, "fp16: loss scale / skipped steps restored",
                         f"{run.get('loss_scale_at_checkpoint')} / {run.get('skipped_at_checkpoint')} at the checkpoint; "
@@ -406,7 +406,7 @@ def markdown(report: dict) -> str:
                 f"{r.get('device')}: {r.get('new_tokens')} new tokens in {_fmt(r.get('generate_s'))} s", "", r["status"])
             check = r.get("export_vs_checkpoint") or {}
             if check:
-                row(name, "export weights = checkpoint fp32 weights", f"max |diff| {check.get('max_abs_diff')}", "0", "")
+                row(name, "export weights = checkpoint fp32 weights", f"max abs diff {check.get('max_abs_diff')}", "0", "")
         elif name == "generation":
             for kind in ("greedy", "beam4"):
                 g = r.get(kind) or {}
@@ -1062,8 +1062,8 @@ def run_job(kind: str, payload_path: str) -> int:
 # Installing the wheel folder where pip is missing (gpu_check.sh uses pip when it can)
 
 def unpack_wheels(wheels: Path, target: Path) -> None:
-    """Extract the requirements' wheels that fit this interpreter into ``target`` (what pip --target does
-    for these packages: none of them needs an install script)."""
+    """Extract the requirements' wheels that fit this interpreter into ``target``: what pip --target does
+    for these packages, except console scripts (ninja's: only DeepSpeed's CPU JIT builds call it)."""
     import zipfile
 
     from packaging.tags import sys_tags
@@ -1089,6 +1089,24 @@ def unpack_wheels(wheels: Path, target: Path) -> None:
             z.extractall(target)
 
 
+def restore_mtimes(wheels: Path, target: Path) -> int:
+    """Give installed files the times recorded in their wheels (pip stamps them with the install time).
+    Reinstalling the same DeepSpeed then leaves the sources of the op it JIT-builds on a CPU unchanged in
+    ninja's eyes, so the op built once (about 25 s) is not rebuilt; on a GPU nothing is JIT-built."""
+    import zipfile
+
+    touched = 0
+    for whl in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(whl) as z:
+            for info in z.infolist():
+                path = target / info.filename
+                if not info.is_dir() and path.is_file():
+                    stamp = time.mktime(info.date_time + (0, 0, -1))
+                    os.utime(path, (stamp, stamp))
+                    touched += 1
+    return touched
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", help="directory for gpu_check.json, gpu_check.md and logs/")
@@ -1100,11 +1118,15 @@ def main() -> int:
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--payload", help=argparse.SUPPRESS)
     parser.add_argument("--unpack-wheels", nargs=2, metavar=("WHEELS", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--restore-mtimes", nargs=2, metavar=("WHEELS", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         return run_job(args.job, args.payload)
     if args.unpack_wheels:
         unpack_wheels(Path(args.unpack_wheels[0]), Path(args.unpack_wheels[1]))
+        return 0
+    if args.restore_mtimes:
+        restore_mtimes(Path(args.restore_mtimes[0]), Path(args.restore_mtimes[1]))
         return 0
     if not args.out:
         parser.error("OUT is required")

@@ -58,6 +58,7 @@ if [ "$(cat "$SITE/.installed" 2> /dev/null)" != "$STAMP" ]; then
     "${PY[@]}" "$REPO/bench/gpu_check.py" --unpack-wheels "$BUNDLE/wheels" "$SITE" \
       || { echo "gpu_check: unpacking $BUNDLE/wheels failed" >&2; exit 3; }
   fi
+  "${PY[@]}" "$REPO/bench/gpu_check.py" --restore-mtimes "$BUNDLE/wheels" "$SITE" || true
   echo "$STAMP" > "$SITE/.installed"
 fi
 echo "gpu_check: wheels from $BUNDLE in $SITE ($(( $(date +%s) - STARTED )) s)"

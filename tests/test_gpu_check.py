@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from kilm_ray import gpu_arch
 from kilm_ray.train.metrics import peak_tflops, spec_peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.append(str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 
@@ -213,6 +214,11 @@ def test_the_wheel_folder_is_complete_and_within_60_mib(bundle):
     here = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     assert any(here in p.name for p in (bundle / "wheels").glob("pydantic_core-*.whl"))
     assert meta["wheels"]["pythons"][f"{sys.version_info[0]}.{sys.version_info[1]}"] == "ok"
+    # Where pip is missing, gpu_check.sh unzips the wheels that fit the interpreter.
+    site = bundle.parent / "unpacked"
+    gpu_check.unpack_wheels(bundle / "wheels", site)
+    assert (site / "deepspeed" / "__init__.py").is_file() and (site / "kilm_ray" / "gpu_arch.py").is_file()
+    assert list((site / "pydantic_core").glob(f"*{here.replace('cp', 'cpython-')}*.so"))
     lengths = meta["data"]["sample_lengths"]
     assert meta["data"]["max_source_tokens"] == 512 and lengths["source_tokens"]["max"] <= 512
     assert lengths["target_tokens"]["mean"] > lengths["source_tokens"]["mean"]  # the target holds the knowledge
@@ -223,13 +229,17 @@ def test_the_wheel_folder_is_complete_and_within_60_mib(bundle):
 def test_cpu_smoke_runs_every_stage_from_the_wheel_folder_on_a_bare_machine(bundle, tmp_path):
     import bare_site
 
+    # Fixed paths for the rehearsal's torch and the installed DeepSpeed keep the CPU op DeepSpeed JIT-builds
+    # (~25 s) cached between runs (its build command names both), in a directory of its own: the venv's
+    # DeepSpeed would rebuild over it and back.
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"]).parent
+    shutil.rmtree(cache / "gpu_check_bare", ignore_errors=True)
     pins = (bundle / "wheels" / "requirements.txt").read_text().splitlines()
-    bare = bare_site.build(tmp_path / "bare", exclude=tuple(x.split("==")[0] for x in pins if "==" in x))
+    bare = bare_site.build(cache / "gpu_check_bare", exclude=tuple(x.split("==")[0] for x in pins if "==" in x))
     assert not (bare / "deepspeed").exists() and not (bare / "ray").exists() and not (bare / "kilm_ray").exists()
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": f"{sys.executable} -S", "PYTHONPATH": str(bare),
-           # A fixed site directory keeps DeepSpeed's path, so its JIT-built CPU op stays cached between runs.
-           "KILM_GPU_SITE": str(Path(os.environ["TORCH_EXTENSIONS_DIR"]).parent / "gpu_check_site")}
+           "KILM_GPU_SITE": str(cache / "gpu_check_site"), "TORCH_EXTENSIONS_DIR": str(cache / "gpu_check_extensions")}
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--bundle", str(bundle),
                            "--cpu-smoke"], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
