@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bare_site import _norm, closure  # noqa: E402
+from bare_site import closure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KILM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -88,8 +88,9 @@ def build_wheels(wheels: Path, pythons: list[str], arch: str) -> dict:
         for name in ("pyproject.toml", "README.md"):
             shutil.copy(REPO / name, tmp)
         shutil.copytree(REPO / "kilm_ray", Path(tmp) / "kilm_ray", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        isolation = [] if _has("setuptools") else ["--use-pep517"]
-        done = pip("wheel", "--no-deps", *(["--no-build-isolation"] if not isolation else []), tmp, "-w", str(wheels))
+        # This environment's setuptools when it has one (offline-friendly), else pip's isolated build.
+        isolation = ["--no-build-isolation"] if _has("setuptools") else []
+        done = pip("wheel", "--no-deps", *isolation, tmp, "-w", str(wheels))
     if done.returncode:
         raise SystemExit(f"building the kilm_ray wheel failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     report["built"]["kilm_ray"] = md.version("kilm_ray")
