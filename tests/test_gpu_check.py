@@ -268,3 +268,17 @@ def test_cpu_smoke_runs_every_stage_from_the_wheel_folder_on_a_bare_machine(bund
     assert 0 < stall["median_blocked_s"]["background"] < stall["median_blocked_s"]["synchronous"]
     assert "CPU smoke run" in (out / "gpu_check.md").read_text()
     assert report["elapsed_s"] < 420
+
+
+@pytest.mark.slow
+def test_the_fp16_anchor_runs(bundle, tmp_path):
+    """The plain loop's fp16 path (autocast + GradScaler), which the CPU smoke run cannot reach through
+    DeepSpeed, on the CPU: it trains on the bundle's batches and its scaler steps."""
+    p = {"smoke": True, "device": "cpu", "data": str(bundle / "data"), "repo": str(REPO), "scratch": str(tmp_path)}
+    cfg = gpu_check._config(p, "tiny", "fp16", micro=1, accum=2, **{"train.zero_stage": 1, "train.max_steps": 4})
+    anchor = gpu_check.PlainLoop(cfg, p["data"], "cpu")
+    before = [t.detach().clone() for t in anchor.model.parameters()][:3]
+    done = anchor.run_until(1)
+    assert anchor.step == 1 and done["sequences"] == 2 and done["tokens"] > done["nonpad"] > 0
+    assert anchor.scaler is not None and anchor.scaler.get_scale() > 0 and torch.isfinite(anchor.last_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, anchor.model.parameters()))
