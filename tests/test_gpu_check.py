@@ -158,9 +158,12 @@ def test_a_job_past_its_deadline_is_killed_and_a_failing_job_recorded(tmp_path, 
     ctx = {"out": str(tmp_path / "out"), "scratch": str(scratch), "smoke": True, "device": "cpu",
            "data": str(tmp_path / "no_data"), "repo": str(REPO)}
     jobs = gpu_check.Jobs(ctx)
+    # A child that cannot finish in time whatever the machine's speed (importing torch can take < 1 s).
+    monkeypatch.setattr(gpu_check, "python_cmd", lambda: [sys.executable, "-c", "import time; time.sleep(60)"])
     started = time.time()
-    killed = jobs.run("generation", {}, time.time())  # still importing torch when its time is up
+    killed = jobs.run("generation", {}, time.time())
     assert killed["status"] == "timeout" and time.time() - started < 15
+    monkeypatch.undo()
     failed = jobs.run("plain_export", {"export_dir": str(tmp_path / "missing")}, time.time() + 120)
     assert failed["status"] == "error" and failed["error"]  # the job's own exception, not a crash of ours
 
