@@ -196,8 +196,17 @@ class MaskingConfig:
         "only the knowledge objective differs.",
         default=True,
     )
+    knowledge_as_text: bool = _doc(
+        "With knowledge_slot false: each marked entity's knowledge follows its mention as a plain-text "
+        "appositive ('mention, Title: description,'; no markup), and BART text infilling runs on that text. "
+        "The data-matched baseline: KILM's knowledge, BART's objective; probed by infilling 'mention, <mask>,'.",
+        default=False,
+    )
 
     def validate(self, path: str) -> None:
+        if self.knowledge_as_text and self.knowledge_slot:
+            raise ConfigError(f"{path}.knowledge_as_text: needs {path}.knowledge_slot=false (knowledge goes either "
+                              "into the slot or into the text)")
         _check_range(f"{path}.mask_ratio", self.mask_ratio, 0.0, 0.95)
         _check_range(f"{path}.poisson_lambda", self.poisson_lambda, 0.0, 64.0, low_open=True)
         _check_range(f"{path}.knowledge_prob", self.knowledge_prob, 0.0, 1.0)
