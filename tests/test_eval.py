@@ -193,3 +193,11 @@ def test_compare_report_side_by_side(tmp_path):
     assert first.startswith("# Experiments\n\nNarrative stays.") and "| seen: title exact match | 0.600" in first
     assert main(args) == 0 and doc.read_text() == first  # regenerated in place, not appended twice
     assert main(["compare", "--metrics", *paths, "--labels", "one", "--out", str(tmp_path / "r")]) == 2
+    # Configs are chosen on valid: --selection puts the valid figures beside the test ones, model by model.
+    assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "s"),
+                 "--selection", *paths]) == 0
+    selected = (tmp_path / "s" / "report.md").read_text()
+    assert "### Valid split: the figures configs were chosen on" in selected
+    assert "| valid split (selection) | KILM | infilling |" in selected
+    assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "s"),
+                 "--selection", paths[0]]) == 2
