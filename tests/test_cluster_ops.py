@@ -77,6 +77,7 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(trained_export):
         app_builder({"config": args["config"]})
 
 
+@pytest.mark.slow
 def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
     """`kilm-ray demo` with the sample given locally: preprocess, 2 DeepSpeed workers, export, serve,
     probes over HTTP, and the summary of where everything went."""
