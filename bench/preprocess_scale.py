@@ -117,8 +117,8 @@ class Watcher(threading.Thread):
         return out
 
 
-def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: Path) -> dict:
-    out = tempfile.mkdtemp(dir=work, prefix="out-")
+def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: Path, keep_out: str | None = None) -> dict:
+    out = keep_out or tempfile.mkdtemp(dir=work, prefix="out-")  # keep_out: the dataset stays there
     args = {"cpus": cpus, "config": str(REPO / "configs" / "tiny.yaml"), "dump": dump, "kb": kb, "out": out,
             "overrides": [f"tokenizer.source=gpt2-bpe:{SHARED_DATA / 'gpt2-bpe'}", *overrides]}
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -151,7 +151,8 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
                 break
     memory = watcher.summary()
     memory["partitions"] = [l.split("kilm_ray.data ", 1)[-1].strip() for l in lines if "shuffle partitions" in l]
-    subprocess.run(["rm", "-rf", out])
+    if not keep_out:
+        subprocess.run(["rm", "-rf", out])
     return {"cpus": cpus, "wall_s": round(wall, 1), "stage_s": stages, **result, "memory": memory,
             "pages_per_cpu_s": round(result["pages"] / memory["cpu_s_all_processes"], 1)}
 

@@ -1,25 +1,64 @@
 #!/usr/bin/env bash
-# EXPERIMENTS.md: KILM vs a fair text-infilling baseline, a small BART from scratch on the dump excerpt
-# (whole articles) + WordNet. Same data, markup, steps and seeds; the configs differ only in
-# masking.knowledge_slot. Evaluated by mention on held-out articles (the test split). ~55 min on 2 CPU cores.
+# EXPERIMENTS.md: KILM against two baselines, small BARTs from scratch on the dump excerpt (whole articles)
+# + WordNet, with the same data, chunks, entity draws, steps and seeds:
+#   kilm       configs/experiment-kilm.yaml       the knowledge slot <ent_desc>Title<sep>description</ent_desc>
+#   infilling  configs/experiment-infilling.yaml  markup only (<ent>mention</ent>), no knowledge: the objective's baseline
+#   text       configs/experiment-text.yaml       the same knowledge as plain text after the mention, BART's own
+#                                                 objective: the data-matched baseline
+# Configs are chosen on the valid split; the test split is evaluated once per reported model. ~75 min on 2 cores.
+#
+#   bash experiments/kilm_vs_infilling.sh                 # everything, in order
+#   bash experiments/kilm_vs_infilling.sh train-kilm      # one step (preprocess, train-NAME, valid-NAME,
+#                                                         # test-NAME, compare), e.g. one per locked command
 # EXPERIMENTS.md itself: INTO=EXPERIMENTS.md REPORT_DIR=docs/experiment bash experiments/kilm_vs_infilling.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/data}
 OUT=$(realpath -m "${OUT:-runs/experiment}")
+REPORT_DIR=${REPORT_DIR:-$OUT/report}
 K=.venv/bin/kilm-ray
 KB="$SHARED/wordnet-nouns.jsonl.gz"
-$K preprocess --config configs/experiment-kilm.yaml --dump "$SHARED/enwiki-sample-pages-articles.xml.bz2" \
-  --knowledge "$KB" --out "$OUT/data"
-for name in kilm infilling; do
-  $K train --config "configs/experiment-$name.yaml" --data "$OUT/data" --run-dir "$OUT" --name "$name"
-  $K eval --config "configs/experiment-$name.yaml" --model "$OUT/$name/export" --data "$OUT/data" \
-    --report "$OUT/report-$name" --run "$OUT/$name" --knowledge "$KB" --qa experiments/qa-questions.tsv \
-    --label "$name"
-done
-$K compare --metrics "$OUT/report-kilm/metrics.json" "$OUT/report-infilling/metrics.json" \
-  --labels KILM "infilling + markup (baseline)" --runs "$OUT/kilm" "$OUT/infilling" --out "${REPORT_DIR:-$OUT/report}" \
-  ${INTO:+--into "$INTO"}
-cp "$OUT/report-kilm/metrics.json" "${REPORT_DIR:-$OUT/report}/metrics-kilm.json"
-cp "$OUT/report-infilling/metrics.json" "${REPORT_DIR:-$OUT/report}/metrics-infilling.json"
-echo "report: ${REPORT_DIR:-$OUT/report}/report.md"
+MODELS=(kilm infilling text)
+LABELS=("KILM" "infilling + markup (baseline)" "knowledge as text (data-matched baseline)")
+
+evaluate() {  # evaluate NAME SPLIT
+  $K eval --config "configs/experiment-$1.yaml" --model "$OUT/$1/export" --data "$OUT/data" --split "$2" \
+    --report "$OUT/report-$1-$2" --run "$OUT/$1" --knowledge "$KB" --qa experiments/qa-questions.tsv --label "$1"
+}
+
+run_step() {
+  case "$1" in
+    preprocess)
+      $K preprocess --config configs/experiment-kilm.yaml --dump "$SHARED/enwiki-sample-pages-articles.xml.bz2" \
+        --knowledge "$KB" --out "$OUT/data" ;;
+    train-*)
+      name=${1#train-}
+      $K train --config "configs/experiment-$name.yaml" --data "$OUT/data" --run-dir "$OUT" --name "$name" ;;
+    valid-*) evaluate "${1#valid-}" valid ;;
+    test-*)
+      name=${1#test-}
+      if [ -f "$OUT/report-$name-test/metrics.json" ] && [ -z "${AGAIN:-}" ]; then
+        echo "test figures of $name exist ($OUT/report-$name-test): computed once; AGAIN=1 recomputes" >&2
+      else
+        evaluate "$name" test
+      fi ;;
+    compare)
+      mkdir -p "$REPORT_DIR"
+      $K compare --labels "${LABELS[@]}" \
+        --metrics $(for m in "${MODELS[@]}"; do echo "$OUT/report-$m-test/metrics.json"; done) \
+        --selection $(for m in "${MODELS[@]}"; do echo "$OUT/report-$m-valid/metrics.json"; done) \
+        --runs $(for m in "${MODELS[@]}"; do echo "$OUT/$m"; done) --out "$REPORT_DIR" ${INTO:+--into "$INTO"}
+      for m in "${MODELS[@]}"; do
+        cp "$OUT/report-$m-test/metrics.json" "$REPORT_DIR/metrics-$m.json"
+        cp "$OUT/report-$m-valid/metrics.json" "$REPORT_DIR/metrics-$m-valid.json"
+      done
+      echo "report: $REPORT_DIR/report.md" ;;
+    *) echo "unknown step $1" >&2; exit 2 ;;
+  esac
+}
+
+if [ $# -eq 0 ]; then
+  set -- preprocess $(for m in "${MODELS[@]}"; do echo "train-$m"; done) \
+    $(for m in "${MODELS[@]}"; do echo "valid-$m"; done) $(for m in "${MODELS[@]}"; do echo "test-$m"; done) compare
+fi
+for s in "$@"; do run_step "$s"; done

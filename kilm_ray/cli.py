@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> KilmConfig:
 # working directories of their own, so every relative path is made absolute here, on the driver,
 # against the directory the command was typed in, before anything is sent to Ray.
 PATH_ARGUMENTS = ("config", "dump", "knowledge", "out", "data", "run_dir", "checkpoint", "model", "report",
-                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl")
+                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection")
 
 
 OUTPUT_ARGUMENTS = ("out", "run_dir", "report")
@@ -206,10 +206,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from kilm_ray.cluster import init_ray
     from kilm_ray.eval.harness import evaluate, headline, save_metrics
     from kilm_ray.eval.report import write_report
 
     cfg = _config(args)
+    init_ray(args.address)  # the probes run as Ray Data stages
     if args.qa:
         cfg = cfg.with_overrides({"eval.qa_file": args.qa})
     if args.split:
@@ -238,7 +240,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.metrics)} metrics files")
     models = {label: json.loads(Path(path).read_text()) for label, path in zip(args.labels, args.metrics)}
     runs = dict(zip(args.labels, args.runs)) if args.runs else None
-    print(write_report(models, args.out, runs, into=args.into))
+    selection = None
+    if args.selection:
+        if len(args.selection) != len(args.metrics):
+            raise ConfigError(f"--selection: {len(args.selection)} files for {len(args.metrics)} metrics files")
+        selection = {label: json.loads(Path(path).read_text()) for label, path in zip(args.labels, args.selection)}
+    print(write_report(models, args.out, runs, into=args.into, selection=selection))
     return 0
 
 
@@ -317,12 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="output directory for metrics.json, report.md and plots")
     p.add_argument("--run", help="the training run directory (for training curves)")
     p.add_argument("--knowledge", help="a WordNet-shaped knowledge base: adds sense disambiguation")
-    p.add_argument("--qa", help="questions for zero-shot QA: DPR NQ-open TSV (question<TAB>['answer', ...]), "
-                              "question<TAB>answer..., or a JSON list")
+    p.add_argument("--qa", help="questions for zero-shot QA (.gz or not): NQ-open JSONL, DPR's TSV "
+                              "(question<TAB>['answer', ...]), question<TAB>answer..., or a JSON list")
     p.add_argument("--split", choices=["test", "valid"], help="the held-out split to evaluate (eval.split)")
     p.add_argument("--label", default="model", help="the model's name in the report")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    _common(p, address=False)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="the probe actors' device (eval.gpus_per_actor > 0 asks Ray for GPUs and uses cuda)")
+    _common(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="several metrics.json side by side -> one report.md with plots")
@@ -331,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="*", help="the training run directories, in the same order (curves)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--into", help="also write the generated section of this Markdown file (e.g. EXPERIMENTS.md)")
+    p.add_argument("--selection", nargs="*", help="the same models' metrics.json on the valid split, in the same order: "
+                                                  "the figures configs were chosen on")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")

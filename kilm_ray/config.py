@@ -196,8 +196,17 @@ class MaskingConfig:
         "only the knowledge objective differs.",
         default=True,
     )
+    knowledge_as_text: bool = _doc(
+        "With knowledge_slot false: each marked entity's knowledge follows its mention as a plain-text "
+        "appositive ('mention, Title: description,'; no markup), and BART text infilling runs on that text. "
+        "The data-matched baseline: KILM's knowledge, BART's objective; probed by infilling 'mention, <mask>,'.",
+        default=False,
+    )
 
     def validate(self, path: str) -> None:
+        if self.knowledge_as_text and self.knowledge_slot:
+            raise ConfigError(f"{path}.knowledge_as_text: needs {path}.knowledge_slot=false (knowledge goes either "
+                              "into the slot or into the text)")
         _check_range(f"{path}.mask_ratio", self.mask_ratio, 0.0, 0.95)
         _check_range(f"{path}.poisson_lambda", self.poisson_lambda, 0.0, 64.0, low_open=True)
         _check_range(f"{path}.knowledge_prob", self.knowledge_prob, 0.0, 1.0)
@@ -483,30 +492,58 @@ class EvalConfig:
     split: Literal["test", "valid"] = _doc(
         "The held-out split evaluated (articles never trained on). valid is what training validated on.",
         default="test")
-    max_samples: int = _doc("Held-out mentions evaluated by description generation (0 = all).", default=500)
+    max_samples: int = _doc(
+        "Held-out mentions every mention probe runs on: a seeded random sample across the split's articles "
+        "(the smallest keyed hashes of sample id and entity; eval.seed). 0 = all.", default=500)
     train_recall_samples: int = _doc(
-        "Training mentions whose knowledge is generated too: recall of training samples, reported as such "
-        "(not held out). 0 = skip.", default=256)
+        "Training mentions whose knowledge is generated too (a seeded sample): recall of training samples, "
+        "reported as such (not held out). 0 = skip.", default=256)
     max_sense_items: int = _doc(
         "WordNet usage examples in the word-sense probe (a seeded sample; 0 = all).", default=400)
     batch_size: int = _doc("Sequences per generation / scoring batch.", default=16)
     num_beams: int = _doc("Beams for description generation.", default=1)
     max_new_tokens: int = _doc("Longest generated knowledge string.", default=48)
-    max_disambiguation_mentions: int = _doc("Mentions scored in entity disambiguation (0 = all).", default=500)
+    max_disambiguation_mentions: int = _doc(
+        "Sampled mentions with an ambiguous anchor text scored in anchor disambiguation (0 = all).", default=500)
     max_candidates: int = _doc("Candidates per mention in disambiguation.", default=8)
-    retention_max_chunks: int = _doc("Held-out chunks for the text-infilling (retention) loss.", default=200)
+    retention_max_chunks: int = _doc(
+        "Held-out chunks (a seeded sample) for the text-infilling (retention) loss; as many training chunks "
+        "give the training-text loss. 0 = every held-out chunk.", default=200)
     qa_file: Optional[str] = _doc(
-        "Questions for zero-shot QA: the DPR NQ-open TSV (question<TAB>['answer', ...]), question<TAB>answer"
-        "[<TAB>answer...], or a JSON list of {question, answer(s)} objects / [question, answers] pairs.",
+        "Questions for zero-shot QA, .gz or not: Google's NQ-open JSONL ({question, answer: [...]} lines), DPR's "
+        "TSV (question<TAB>['answer', ...], read as CSV), question<TAB>answer[<TAB>answer...], or a JSON list of "
+        "{question, answer(s)} objects / [question, answers] pairs. Unreadable rows and questions holding a "
+        "control token are skipped and counted.",
         default=None, path="local")
-    seed: int = _doc("Seed of the masks in the retention test.", default=1234)
+    seed: int = _doc("Seed of the samples (mentions, chunks, word senses) and of the retention test's masks.",
+                     default=1234)
+    actors: int = _doc("Probe actors (each holds the model) in the evaluation's Ray Data stages.", default=1)
+    cpus_per_actor: float = _doc("CPUs per probe actor (also its torch threads, rounded).", default=1.0)
+    gpus_per_actor: float = _doc("GPUs per probe actor: > 0 runs the probes on GPU workers (cuda).", default=0.0)
 
     def validate(self, path: str) -> None:
-        for name in ("batch_size", "num_beams", "max_new_tokens", "max_candidates"):
+        for name in ("batch_size", "num_beams", "max_new_tokens", "max_candidates", "actors"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
+        _check_range(f"{path}.cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, low_open=True)
+        _check_range(f"{path}.gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
         for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
                      "max_sense_items"):
             _check_min(f"{path}.{name}", getattr(self, name), 0)
+
+
+@dataclass
+class DemoConfig:
+    split: Literal["test", "valid"] = _doc(
+        "The held-out split of the demo's knowledge line and examples.", default="test")
+    min_train_mentions: int = _doc(
+        "The demo's rule, fixed before training: mentions in held-out articles of entities whose knowledge is in "
+        "at least this many training mentions (all of them, in the seeded order of eval.seed).", default=2)
+    examples: int = _doc("Describe probes the demo sends over HTTP (the first mentions of the same rule).",
+                         default=5)
+
+    def validate(self, path: str) -> None:
+        _check_min(f"{path}.min_train_mentions", self.min_train_mentions, 1)
+        _check_min(f"{path}.examples", self.examples, 0)
 
 
 @dataclass
@@ -520,6 +557,7 @@ class KilmConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def validate(self) -> "KilmConfig":
         for f in dataclasses.fields(self):

@@ -1002,6 +1002,12 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
             if not stats["samples"][split]["chunks"]:
                 log.warning("split %s is empty (a small corpus?)", split)
         storage.upload_dir(tokenizer_dir, storage.join(out, "tokenizer"))
+    # The evaluation's tables (seen titles, anchor texts -> training titles): group-bys over the shards.
+    from kilm_ray.eval.tables import build_tables
+
+    tables = build_tables({s: [storage.join(shards, f["path"]) for f in files if f["split"] == s] for s in SPLITS},
+                          tokenizer_json, storage.join(shards, "tables"), cfg)
+    log.info("evaluation tables at %.1fs: %s", time.time() - started, tables["summary"])
 
     from kilm_ray.tokenizer import special_ids
 
@@ -1012,6 +1018,7 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     storage.write_bytes(storage.join(out, "stats.json"), json.dumps(stats, indent=2).encode())
     manifest = build_manifest(cfg, dumps, kb_files, key, files, stats, special_ids(tokenizer).__dict__,
                               len(tokenizer), tokenizer_json)
+    manifest["tables"] = {"dir": f"shards/{key}/tables", **tables}
     commit_manifest(out, manifest)
     _collect_garbage(out, key)
     return stats

@@ -75,36 +75,18 @@ def fetch_wordnet(cache: Path) -> Optional[Path]:
     return target
 
 
-def probe_examples(data_dir: str, n: int) -> list[dict]:
-    """Mentions in held-out articles (the valid split), as describe requests with their gold knowledge:
-    one per chunk, entities whose knowledge was trained on first (``seen``), then others."""
-    from transformers import AutoTokenizer
-
-    from kilm_ray.eval.split import trained_titles
-    from kilm_ray.loader import SampleStore
-
-    tokenizer = AutoTokenizer.from_pretrained(f"{data_dir}/tokenizer")
-    trained = trained_titles(SampleStore.load(data_dir, "train"))
-    store = SampleStore.load(data_dir, "valid")
-
+def probe_requests(items: list[dict], tokenizer) -> list[dict]:
+    """Mention items (chunk tokens, span, knowledge) as describe requests with their gold knowledge."""
     def decode(ids) -> str:
-        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        return tokenizer.decode([int(t) for t in ids], clean_up_tokenization_spaces=False)
 
-    found: dict[bool, list[dict]] = {True: [], False: []}
-    for i in range(len(store)):
-        ids = store.ids(i)
-        picked = set()
-        for ent, title in zip(store.entities(i), store.entity_titles(i)):
-            seen = title in trained
-            if seen in picked:
-                continue
-            picked.add(seen)
-            left, mention, right = decode(ids[: ent.start]), decode(ids[ent.start: ent.end]), decode(ids[ent.end:])
-            found[seen].append({"request": {"left": left[-300:], "mention": mention, "right": right[:200]},
-                                "gold": decode(ent.knowledge).replace("<sep>", " | ").strip(), "seen": seen})
-        if len(found[True]) >= n:
-            break
-    return (found[True] + found[False])[:n]
+    out = []
+    for it in items:
+        ids, start, end = it["ids"], it["start"], it["end"]
+        out.append({"request": {"left": decode(ids[:start])[-300:], "mention": decode(ids[start:end]),
+                                "right": decode(ids[end:])[:200]},
+                    "gold": decode(it["knowledge"]).replace("<sep>", " | ").strip()})
+    return out
 
 
 @contextlib.contextmanager
@@ -247,11 +229,21 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     _, url = run_service(str(export), settings, blocking=False)
     print(f"[4/5] serving {url} (POST /v1/describe, /v1/disambiguate, /v1/appositive, /v1/qa, /v1/fill)", flush=True)
 
+    from transformers import AutoTokenizer
+
+    from kilm_ray.eval.harness import Context, knowledge_line, mention_items, rule_knowledge
+
+    rule = cfg.demo
+    print(f"[5/5] held-out knowledge: describe on every mention in {rule.split} articles (never trained on) of an "
+          f"entity whose knowledge is in >= {rule.min_train_mentions} training mentions (a rule on the data, fixed "
+          f"before training); the first {rule.examples} over HTTP:", flush=True)
+    figures, chosen = with_progress(lambda: rule_knowledge(str(export), str(data), cfg, rule.split,
+                                                           rule.min_train_mentions), "[5/5] probing (Ray Data)")
     client = ProbeClient(url)
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
+    items = mention_items(Context(str(export), str(data), cfg, "auto"), rule.split, chosen[: rule.examples])
     answers = []
-    print("[5/5] describe probes on mentions in held-out articles (valid; entities seen in training first):",
-          flush=True)
-    for example in probe_examples(str(data), 5):
+    for example in probe_requests(items, tokenizer):
         reply = client.post("describe", example["request"])
         answers.append({**example, "answer": reply})
         context = (example["request"]["left"][-60:] + "<ent>" + example["request"]["mention"] + "</ent>" +
@@ -263,8 +255,11 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
                "tensorboard": str(runs / "demo" / "tensorboard"), "export": str(export), "url": url,
                "log": str(out / "demo.log") if quiet else "(printed above: --verbose)",
                "minutes": round((time.time() - started) / 60, 1)}
-    (out / "demo.json").write_text(json.dumps({"summary": summary, "answers": answers}, indent=2))
+    line = knowledge_line(figures)
+    (out / "demo.json").write_text(json.dumps({"summary": summary, "answers": answers, "knowledge": figures,
+                                               "knowledge_line": line, "rule": cfg.to_dict()["demo"]}, indent=2))
     print("\nWhere everything is:\n" + "\n".join(f"  {k:12s} {v}" for k, v in summary.items()), flush=True)
+    print(line, flush=True)
     if keep_serving:
         print(f"\nServing {url} until Ctrl-C. Try:\n  kilm-ray probe describe "
               f"\"Aristotle was a Greek <ent>philosopher</ent>.\" --url {url}", flush=True)

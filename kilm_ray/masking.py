@@ -31,8 +31,13 @@ class SpecialIds:
     desc: int
     desc_end: int
     sep: int
+    # Plain-text tokens of knowledge written as text (the data-matched baseline, masking.knowledge_as_text):
+    # "," around the appositive, ":" between title and description. -1 = unknown (a dataset made before).
+    comma: int = -1
+    colon: int = -1
 
     def all(self) -> np.ndarray:
+        """The control ids (never masked, never plain text)."""
         return np.array([self.bos, self.eos, self.pad, self.mask, self.ent, self.ent_end, self.desc,
                          self.desc_end, self.sep], dtype=np.int64)
 
@@ -44,12 +49,13 @@ class MaskingParams:
     knowledge_prob: float = 1.0
     entities_per_chunk: int = 1  # linked entities marked per chunk (at most; the paper marks one)
     knowledge_slot: bool = True  # False: marked as <ent>mention</ent> only (the fair baseline)
+    knowledge_as_text: bool = False  # with knowledge_slot False: "mention, Title: description," as plain text
 
     @classmethod
     def from_config(cls, masking, knowledge_prob: Optional[float] = None) -> "MaskingParams":
         prob = masking.knowledge_prob if knowledge_prob is None else knowledge_prob
         return cls(masking.mask_ratio, masking.poisson_lambda, prob, masking.entities_per_chunk,
-                   masking.knowledge_slot)
+                   masking.knowledge_slot, getattr(masking, "knowledge_as_text", False))
 
 
 @dataclass
@@ -92,6 +98,37 @@ def slot_sequences(ids: Sequence[int], start: int, end: int, knowledge: Optional
     in_slot = np.zeros(len(target), dtype=bool)
     in_slot[len(head): len(head) + len(knowledge) + 1] = True  # + </ent_desc>: knowing where to stop
     return source, target, in_slot
+
+
+def knowledge_text(knowledge: Sequence[int], sp: SpecialIds) -> list[int]:
+    """``Title<sep>description`` as plain text: ``Title: description`` (the ``<sep>`` id becomes ``:``)."""
+    if sp.colon < 0 or sp.comma < 0:
+        raise ValueError("this dataset's special ids have no plain ',' and ':' tokens (made before "
+                         "masking.knowledge_as_text existed): rerun kilm-ray preprocess")
+    return [sp.colon if int(t) == sp.sep else int(t) for t in knowledge]
+
+
+def appositive_sequences(ids: Sequence[int], entities: Sequence[Entity],
+                         sp: SpecialIds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The data-matched baseline's text: each of ``entities`` followed by its knowledge as a plain-text
+    appositive, ``mention, Title: description,``, in source and target alike (no markup, nothing forced
+    into a mask: BART text infilling decides what is masked). The knowledge mask covers the knowledge
+    and its closing comma, as KILM's covers the knowledge and ``</ent_desc>``."""
+    seq: list[int] = [sp.bos]
+    in_slot: list[bool] = [False]
+    pos = 0
+    for ent in entities:
+        if not (pos <= ent.start < ent.end <= len(ids)):
+            raise ValueError(f"bad or overlapping mention span [{ent.start}, {ent.end}) for {len(ids)} tokens")
+        head = [*ids[pos:ent.end], sp.comma]
+        know = knowledge_text(ent.knowledge, sp)
+        seq += head + know + [sp.comma]
+        in_slot += [False] * len(head) + [True] * (len(know) + 1)
+        pos = ent.end
+    seq += [*ids[pos:], sp.eos]
+    in_slot += [False] * (len(ids) - pos + 1)
+    source = np.array(seq, dtype=np.int64)
+    return source, source.copy(), np.array(in_slot, dtype=bool)
 
 
 def marked_sequences(ids: Sequence[int], entities: Sequence[Entity], sp: SpecialIds,
@@ -168,7 +205,8 @@ def build_train_example(ids: Sequence[int], entities: Sequence[Entity], sample_i
                         epoch: int, params: MaskingParams, sp: SpecialIds) -> Example:
     """One training example: with probability ``knowledge_prob`` up to ``entities_per_chunk`` entities
     (uniform, without replacement) are marked and get knowledge slots (or markup only, for the
-    baseline), the other links stay plain text; then text infilling on the source."""
+    baseline; or their knowledge as a plain-text appositive, for the data-matched baseline), the other
+    links stay plain text; then text infilling on the source."""
     rng = sample_rng(seed, epoch, sample_id)
     chosen: list[int] = []
     if entities and params.knowledge_prob > 0 and rng.random() < params.knowledge_prob:
@@ -177,7 +215,9 @@ def build_train_example(ids: Sequence[int], entities: Sequence[Entity], sample_i
         else:
             k = min(params.entities_per_chunk, len(entities))
             chosen = sorted(int(i) for i in rng.choice(len(entities), size=k, replace=False))
-    if chosen:
+    if chosen and params.knowledge_as_text and not params.knowledge_slot:
+        source, target, in_slot = appositive_sequences(ids, [entities[i] for i in chosen], sp)
+    elif chosen:
         source, target, in_slot = marked_sequences(ids, [entities[i] for i in chosen], sp, params.knowledge_slot)
     else:
         source, target, in_slot = plain_sequences(ids, sp)

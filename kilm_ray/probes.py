@@ -7,6 +7,13 @@ shared by the Serve endpoints and the evaluation harness, so both ask the model 
                 the answer is the text after <sep>
     qa:         encoder "Question: {q}? Answer: <mask>", decoder </s><s> Question: {q}? Answer:
     fill:       encoder = the text with <mask>, decoder </s><s>
+
+The data-matched baseline (``masking.knowledge_as_text``) learned knowledge as plain text, so it is asked
+in plain text, with no slot (``text_*`` below)::
+
+    describe:   encoder <s>{left}{mention}, <mask>,{right}</s>, decoder </s><s>{left}{mention},
+                ... -> "{Title}: {description}" up to the ',' that the right context follows
+    candidates: "{Title}: {description}," ranked as plain continuations of that decoder prefix
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from kilm_ray.chunking import char_span_to_tokens, knowledge_ids
-from kilm_ray.masking import SpecialIds, slot_sequences
+from kilm_ray.masking import SpecialIds, knowledge_text, slot_sequences
 
 
 class ProbeError(ValueError):
@@ -181,3 +188,70 @@ def _until(ids: Sequence[int], stops: tuple[int, ...]) -> list[int]:
 
 def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge as plain text: the data-matched baseline's probes
+# ----------------------------------------------------------------------------------------------
+
+
+def text_prompt_from_ids(ids: Sequence[int], end: int, sp: SpecialIds) -> Prompt:
+    """``<s>{text up to the mention's end}, <mask>,{rest}</s>``, the decoder forced up to the first comma:
+    the appositive's place, as the baseline saw knowledge in training (token ``end`` ends the mention)."""
+    if sp.comma < 0:
+        raise ProbeError("this tokenizer has no single ',' token: the plain-text probe needs one")
+    ids = [int(t) for t in ids]
+    if not 0 < end <= len(ids):
+        raise ProbeError(f"bad mention end {end} for {len(ids)} tokens")
+    head = [sp.bos, *ids[:end], sp.comma]
+    return Prompt(head + [sp.mask, sp.comma, *ids[end:], sp.eos], [sp.eos, *head], sp.eos)
+
+
+def text_describe_prompt(tokenizer, sp: SpecialIds, left: str, mention: str, right: str) -> Prompt:
+    """:func:`text_prompt_from_ids` of a request given as text (the word-sense probe's examples)."""
+    if not mention.strip():
+        raise ProbeError("'mention' is empty")
+    control = control_tokens(tokenizer)
+    for field, value in (("left", left), ("mention", mention), ("right", right)):
+        refuse_control_tokens(field, value, control)
+    ids, offsets = _encode(tokenizer, left + mention + right)
+    _plain(ids, sp)
+    span = char_span_to_tokens(offsets, len(left), len(left) + len(mention))
+    if span is None:
+        raise ProbeError("the mention covers no tokens")
+    return text_prompt_from_ids(ids, span[1], sp)
+
+
+def text_candidate_continuation(tokenizer, sp: SpecialIds, title: str, description: str, max_tokens: int,
+                                field: str = "candidate") -> list[int]:
+    """A candidate as the baseline would write it: ``Title: description,`` (at most ``max_tokens``)."""
+    ids = candidate_continuation(tokenizer, sp, title, description, max_tokens, field)[:-1]
+    return knowledge_text(ids, sp) + [sp.comma]
+
+
+def cut_text_knowledge(generated: Sequence[int], right: Sequence[int], sp: SpecialIds, max_tokens: int,
+                       match: int = 3) -> list[int]:
+    """The appositive in a plain-text generation: the tokens before the first ``,`` that the right
+    context (its first ``match`` tokens, or ``</s>`` where there is none) follows; without one, the first
+    ``max_tokens`` (the longest knowledge trained on) before any ``</s>``."""
+    gen = [int(t) for t in generated]
+    want = [int(t) for t in right[:match]] or [sp.eos]
+    for i, t in enumerate(gen):
+        if t == sp.eos:
+            return gen[:min(i, max_tokens)]
+        if t == sp.comma:
+            after = gen[i + 1: i + 1 + len(want)]
+            if after and after == want[:len(after)]:
+                return gen[:i]
+            if not after and i == len(gen) - 1:
+                return gen[:i]
+    return gen[:max_tokens]
+
+
+def parse_text_knowledge(tokenizer, sp: SpecialIds, knowledge: Sequence[int]) -> tuple[str, str]:
+    """``Title: description`` tokens -> (title, description), split at the first ``:``."""
+    ids = [int(t) for t in knowledge]
+    if sp.colon in ids:
+        cut = ids.index(sp.colon)
+        return _decode(tokenizer, ids[:cut]), _decode(tokenizer, ids[cut + 1:])
+    return _decode(tokenizer, ids), ""

@@ -103,11 +103,17 @@ class CorpusTokenizer:
         return found
 
 
+def _single_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else -1
+
+
 def special_ids(tokenizer) -> SpecialIds:
     ids = tokenizer.convert_tokens_to_ids(KILM_TOKENS)
     return SpecialIds(
         bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
         mask=tokenizer.mask_token_id, ent=ids[0], ent_end=ids[1], desc=ids[2], desc_end=ids[3], sep=ids[4],
+        comma=_single_token(tokenizer, ","), colon=_single_token(tokenizer, ":"),
     )
 
 

@@ -77,6 +77,7 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(trained_export):
         app_builder({"config": args["config"]})
 
 
+@pytest.mark.slow
 def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
     """`kilm-ray demo` with the sample given locally: preprocess, 2 DeepSpeed workers, export, serve,
     probes over HTTP, and the summary of where everything went."""
@@ -86,9 +87,17 @@ def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
                        ["train.max_steps=8", "train.eval_every=8", "train.checkpoint_every=8",
                         "train.eval_max_samples=8"], port=free_local_port())
     printed = capsys.readouterr().out
-    assert "[5/5] describe probes" in printed and printed.count("    model: ") == 5
+    assert "[5/5] held-out knowledge" in printed and printed.count("    model: ") == 5
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert len(result["answers"]) == 5 and all("title" in a["answer"] for a in result["answers"])
+    # It ends with the knowledge line, on every mention its rule picks (held out, entity seen >= 2 times).
+    figures = result["knowledge"]
+    # The demo's own last line (Ray's driver may still forward a worker's shutdown log after it: `(raylet) ...`).
+    own = [ln for ln in printed.rstrip().splitlines() if not re.match(r"(\x1b\[[0-9;]*m)?\(\w", ln)]
+    assert own[-1] == result["knowledge_line"].strip()
+    assert re.fullmatch(r"held-out knowledge: \d+ mentions, title exact match \d\.\d\d \(copy rule \d\.\d\d\), "
+                        r"description F1 \d\.\d\d", result["knowledge_line"])
+    assert figures["mentions"] >= 50 and 0.5 < figures["copy_rule_title_exact_match"] < 1
     assert Path(summary["export"], "model.safetensors").is_file() and summary["checkpoints"]
 
 

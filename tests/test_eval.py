@@ -2,6 +2,7 @@
 real data (description generation, disambiguation with its baseline, retention, QA, report)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,57 +22,97 @@ def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shar
     from kilm_ray.cli import main
 
     qa = tmp_path / "nq-open-test.qa.csv"  # the DPR NQ-open layout: question<TAB>Python list of answers
-    qa.write_text("who taught alexander the great\t['Aristotle']\nwhat is the capital of france\t['Paris', 'paris']\n")
+    qa.write_text("who taught alexander the great\t['Aristotle']\nwhat is the capital of france\t['Paris', 'paris']\n"
+                  "what does <ent> mean\t['a token']\n")  # a control token: skipped and counted, not a crash
     out = tmp_path / "report"
     code = main(["eval", "--model", trained_export, "--data", tiny_data, "--report", str(out), "--qa", str(qa),
                  "--knowledge", str(shared_data / "wordnet-nouns.jsonl.gz"), "--run",
                  str(tmp_path.parent), "eval.max_samples=40", "eval.max_disambiguation_mentions=40",
-                 "eval.train_recall_samples=16", "eval.max_sense_items=24"])
+                 "eval.train_recall_samples=16", "eval.max_sense_items=24", "eval.retention_max_chunks=24"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     split = metrics["split"]
     assert split["evaluated"] == "test" and split["mentions"] == 40 == split["seen"] + split["unseen"]
-    assert split["seen"] > 0 and split["unseen"] > 0 and split["test_articles"] > 0
+    assert split["seen"] > 0 and split["unseen"] > 0 and split["test_articles"] > 0 and split["articles"] > 1
+    assert split["held_out_check"] == {"articles_checked": split["articles"], "samples_checked": split["chunks"],
+                                       "articles_in_train": 0, "samples_in_train": 0}
     d = metrics["describe"]
     assert d["all"]["mentions"] == 40 and d["seen"]["mentions"] == split["seen"]
     assert 0 <= d["seen"]["title_exact_match"] <= 1 and 0 <= d["seen"]["copy_rule_title_exact_match"] <= 1
+    low, high = d["seen"]["intervals"]["copy_rule_title_exact_match"]
+    assert low <= d["seen"]["copy_rule_title_exact_match"] <= high and high - low > 0
+    assert sorted(d["per_item"]["id"]) == sorted(set(d["per_item"]["id"])) and len(d["per_item"]["id"]) == 40
     assert all("<sep>" in e["gold"] for g in ("seen", "unseen") for e in d["examples"][g])
+    ceiling = metrics["memory_ceiling"]
+    assert ceiling["all"]["mentions"] == 40 and ceiling["seen"]["title_exact_match"] > 0
+    assert ceiling["unseen"]["title_exact_match"] < 0.1  # a memory of training cannot name an untrained entity
+    assert set(d["fraction_of_ceiling"]["seen"]) == {"title_exact_match", "description_f1"}
     assert metrics["training_recall"]["all"]["mentions"] == 16
-    assert metrics["appositive"]["all"]["mentions"] + sum(metrics["appositive"]["refused"].values()) == 40
+    assert metrics["appositive"]["all"]["mentions"] + sum(metrics["appositive"].get("refused", {}).values()) == 40
     senses = metrics["word_senses"]["all"]
-    assert senses["mentions"] == 24 and senses["mean_candidates"] >= 2 and senses["gold_among_candidates"] == 1.0
+    assert senses["mentions"] == 24 and senses["mean_candidates"] >= 2
     assert 0 <= senses["accuracy"] <= 1 and 0 < senses["random_accuracy"] < 1
-    anchors = metrics["disambiguation_anchor"]["all"]
-    assert anchors["mentions"] == 0 or anchors["mean_candidates"] >= 2
+    anchors = metrics["disambiguation_anchor"]
+    assert "unseen" not in anchors and (anchors["seen"]["mentions"] == 0 or anchors["seen"]["mean_candidates"] >= 2)
     r = metrics["retention"]
-    assert r["tokens"] > 500 and r["infilling_loss"] > 0 and r["perplexity"] > 1
-    assert metrics["qa"]["questions"] == 2 and metrics["qa"]["examples"][1]["answers"] == ["Paris", "paris"]
+    assert r["chunks"] == 24 == metrics["retention_train_text"]["chunks"] and r["tokens"] > 500
+    assert r["intervals"]["infilling_loss"][0] <= r["infilling_loss"] <= r["intervals"]["infilling_loss"][1]
+    q = metrics["qa"]
+    assert (q["read"], q["questions"], q["skipped"]) == (3, 2, {"a control token in the question": 1})
+    assert q["examples"][1]["answers"] == ["Paris", "paris"]
     assert metrics["config"]["masking"]["knowledge_slot"] is True and metrics["model_parameters"] > 0
+    assert metrics["probe_form"] == "slot" and metrics["test_evaluations"] >= 1
     assert metrics["data_manifest"]["run_key"] and len(metrics["source"]["commit"] or "x" * 40) == 40
     report = (out / "report.md").read_text()
     assert "seen: title exact match" in report and "held-out text: infilling loss" in report
+    assert "memory ceiling, title exact match" in report and "questions skipped" in report
     assert (out / "describe.png").stat().st_size > 5000
 
 
-def test_split_is_held_out_and_mentions_labelled_on_real_excerpt(tiny_data):
-    """No evaluated sample id or article is in train; a mention is 'seen' exactly when a training
-    chunk links its entity with knowledge."""
-    from kilm_ray.eval.split import iter_mentions, split_invariants, trained_titles
-    from kilm_ray.loader import SampleStore
+def test_tables_label_mentions_as_the_training_split_does(tiny_data, tiny_config, tmp_path):
+    """On the real excerpt: the tables' seen titles and anchor targets are what a scan of the whole train
+    split gives; the seeded sample with k = 0 is every test mention; the held-out check finds a train
+    article when asked for one; and a dataset made before the tables gets the same tables built beside it."""
+    import os
+    from collections import Counter, defaultdict
 
-    stores = {s: SampleStore.load(tiny_data, s) for s in ("train", "valid", "test")}
-    counts = split_invariants(stores)
-    assert counts["test_samples"] > 0 and counts["valid_samples"] > 0 and counts["train_samples"] > 100
-    train_ids = {stores["train"].sample_id(i) for i in range(len(stores["train"]))}
-    trained = trained_titles(stores["train"])
-    train_titles = {t for i in range(len(stores["train"])) for t in stores["train"].entity_titles(i)}
-    mentions = list(iter_mentions(stores["test"], "test", lambda ids: str(list(ids)), 10**6, trained))
-    assert mentions and all(m.sample_id not in train_ids for m in mentions)
-    assert all(m.seen == (m.title in train_titles) for m in mentions)
-    assert {m.group for m in mentions} == {"seen", "unseen"}
-    # A broken split is caught: a training chunk in the evaluated split.
-    with pytest.raises(AssertionError, match="not held out"):
-        split_invariants({"train": stores["train"], "test": stores["train"]})
+    from kilm_ray.eval.select import sample_split
+    from kilm_ray.eval.tables import dataset_tables, surface_key, train_overlap
+    from kilm_ray.loader import SampleStore, read_meta, split_files
+    from kilm_ray.tokenizer import CorpusTokenizer
+
+    manifest = read_meta(tiny_data)
+    tok = CorpusTokenizer((Path(tiny_data) / "tokenizer" / "tokenizer.json").read_text())
+    train = SampleStore.load(tiny_data, "train")
+    counts, targets = Counter(), defaultdict(Counter)
+    for i in range(len(train)):
+        ids = train.ids(i)
+        for ent, title in zip(train.entities(i), train.entity_titles(i)):
+            counts[title] += 1
+            targets[surface_key(tok.decode(ids[ent.start:ent.end].tolist()))][title] += 1
+    tables = dataset_tables(tiny_data, tiny_config)
+    assert tables.summary["trained_entities"] == len(counts)
+    found = tables.titles_of(list(counts) + ["No Such Title"])
+    assert {t: r["train_mentions"] for t, r in found.items()} == dict(counts)
+    ambiguous = [s for s, c in targets.items() if len(c) > 1][:20]
+    rows = tables.surfaces_of(ambiguous)
+    assert ambiguous and all(rows[s]["counts"] == sorted(targets[s].values(), reverse=True)[:16] for s in ambiguous)
+    test = SampleStore.load(tiny_data, "test")
+    every = sample_split(split_files(tiny_data, "test"), "mentions", 5, 0, tiny_config.data.max_eval_entities,
+                         tok.backend.to_str())
+    assert len(every) == sum(min(len(test.entities(i)), tiny_config.data.max_eval_entities) for i in range(len(test)))
+    assert len({(m["sample_id"], m["entity"]) for m in every}) == len(every)
+    check = train_overlap(tiny_data, [every[0]["article"], train.article(0)], [every[0]["sample_id"]])
+    assert check["articles_in_train"] == [train.article(0)] and check["samples_in_train"] == []
+    # A dataset without tables (made before them): built into the node's cache with the same group-bys.
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("shards", "tokenizer", "stats.json"):
+        os.symlink(Path(tiny_data) / name, old / name)
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "tables"}))
+    rebuilt = dataset_tables(str(old), tiny_config)
+    some = sorted(counts)[:50]
+    assert rebuilt.summary == tables.summary and rebuilt.titles_of(some) == tables.titles_of(some) != {}
 
 
 def test_sense_items_from_usage_examples():
@@ -93,8 +134,7 @@ def test_sense_items_from_usage_examples():
 
 def test_usage_examples_stay_out_of_training_data(tiny_data, shared_data):
     """The word-sense probe's contexts are in neither the knowledge strings nor the training text."""
-    from kilm_ray.eval.harness import read_wordnet_rows
-    from kilm_ray.eval.senses import seeded_sample, sense_items
+    from kilm_ray.eval.senses import read_wordnet_rows, seeded_sample, sense_items
     from kilm_ray.loader import SampleStore
     from kilm_ray.tokenizer import load_tokenizer
 
@@ -108,24 +148,6 @@ def test_usage_examples_stay_out_of_training_data(tiny_data, shared_data):
     text = " ".join(train.text(i) for i in range(len(train))).lower()
     assert len(knowledge) > 10_000 and len(text) > 50_000
     assert not [i.context for i in sample if i.context.lower() in knowledge or i.context.lower() in text]
-
-
-def test_qa_files_as_published(tmp_path):
-    from kilm_ray.eval.harness import parse_qa_text, read_qa_file
-
-    dpr = "who wrote the iliad\t['Homer']\nwhen did the war end\t[\"1865\", 'April 9, 1865']\n"
-    assert parse_qa_text(dpr) == [("who wrote the iliad", ["Homer"]), ("when did the war end", ["1865", "April 9, 1865"])]
-    assert parse_qa_text("q one\tA\tB\n\nq two\tC\n") == [("q one", ["A", "B"]), ("q two", ["C"])]
-    js = json.dumps([{"question": "q1", "answers": ["a", "b"]}, {"question": "q2", "answer": "c"}, ["q3", ["d"]]])
-    assert parse_qa_text(js) == [("q1", ["a", "b"]), ("q2", ["c"]), ("q3", ["d"])]
-    bad = tmp_path / "qa.tsv"
-    bad.write_text("fine question\t['answer']\nno answer here\n")
-    with pytest.raises(ValueError, match=r"qa.tsv:2: expected question<TAB>"):
-        read_qa_file(str(bad))
-    with pytest.raises(ValueError, match=r"qa.tsv:1: the answers .* not a Python list literal"):
-        parse_qa_text("q\t['unclosed\n", "qa.tsv")
-    with pytest.raises(ValueError, match=r"item 1: expected a question and a non-empty list"):
-        parse_qa_text(json.dumps([["q", ["a"]], {"question": "q2", "answers": []}]))
 
 
 def test_retention_at_matched_training_loss():
@@ -143,10 +165,15 @@ def test_compare_report_side_by_side(tmp_path):
     from kilm_ray.cli import main
 
     paths = []
+    ids = [f"{k}:0" for k in range(60)]
     for name, em in (("a", 0.6), ("b", 0.0)):
-        group = {"mentions": 3, "title_exact_match": em, "description_f1": 0.5, "copy_rule_title_exact_match": 0.7}
-        metrics = {"model": name, "split": {"evaluated": "test", "mentions": 6, "seen": 3, "unseen": 3},
-                   "describe": {"all": group, "seen": group, "unseen": group, "examples": {}},
+        scores = [1.0 if k < 60 * em else 0.0 for k in range(60)]
+        group = {"mentions": 30, "title_exact_match": em, "description_f1": 0.5, "copy_rule_title_exact_match": 0.7,
+                 "intervals": {"title_exact_match": [em - 0.1, em + 0.1]}}
+        per_item = {"id": ids, "group": ["seen", "unseen"] * 30, "title_exact_match": scores,
+                    "description_f1": [0.5] * 60}
+        metrics = {"model": name, "split": {"evaluated": "test", "mentions": 60, "seen": 30, "unseen": 30},
+                   "describe": {"all": group, "seen": group, "unseen": group, "examples": {}, "per_item": per_item},
                    "retention": {"infilling_loss": 3.0 + em, "perplexity": 20.0}}
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(metrics))
@@ -157,8 +184,20 @@ def test_compare_report_side_by_side(tmp_path):
             "--into", str(doc)]
     assert main(args) == 0
     report = (tmp_path / "r" / "report.md").read_text()
-    assert "| metric | KILM | infilling |" in report and "| seen: title exact match | 0.600 | 0.000 |" in report
+    assert "| metric | KILM | infilling |" in report
+    assert "| seen: title exact match | 0.600 [0.500, 0.700] | 0.000 [-0.100, 0.100] |" in report
+    # The paired test on the same mentions: KILM right on 36 of 60 where the other is right on none.
+    assert "| seen: title exact match | +0.600 [" in report and ": higher |" in report
+    assert "| seen: description token F1 | +0.000 [+0.000, +0.000], p 1.0000, n 30: no difference claimed |" in report
     first = doc.read_text()
-    assert first.startswith("# Experiments\n\nNarrative stays.") and "| seen: title exact match | 0.600 |" in first
+    assert first.startswith("# Experiments\n\nNarrative stays.") and "| seen: title exact match | 0.600" in first
     assert main(args) == 0 and doc.read_text() == first  # regenerated in place, not appended twice
     assert main(["compare", "--metrics", *paths, "--labels", "one", "--out", str(tmp_path / "r")]) == 2
+    # Configs are chosen on valid: --selection puts the valid figures beside the test ones, model by model.
+    assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "s"),
+                 "--selection", *paths]) == 0
+    selected = (tmp_path / "s" / "report.md").read_text()
+    assert "### Valid split: the figures configs were chosen on" in selected
+    assert "| valid split (selection) | KILM | infilling |" in selected
+    assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "s"),
+                 "--selection", paths[0]]) == 2

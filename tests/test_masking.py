@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kilm_ray.masking import (
-    Entity, MaskingParams, SpecialIds, build_eval_examples, build_train_example, collate, plain_sequences,
+    Entity, MaskingParams, SpecialIds, appositive_sequences, build_eval_examples, build_train_example, collate, plain_sequences,
     slot_sequences, text_infilling,
 )
 
@@ -147,3 +147,30 @@ def test_collate_pads_shifts_and_weights():
     assert batch["decoder_input_ids"][0, 1:n].tolist() == labels[: n - 1].tolist()
     assert set(batch["label_weights"][0, :n].tolist()) == {1.0, 2.0}
     assert batch["label_weights"][1, 4:].sum() == 0 and batch["attention_mask"][1].sum() == 4
+
+
+def test_data_matched_baseline_writes_the_same_knowledge_as_text():
+    """masking.knowledge_as_text: the same entities and draws as KILM, each followed by its knowledge as a
+    plain-text appositive ("mention, Title: description,"), no markup, no forced mask."""
+    sp = SpecialIds(**{**SP.__dict__, "comma": 90, "colon": 91})
+    ents = [Entity(2, 4, KNOW), Entity(6, 7, [80]), Entity(10, 12, [60, SP.sep, 61])]
+    kilm = build_train_example(TEXT, ents, 5, 0, 0, MaskingParams(0.0, 3.0, 1.0, 2), sp)
+    text = build_train_example(TEXT, ents, 5, 0, 0, MaskingParams(0.0, 3.0, 1.0, 2, knowledge_slot=False,
+                                                                 knowledge_as_text=True), sp)
+    labels = text.labels.tolist()
+    assert not set(labels) & {SP.ent, SP.ent_end, SP.desc, SP.desc_end, SP.mask, SP.sep}
+    assert text.input_ids.tolist() == labels  # mask ratio 0: nothing masked, the knowledge is plain text
+    # The same two entities as KILM's draw, their knowledge after the mention with <sep> written as ':'.
+    kilm_knowledge = [t for t, k in zip(kilm.labels.tolist(), kilm.knowledge) if k and t != SP.desc_end]
+    assert [t for t, k in zip(labels, text.knowledge) if k and t != 90] == [91 if t == SP.sep else t
+                                                                             for t in kilm_knowledge]
+    # Token by token: "<s> 10 [11 12] , 50 : 51 , 13 </s>" for the mention [11 12] (KNOW-like knowledge).
+    one = appositive_sequences([10, 11, 12, 13], [Entity(1, 3, [50, SP.sep, 51])], sp)
+    assert one[1].tolist() == [0, 10, 11, 12, 90, 50, 91, 51, 90, 13, 2]
+    assert one[1][one[2]].tolist() == [50, 91, 51, 90]
+    # Masks fall where BART's infilling puts them: at ratio 0.3 the knowledge is sometimes masked, sometimes not.
+    masked = [build_train_example(TEXT, ents, 5, 0, e, MaskingParams(0.3, 3.0, 1.0, 2, False, True), sp)
+              for e in range(8)]
+    assert all(SP.mask in m.input_ids.tolist() and m.labels.tolist().count(90) == 4 for m in masked)
+    with pytest.raises(ValueError, match="rerun kilm-ray preprocess"):  # a dataset without ',' and ':' ids
+        build_train_example(TEXT, ents, 5, 0, 0, MaskingParams(0.0, 3.0, 1.0, 2, False, True), SP)

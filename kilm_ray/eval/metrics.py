@@ -17,6 +17,23 @@ def normalize(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def _word_forms(word: str) -> set[str]:
+    """A word and its regular plural and possessive spellings (after normalization, which drops the
+    apostrophe): consonant -> consonants, church -> churches, city -> cities."""
+    forms = {word, word + "s", word + "es"}
+    if len(word) > 1 and word.endswith("y"):
+        forms.add(word[:-1] + "ies")
+    return forms
+
+
+def same_up_to_inflection(a: str, b: str) -> bool:
+    """The two texts are the same words up to case, punctuation, articles and regular plural or
+    possessive endings (``consonants`` ~ ``consonant``, ``Aristotle's`` ~ ``Aristotle``). A title that
+    differs from its mention only so is not knowledge a model brings: it is the mention, inflected."""
+    wa, wb = normalize(a).split(), normalize(b).split()
+    return len(wa) == len(wb) and all(x == y or y in _word_forms(x) or x in _word_forms(y) for x, y in zip(wa, wb))
+
+
 def exact_match(prediction: str, gold: str) -> float:
     return float(normalize(prediction) == normalize(gold))
 

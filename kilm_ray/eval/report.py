@@ -79,13 +79,27 @@ def _get(metrics: dict, *path: str) -> Any:
     return node
 
 
+def _interval(metrics: dict, *path: str) -> Optional[list[float]]:
+    """The bootstrap interval stored beside the figure at ``path`` (``.../intervals/<key>``)."""
+    return _get(metrics, *path[:-1], "intervals", path[-1])
+
+
+def _cell(metrics: dict, path: tuple[str, ...], digits: int = 3) -> str:
+    """A figure with its 95% interval: ``0.678 [0.632, 0.721]``."""
+    value = _get(metrics, *path)
+    iv = _interval(metrics, *path)
+    if value is None or not iv or not isinstance(value, float) or value != value:
+        return _fmt(value, digits)
+    return f"{value:.{digits}f} [{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]"
+
+
 def _table(title_row: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(title_row) + " |", "|" + "---|" + "---:|" * (len(title_row) - 1),
             *["| " + " | ".join(r) + " |" for r in rows], ""]
 
 
 def _rows(models: dict[str, dict], spec: list[tuple[str, tuple[str, ...], int]]) -> list[list[str]]:
-    return [[label, *(_fmt(_get(m, *path), digits) for m in models.values())] for label, path, digits in spec]
+    return [[label, *(_cell(m, path, digits) for m in models.values())] for label, path, digits in spec]
 
 
 def _probe_rows(probe: str, keys: list[tuple[str, str]]) -> list[tuple[str, tuple[str, ...], int]]:
@@ -96,71 +110,175 @@ def _probe_rows(probe: str, keys: list[tuple[str, str]]) -> list[tuple[str, tupl
     return spec
 
 
+def _aligned(a: dict[str, list], b: dict[str, list], key: str, group: Optional[str]) -> tuple[list, list]:
+    """Two models' per-item scores on the items both scored (and of ``group``), in the first's order."""
+    index = {i: k for k, i in enumerate(b.get("id", []))}
+    xs, ys = [], []
+    for k, (i, g) in enumerate(zip(a.get("id", []), a.get("group", [None] * len(a.get("id", []))))):
+        if i in index and (group is None or g == group):
+            xs.append(a[key][k])
+            ys.append(b[key][index[i]])
+    return xs, ys
+
+
+def paired_rows(models: dict[str, dict], spec: list[tuple[str, str, Optional[str], str]]) -> list[list[str]]:
+    """Rows of the paired tests: the first model against each other one on the same items.
+    ``spec``: (label, probe, group or None, per-item key)."""
+    from kilm_ray.eval.stats import claim, interval, paired_test
+
+    names = list(models)
+    first = models[names[0]]
+    rows = []
+    for label, probe, group, key in spec:
+        row = [label]
+        for name in names[1:]:
+            a, b = _get(first, probe, "per_item"), _get(models[name], probe, "per_item")
+            if not a or not b or key not in a or key not in b:
+                row.append("-")
+                continue
+            xs, ys = _aligned(a, b, key, group)
+            if not xs:
+                row.append("-")
+                continue
+            test = paired_test(xs, ys)
+            verdict = claim(interval(xs), interval(ys), test)
+            row.append(f"{test['difference']:+.3f} [{test['low']:+.3f}, {test['high']:+.3f}], p {test['p_value']:.4f}, "
+                       f"n {test['n']}: {verdict}")
+        rows.append(row)
+    return rows
+
+
+def _fraction_cell(m: dict, group: str, key: str) -> str:
+    f = _get(m, "describe", "fraction_of_ceiling", group, key)
+    if not f or f.get("ratio") != f.get("ratio"):
+        return "-"
+    return f"{f['ratio']:.2f} [{f['low']:.2f}, {f['high']:.2f}]"
+
+
 def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, list[dict]]] = None,
-                 image_dir: str = ".") -> list[str]:
+                 image_dir: str = ".", selection: Optional[dict[str, dict[str, Any]]] = None) -> list[str]:
+    """The report. ``selection``: the same models' metrics on the valid split (what configs were chosen on)."""
     names = list(models)
     first = next(iter(models.values()))
     head = ["metric", *names]
     split = first.get("split", {})
+    evaluated = str(split.get("evaluated"))
+    exposure = split.get("first_sentence_in_training") or {}
+    check = split.get("held_out_check") or {}
     lines = ["### Data and split", ""]
     manifest = first.get("data_manifest", {})
     lines += [f"Dataset `{manifest.get('run_key')}` (config sha256 `{str(manifest.get('config_sha256'))[:12]}`), "
-              f"samples per split {json.dumps(manifest.get('samples'))}. Evaluated split **{split.get('evaluated')}**: "
-              f"{split.get(str(split.get('evaluated')) + '_articles')} articles, "
-              f"{split.get(str(split.get('evaluated')) + '_samples')} chunks, {split.get('mentions')} mentions "
+              f"chunks per split {json.dumps(manifest.get('samples'))}. Evaluated split **{evaluated}** "
+              f"({split.get(evaluated + '_articles')} articles, {split.get(evaluated + '_samples')} chunks): "
+              f"{split.get('sampling')}: {split.get('mentions')} mentions in {split.get('articles')} articles "
               f"({split.get('seen')} of entities whose knowledge was trained on, {split.get('unseen')} of entities "
-              f"never trained on); training: {split.get('train_articles')} articles, {split.get('train_samples')} "
-              f"chunks, {split.get('trained_entities')} entities with knowledge. No evaluated article or sample id "
-              f"is in train (checked by the harness on every run).", ""]
+              f"never trained on). Training: {split.get('train_articles')} articles, {split.get('train_samples')} "
+              f"chunks, {split.get('trained_entities')} entities with knowledge. Held out, checked on this run: "
+              f"none of the {check.get('articles_checked')} evaluated articles and {check.get('samples_checked')} "
+              f"evaluated chunks is in the train split.", ""]
+    if exposure:
+        lines += [f"By construction, named: {exposure.get('split_articles_exposed')} of the "
+                  f"{exposure.get('split_articles')} {evaluated} articles are entities linked in training with their "
+                  f"own first sentence as knowledge (the first-sentence fallback), so that sentence of a held-out "
+                  f"article was training data; {exposure.get('evaluated_mentions_in_exposed_articles')} of the "
+                  f"evaluated mentions are in those articles.", ""]
+    ledger = [f"{n}: {_get(m, 'test_evaluations')}" for n, m in models.items() if _get(m, "test_evaluations")]
+    if ledger:
+        lines += [f"Test evaluations of each reported model (its run's ledger; 1 = computed once): {', '.join(ledger)}.",
+                  ""]
+    lines += ["Every figure is the mean over the evaluated items with its bootstrap 95% interval in brackets "
+              "(2,000 resamples of the items); differences are claimed only where the intervals do not overlap and "
+              "the paired test's interval excludes zero.", ""]
     lines += ["### Description generation on held-out mentions (describe probe)", ""]
+    forms = ", ".join(f"{n}: `{m.get('probe_form', 'slot')}`" for n, m in models.items())
+    lines += [f"Probe form per model ({forms}): `slot` asks `<ent>mention</ent><ent_desc><mask></ent_desc>`; `text` "
+              "asks `mention, <mask>,` and ranks candidates as plain continuations. The memory ceiling (no model) "
+              "answers each mention with the most frequent training title of its anchor text and that title's "
+              "training knowledge: what a perfect memory of the training split gives.", ""]
     lines += _table(head, _rows(models, _probe_rows("describe", [
         ("title_exact_match", "title exact match"),
-        ("title_exact_match_title_not_mention", "title exact match where the title is not the mention text"),
+        ("title_exact_match_title_not_mention", "title exact match where the title is not the mention text (nor an "
+                                                "inflection of it)"),
         ("copy_rule_title_exact_match", "copy rule (mention text as the title; no model)"),
         ("description_f1", "description token F1"), ("description_rouge_l", "description ROUGE-L")])))
+    rows = []
+    for group in GROUPS:
+        rows += [[f"{group}: memory ceiling, title exact match (no model)",
+                  *(_cell(m, ("memory_ceiling", group, "title_exact_match")) for m in models.values())],
+                 [f"{group}: memory ceiling, description token F1 (no model)",
+                  *(_cell(m, ("memory_ceiling", group, "description_f1")) for m in models.values())],
+                 [f"{group}: title exact match as a fraction of the ceiling's",
+                  *(_fraction_cell(m, group, "title_exact_match") for m in models.values())],
+                 [f"{group}: description F1 as a fraction of the ceiling's",
+                  *(_fraction_cell(m, group, "description_f1") for m in models.values())]]
+    lines += _table(head, rows)
+    if len(models) > 1:
+        lines += [f"Paired tests on the same held-out mentions ({names[0]} minus each other model: difference [95% "
+                  "interval], randomization p-value, mentions, verdict):", ""]
+        spec = [(f"{g}: {label}", "describe", g, key) for g in GROUPS for key, label in
+                (("title_exact_match", "title exact match"), ("description_f1", "description token F1"))]
+        lines += _table(["comparison", *[f"{names[0]} - {n}" for n in names[1:]]], paired_rows(models, spec))
     lines += _table(head, _rows(models, [
         ("training mentions (recall of training samples, not held out): mentions", ("training_recall", "all", "mentions"), 0),
         ("training mentions: title exact match", ("training_recall", "all", "title_exact_match"), 3),
         ("training mentions: description token F1", ("training_recall", "all", "description_f1"), 3)]))
     lines += ["### Appositive generation on held-out mentions", "",
-              "The knowledge slot at the end of the mention's sentence; the text after `<sep>` against the "
+              "The knowledge slot at the end of the mention's sentence; the text after `<sep>` (or `:`) against the "
               "held-out description.", ""]
     lines += _table(head, _rows(models, _probe_rows("appositive", [("description_f1", "description token F1"),
                                                                     ("title_exact_match", "title exact match")])))
-    lines += ["### Disambiguation", ""]
-    spec = []
-    for probe, label, baseline in (("disambiguation_anchor", "anchors (held-out mentions, training candidates)",
-                                    "most frequent training target"),
-                                   ("word_senses", "word senses (WordNet usage examples)", "most frequent sense")):
-        spec += [(f"{label}: items", (probe, "all", "mentions"), 0),
-                 (f"{label}: accuracy", (probe, "all", "accuracy"), 3),
-                 (f"{label}: accuracy, seen / unseen", None, 3),
-                 (f"{label}: {baseline} (no model)", (probe, "all", "baseline_accuracy"), 3),
-                 (f"{label}: random choice (expected, no model)", (probe, "all", "random_accuracy"), 3),
-                 (f"{label}: gold among the candidates", (probe, "all", "gold_among_candidates"), 3),
-                 (f"{label}: candidates per item", (probe, "all", "mean_candidates"), 2)]
-    rows = []
-    for label, path, digits in spec:
-        if path is None:
-            probe = "word_senses" if label.startswith("word") else "disambiguation_anchor"
-            rows.append([label, *(f"{_fmt(_get(m, probe, 'seen', 'accuracy'))} / "
-                                  f"{_fmt(_get(m, probe, 'unseen', 'accuracy'))}" for m in models.values())])
-        else:
-            rows.append([label, *(_fmt(_get(m, *path), digits) for m in models.values())])
-    lines += _table(head, rows)
+    excluded = _get(first, "disambiguation_anchor", "unseen_excluded")
+    lines += ["### Disambiguation", "",
+              "Anchors: held-out mentions whose anchor text links to two or more titles in the training split, "
+              "candidates those training titles. Seen entities only: an unseen entity's title is never a training "
+              f"candidate, so its accuracy is 0 by construction ({excluded} such mentions left out).", ""]
+    spec = [("anchors, seen entities: items", ("disambiguation_anchor", "seen", "mentions"), 0),
+            ("anchors, seen entities: accuracy", ("disambiguation_anchor", "seen", "accuracy"), 3),
+            ("anchors: most frequent training target (no model)", ("disambiguation_anchor", "seen", "baseline_accuracy"), 3),
+            ("anchors: random choice (expected, no model)", ("disambiguation_anchor", "seen", "random_accuracy"), 3),
+            ("anchors: gold among the candidates", ("disambiguation_anchor", "seen", "gold_among_candidates"), 3),
+            ("anchors: candidates per item", ("disambiguation_anchor", "seen", "mean_candidates"), 2),
+            ("word senses (WordNet usage examples): items", ("word_senses", "all", "mentions"), 0),
+            ("word senses: accuracy", ("word_senses", "all", "accuracy"), 3),
+            ("word senses: accuracy, seen words", ("word_senses", "seen", "accuracy"), 3),
+            ("word senses: accuracy, unseen words", ("word_senses", "unseen", "accuracy"), 3),
+            ("word senses: most frequent sense (no model)", ("word_senses", "all", "baseline_accuracy"), 3),
+            ("word senses: random choice (expected, no model)", ("word_senses", "all", "random_accuracy"), 3),
+            ("word senses: candidates per item", ("word_senses", "all", "mean_candidates"), 2)]
+    lines += _table(head, _rows(models, spec))
+    if len(models) > 1:
+        lines += _table(["comparison", *[f"{names[0]} - {n}" for n in names[1:]]], paired_rows(models, [
+            ("anchors, seen entities: accuracy", "disambiguation_anchor", "seen", "correct"),
+            ("word senses: accuracy", "word_senses", None, "correct")]))
     lines += ["### Retention (BART text infilling, no entity markup)", ""]
-    rows = _rows(models, [("held-out text: infilling loss, end of training", ("retention", "infilling_loss"), 3),
-                          ("training text: infilling loss, end of training", ("retention_train_text", "infilling_loss"), 3)])
+    rows = _rows(models, [("held-out text: infilling loss, end of training (token-weighted; interval over chunks)",
+                           ("retention", "infilling_loss"), 3),
+                          ("training text: infilling loss, end of training", ("retention_train_text", "infilling_loss"), 3),
+                          ("chunks (held-out / training)", ("retention", "chunks"), 0)])
     matched = matched_retention(_curves(logs)) if logs and all(_curves(logs).values()) else None
     if matched:
-        rows.append([f"held-out text at matched training-text loss {matched['train_text_loss']:.3f} (from the "
-                     "validations during training)", *(_fmt(matched["heldout_text_loss"].get(n)) for n in names)])
+        rows.append([f"held-out (valid) text at matched training-text loss {matched['train_text_loss']:.3f} (from the "
+                     "validations during training; one figure each, no interval)",
+                     *(_fmt(matched["heldout_text_loss"].get(n)) for n in names)])
     lines += _table(head, rows)
     if any("qa" in m for m in models.values()):
         lines += ["### Zero-shot QA", ""]
-        lines += _table(head, _rows(models, [("questions", ("qa", "questions"), 0), ("exact match", ("qa", "exact_match"), 3),
-                                             ("token F1", ("qa", "f1"), 3)]))
-        lines += [f"Questions: `{_get(first, 'qa', 'file')}`.", ""]
+        rows = _rows(models, [("questions read", ("qa", "read"), 0), ("questions scored", ("qa", "questions"), 0),
+                              ("exact match", ("qa", "exact_match"), 3), ("token F1", ("qa", "f1"), 3)])
+        rows.insert(1, ["questions skipped (reason: count)",
+                        *(", ".join(f"{k}: {v}" for k, v in (_get(m, "qa", "skipped") or {}).items()) or "0"
+                          for m in models.values())])
+        lines += _table(head, rows)
+        lines += [f"Questions: `{_get(first, 'qa', 'file')}` ({_get(first, 'qa', 'format')}); answers cut at the first "
+                  "newline or `Question:`, as the official KILM QA code cuts them.", ""]
+    if selection:
+        sel_head = ["valid split (selection)", *selection]
+        spec = [(f"{g}: {label}", ("describe", g, key), 3) for g in GROUPS for key, label in
+                (("title_exact_match", "title exact match"), ("copy_rule_title_exact_match", "copy rule"),
+                 ("description_f1", "description token F1"))]
+        spec[:0] = [("mentions", ("split", "mentions"), 0), ("seen mentions", ("split", "seen"), 0)]
+        lines += ["### Valid split: the figures configs were chosen on", ""]
+        lines += _table(sel_head, [[label, *(_cell(m, path, d) for m in selection.values())] for label, path, d in spec])
     lines += ["### Provenance", ""]
     lines += _table(head, _rows(models, [
         ("source commit", ("source", "commit"), 0), ("uncommitted changes", ("source", "uncommitted_changes"), 0),
@@ -168,6 +286,7 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
         ("training wall time, s (first to last log line)", ("training", "logged_wall_s"), 0),
         ("final training loss", ("training", "train_loss"), 3),
         ("masking.knowledge_slot", ("config", "masking", "knowledge_slot"), 0),
+        ("masking.knowledge_as_text", ("config", "masking", "knowledge_as_text"), 0),
         ("masking.entities_per_chunk", ("config", "masking", "entities_per_chunk"), 0)]))
     if logs and any(logs.values()):
         lines += [f"![training curves]({image_dir}/training.png)", ""]
@@ -236,7 +355,7 @@ def _plot_curves(logs: dict[str, list[dict]], path: Path) -> None:
 
 
 def write_report(models: dict[str, dict[str, Any]], out_dir: str | Path, runs: Optional[dict[str, str]] = None,
-                 into: Optional[str | Path] = None) -> Path:
+                 into: Optional[str | Path] = None, selection: Optional[dict[str, dict[str, Any]]] = None) -> Path:
     """report.md (+ PNGs) in ``out_dir``; with ``into``, also the generated section of that document
     (between the BEGIN/END markers, appended when it has none)."""
     out = Path(out_dir)
@@ -246,11 +365,11 @@ def write_report(models: dict[str, dict[str, Any]], out_dir: str | Path, runs: O
         _plot_curves(logs, out / "training.png")
     _plot_bars(models, out / "describe.png")
     path = out / "report.md"
-    path.write_text("\n".join(["# KILM evaluation report", "", *report_lines(models, logs, ".")]))
+    path.write_text("\n".join(["# KILM evaluation report", "", *report_lines(models, logs, ".", selection)]))
     if into:
         doc = Path(into)
         image_dir = os.path.relpath(out, doc.parent if str(doc.parent) else ".")
-        section = "\n".join([BEGIN, "", *report_lines(models, logs, image_dir), END])
+        section = "\n".join([BEGIN, "", *report_lines(models, logs, image_dir, selection), END])
         text = doc.read_text() if doc.exists() else ""
         if BEGIN in text and END in text:
             text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]

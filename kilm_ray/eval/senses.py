@@ -75,6 +75,15 @@ def sense_items(rows: Iterable[tuple[str, int, str]], max_senses: int = 8) -> li
     return items
 
 
+def read_wordnet_rows(kb_file: str) -> list[tuple[str, int, str]]:
+    """``(name, sense number, gloss)`` of a WordNet-shaped knowledge base (``kilm-ray import-kb
+    --wordnet-dir``'s rows)."""
+    from kilm_ray.corpus.knowledge import KBStats, iter_jsonl
+
+    return [(row["name"], int(row.get("sense", 1)), row["gloss"]) for _, row in iter_jsonl(kb_file, KBStats())
+            if isinstance(row.get("gloss"), str) and isinstance(row.get("name"), str)]
+
+
 def seeded_sample(items: list[SenseItem], n: int, seed: int) -> list[SenseItem]:
     """A sample that depends on nothing but the items and the seed (a keyed hash order)."""
     def key(item: SenseItem) -> bytes:

@@ -1,0 +1,235 @@
+"""The evaluation's controls as pure functions: bootstrap intervals and paired tests, the seeded sample,
+the tables' group-by rows, the memory ceiling, what counts as a title the mention does not give, the
+data-matched baseline's plain-text probe, and question files as published. No Ray, no model."""
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kilm_ray.eval.metrics import same_up_to_inflection
+from kilm_ray.eval.stats import claim, interval, paired_test, ratio_interval
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_items():
+    rng = np.random.default_rng(0)
+    small, large = rng.binomial(1, 0.6, 50).astype(float), rng.binomial(1, 0.6, 2000).astype(float)
+    a, b = interval(small, seed=1), interval(large, seed=1)
+    assert a["low"] < a["mean"] < a["high"] and b["low"] < b["mean"] < b["high"]
+    assert (b["high"] - b["low"]) < (a["high"] - a["low"]) / 4  # ~ 1/sqrt(n): 40x the items, ~6x narrower
+    assert abs((b["high"] - b["low"]) - 2 * 1.96 * np.sqrt(0.24 / 2000)) < 0.01  # the normal approximation
+    assert interval(small, seed=1) == a  # seeded: a regenerated report prints the same interval
+    assert interval([], seed=1)["n"] == 0 and interval([0.5])["low"] == 0.5
+
+
+def test_paired_test_sees_a_consistent_small_difference_that_unpaired_intervals_hide():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 1, 400)
+    a, b = base + 0.02, base  # every item 0.02 better: invisible next to the spread, plain when paired
+    test = paired_test(a, b, seed=0)
+    assert test["difference"] == pytest.approx(0.02) and test["low"] > 0 and test["p_value"] < 0.001
+    # The rule of the report: no claim where the intervals overlap, whatever the paired test says.
+    assert claim(interval(a), interval(b), test) == "no difference claimed"
+    far = base + 0.5
+    assert claim(interval(far), interval(b), paired_test(far, b)) == "higher"
+    noise = paired_test(base + rng.normal(0, 0.05, 400), base, seed=0)
+    assert noise["p_value"] > 0.05 and noise["low"] < 0 < noise["high"]
+    with pytest.raises(ValueError, match="same items"):
+        paired_test([1.0, 2.0], [1.0])
+
+
+def test_ratio_interval_is_a_ratio_of_sums_over_items():
+    loss, tokens = [10.0, 30.0, 20.0], [5, 10, 5]
+    r = ratio_interval(loss, tokens, seed=0)
+    assert r["ratio"] == pytest.approx(60 / 20) and r["low"] <= 3.0 <= r["high"]
+    frac = ratio_interval([1, 0, 1, 1], [1, 1, 1, 1])  # a model's EM over the ceiling's, same mentions
+    assert frac["ratio"] == 0.75
+
+
+def test_inflections_are_not_titles_the_mention_does_not_give():
+    assert same_up_to_inflection("consonants", "consonant") and same_up_to_inflection("Cities", "city")
+    assert same_up_to_inflection("Aristotle's", "Aristotle") and same_up_to_inflection("the Greeks", "Greek")
+    assert not same_up_to_inflection("Hebrew", "Hebrew alphabet")
+    assert not same_up_to_inflection("Civil War", "American Civil War") and not same_up_to_inflection("cat", "cut")
+
+
+def test_seeded_sample_is_bottom_k_of_keyed_hashes_across_articles():
+    from kilm_ray.eval.select import bottom_k, mention_candidates, mention_key, shards_holding
+
+    table = pa.table({"sample_id": list(range(100)), "article": [f"A{i // 10}" for i in range(100)],
+                      "input_ids": [[5, 6, 7, 8]] * 100, "ent_start": [[0, 2]] * 100, "ent_end": [[1, 3]] * 100,
+                      "ent_title": [["T0", "T1"]] * 100})
+    picked = mention_candidates(table, 7, 10, 20, lambda ids: "w" + "".join(map(str, ids)))
+    keys = sorted(mention_key(7, s, j) for s in range(100) for j in range(2))
+    assert [p["key"] for p in picked] == keys[:20]  # exactly the 20 smallest keys of all 200 mentions
+    assert len({p["article"] for p in picked}) >= 6  # spread over the articles, not the first sample ids
+    assert picked[0]["surface"] == ("w5" if picked[0]["entity"] == 0 else "w7")
+    # Merging per-task samples gives the global sample, whatever the cut into tasks.
+    halves = [mention_candidates(table.slice(0, 50), 7, 10, 20, str), mention_candidates(table.slice(50), 7, 10, 20, str)]
+    assert [r["key"] for r in bottom_k(halves[0] + halves[1], 20)] == keys[:20]
+    assert len(mention_candidates(table, 7, 1, 0, str)) == 100  # k = 0: all; max_entities 1: the first per chunk
+    assert mention_candidates(table, 8, 10, 20, str) != picked  # another seed, another sample
+    entries = [{"path": "a", "min_sample_id": 0, "max_sample_id": 9}, {"path": "b", "min_sample_id": 10,
+                                                                        "max_sample_id": 19}]
+    assert [e["path"] for e in shards_holding(entries, [12, 30])] == ["b"]
+
+
+def _entity_batch():
+    return pa.table({
+        "sample_id": [1, 2, 3], "article": ["Alpha", "Alpha", "Beta"],
+        "input_ids": [[10, 11, 12], [10, 13], [14, 10]], "ent_start": [[0, 2], [0], [1]], "ent_end": [[1, 3], [1], [2]],
+        "ent_title": [["Vowel", "Letter (alphabet)"], ["Vowel"], ["Vowel"]],
+        "ent_source": [["external", "first_sentence"], ["external"], ["external"]],
+        "ent_knowledge": [[[1, 2], [3, 4]], [[1, 9]], [[5, 2]]]})
+
+
+def test_tables_group_rows_titles_surfaces_and_first_sentence_exposure():
+    from kilm_ray.eval.tables import entity_rows, surface_rows, title_rows, title_summary
+
+    words = {10: "vowel", 11: "x", 12: "letters", 13: "y", 14: "z"}
+    train = entity_rows(_entity_batch(), "train", lambda ids: " ".join(words[i] for i in ids))
+    held = entity_rows(pa.table({"sample_id": [50, 51], "article": ["Letter (alphabet)", "Gamma"]}), "test", str)
+    rows = pa.concat_tables([train, held])
+    titles = {r["title"]: r for r in title_rows(rows).to_pylist()}
+    assert titles["Vowel"]["train_mentions"] == 3 and titles["Vowel"]["knowledge"] == [1, 2]  # the first mention's
+    assert titles["Letter (alphabet)"] == {"title": "Letter (alphabet)", "train_mentions": 1, "source": "first_sentence",
+                                           "knowledge": [3, 4], "article_split": "test"}
+    assert titles["Alpha"]["article_split"] == "train" and titles["Gamma"]["train_mentions"] == 0
+    summary = title_summary(title_rows(rows))
+    assert summary["trained_entities"] == 2 and summary["articles"] == {"train": 2, "valid": 0, "test": 2}
+    # A test article whose own first sentence was a trained entity's knowledge: counted.
+    assert summary["first_sentence_in_training"] == {"train": 0, "valid": 0, "test": 1}
+    surfaces = {r["surface"]: r for r in surface_rows(train).to_pylist()}
+    assert surfaces["vowel"] == {"surface": "vowel", "titles": ["Vowel"], "counts": [3], "mentions": 3}
+    assert surfaces["letters"]["titles"] == ["Letter (alphabet)"]
+    two = surface_rows(pa.concat_tables([train, train.slice(0, 0)]).set_column(
+        2, "surface", pa.array(["s"] * train.num_rows)))  # one anchor text for everything: the titles ranked
+    assert two.to_pylist()[0]["titles"] == ["Vowel", "Letter (alphabet)"] and two.to_pylist()[0]["counts"] == [3, 1]
+
+
+def _tokenizer():
+    from pathlib import Path
+
+    from kilm_ray.tokenizer import from_bpe_files
+
+    bpe = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2-bpe"
+    return from_bpe_files(bpe / "encoder.json", bpe / "vocab.bpe")
+
+
+def test_plain_text_probe_of_the_data_matched_baseline():
+    from kilm_ray.masking import knowledge_text
+    from kilm_ray.probes import cut_text_knowledge, parse_text_knowledge, text_candidate_continuation, text_describe_prompt
+    from kilm_ray.tokenizer import special_ids
+
+    tok = _tokenizer()
+    sp = special_ids(tok)
+    assert sp.comma >= 0 and sp.colon >= 0
+    prompt = text_describe_prompt(tok, sp, "Aristotle was a Greek ", "philosopher", " of Stagira.")
+    assert tok.decode(prompt.encoder_ids) == "<s>Aristotle was a Greek philosopher,<mask>, of Stagira.</s>"
+    assert tok.decode(prompt.decoder_prefix) == "</s><s>Aristotle was a Greek philosopher,"
+    cand = text_candidate_continuation(tok, sp, "Philosopher", "a lover of wisdom", 16)
+    assert tok.decode(cand) == " Philosopher: a lover of wisdom,"
+    right = tok(" of Stagira.", add_special_tokens=False)["input_ids"]
+    generated = cand + right + [sp.eos]
+    kept = cut_text_knowledge(generated, right, sp, 16)
+    assert parse_text_knowledge(tok, sp, kept) == ("Philosopher", "a lover of wisdom")
+    # A comma inside the description is not the end: the right context does not follow it.
+    inner = tok(" Sage: wise, old", add_special_tokens=False)["input_ids"]
+    assert parse_text_knowledge(tok, sp, cut_text_knowledge(inner + [sp.comma] + right, right, sp, 16)) == (
+        "Sage", "wise, old")
+    assert cut_text_knowledge(inner + [sp.eos], right, sp, 16) == inner  # stopped early: all it wrote
+    assert knowledge_text([5, sp.sep, 6], sp) == [5, sp.colon, 6]
+
+
+def test_question_files_as_published(tmp_path):
+    from kilm_ray.eval.qa_files import QAFileError, cut_answer, parse_qa_text, read_qa_file
+
+    nq = tmp_path / "NQ-open.dev.jsonl.gz"  # Google's NQ-open, compressed
+    nq.write_bytes(gzip.compress(b'{"question": "when was the last time anyone was on the moon", "answer": '
+                                 b'["14 December 1972 UTC", "December 1972"]}\n{"question": "who wrote he ain\'t '
+                                 b'heavy", "answer": ["Bobby Scott"]}\nnot json\n'))
+    parsed = read_qa_file(str(nq))
+    assert parsed.format == "jsonl" and parsed.rows == 3 and len(parsed.pairs) == 2
+    assert parsed.pairs[1] == ("who wrote he ain't heavy", ["Bobby Scott"])
+    assert dict(parsed.skipped) == {"not JSON (Expecting value)": 1} and "NQ-open.dev.jsonl.gz:3" in parsed.examples[0]
+    # DPR's TSV through a CSV reader: a quoted question keeps its tab; answers are a Python list literal.
+    dpr = 'who got the first nobel prize in physics\t[\'Wilhelm Conrad Röntgen\']\n"a\tquoted" question\t["x", \'y\']\n'
+    (tmp_path / "nq-test.qa.csv").write_text(dpr)
+    assert read_qa_file(str(tmp_path / "nq-test.qa.csv")).pairs == [
+        ("who got the first nobel prize in physics", ["Wilhelm Conrad Röntgen"]), ("a\tquoted question", ["x", "y"])]
+    assert parse_qa_text("q one\tA\tB\n\nq two\tC\n").pairs == [("q one", ["A", "B"]), ("q two", ["C"])]
+    js = json.dumps([{"question": "q1", "answers": ["a", "b"]}, {"question": "q2", "answer": "c"}, ["q3", ["d"]],
+                     {"question": "q4", "answers": []}])
+    got = parse_qa_text(js)
+    assert got.pairs == [("q1", ["a", "b"]), ("q2", ["c"]), ("q3", ["d"])] and got.skipped["no answer strings"] == 1
+    bad = parse_qa_text("fine question\t['answer']\nno answer here\nq\t['unclosed\n", "qa.tsv")
+    assert len(bad.pairs) == 1 and sum(bad.skipped.values()) == 2
+    with pytest.raises(QAFileError, match="no question with an answer"):
+        parse_qa_text("just a line\n", "empty.tsv")
+    # The official KILM QA post-processing.
+    assert cut_answer(" Aristotle\nQuestion: who") == "Aristotle" and cut_answer("Paris Question: next") == "Paris"
+
+
+@pytest.fixture(scope="module")
+def probe_model():
+    """A tiny random BART with the GPT-2 BPE and the KILM tokens: the probes' contracts, not their scores."""
+    import torch
+
+    from kilm_ray.config import ModelConfig
+    from kilm_ray.eval.probing import ProbeModel
+    from kilm_ray.model import build_model
+    from kilm_ray.tokenizer import special_ids
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    sp = special_ids(tok)
+    model = build_model(ModelConfig(preset="tiny", dropout=0.0), len(tok), sp, 128).eval()
+    return lambda form: ProbeModel(model, tok, sp, form, max_new_tokens=6, batch_size=4, max_knowledge_tokens=8)
+
+
+def _mention_item(tok, sp, left, mention, right, title, desc, k):
+    from kilm_ray.chunking import knowledge_ids
+
+    ids_left = tok(left, add_special_tokens=False)["input_ids"]
+    ids_mention = tok(mention, add_special_tokens=False)["input_ids"]
+    ids = ids_left + ids_mention + tok(right, add_special_tokens=False)["input_ids"]
+    know = knowledge_ids(lambda t: (tok(t, add_special_tokens=False)["input_ids"], None), title, desc, sp.sep, 12)
+    return {"id": f"{k}:0", "ids": ids, "start": len(ids_left), "end": len(ids_left) + len(ids_mention),
+            "knowledge": know, "surface": mention.strip(), "title": title}
+
+
+def test_probe_functions_on_a_model(probe_model):
+    """Each probe gives one result per item, in both forms; the ceiling scores its prediction against the
+    gold; an unbuildable appositive and a question with a control token are refused, not raised."""
+    from kilm_ray.eval import probing
+    from kilm_ray.masking import MaskingParams
+
+    pm = probe_model("slot")
+    tok, sp = pm.tokenizer, pm.sp
+    items = [_mention_item(tok, sp, "The Greek ", "philosophers", " taught in Athens. Then more.", "Philosopher",
+                           "a lover of wisdom", 1),
+             _mention_item(tok, sp, "He wrote in ", "Hebrew", ".", "Hebrew alphabet", "the script of Hebrew", 2)]
+    items[0]["ceiling_knowledge"] = items[0]["knowledge"]  # the ceiling knows this one
+    items[1]["candidates"] = [{"title": "Hebrew language", "knowledge": items[0]["knowledge"]},
+                              {"title": "Hebrew alphabet", "knowledge": items[1]["knowledge"]}]
+    items[1]["gold"] = 1
+    for form in ("slot", "text"):
+        rows = probing.mentions(probe_model(form), items)
+        assert [r["id"] for r in rows] == ["1:0", "2:0"]
+        assert rows[0]["ceiling"] == {"title_exact_match": 1.0, "description_f1": 1.0, "description_rouge_l": 1.0}
+        assert rows[1]["ceiling"]["title_exact_match"] == 0.0  # nothing known of this anchor text: no answer
+        assert rows[0]["title_differs"] is False and rows[0]["copy_rule"] == 0.0  # an inflection, not knowledge
+        assert rows[1]["title_differs"] is True and "anchor" in rows[1] and "anchor" not in rows[0]
+        assert all(0 <= r["describe"]["description_f1"] <= 1 and "<sep>" in r["describe"]["generated"] for r in rows)
+        assert all("title_exact_match" in r["appositive"] or "refused" in r["appositive"] for r in rows)
+    qa = probing.qa(pm, [{"question": "who taught alexander", "answers": ["Aristotle"]},
+                         {"question": "what is <ent_desc> for", "answers": ["x"]}])
+    assert "exact_match" in qa[0] and qa[1] == {"skipped": "a control token in the question"}
+    senses = probing.senses(pm, [{"word": "bank", "left": "he sat on the ", "mention": "bank", "right": " of it",
+                                  "senses": ["sloping land", "a financial institution"], "gold": 0}])
+    assert senses[0]["predicted"] in (0, 1) and senses[0]["correct"] == float(senses[0]["predicted"] == 0)
+    losses = probing.retention(pm, [{"ids": it["ids"], "sample_id": k} for k, it in enumerate(items)],
+                               MaskingParams(0.3, 3.0, 0.0), 0)
+    assert [r["tokens"] for r in losses] == [len(it["ids"]) + 2 for it in items] and all(r["loss_sum"] > 0 for r in losses)
