@@ -25,7 +25,33 @@ def test_padding_is_not_counted_and_mfu_uses_counted_flops():
              "label_weights": torch.ones(2, 16), "knowledge_mask": torch.zeros(2, 16, dtype=torch.bool)}
     sums = LossSums()
     sums.add_batch(torch.zeros(2, 16), batch, dims)
-    assert sums.model_flops == bart_train_flops(dims, [16, 4], [8, 3])
-    assert sums.model_flops < bart_train_flops(dims, [16, 16], [16, 16]) / 2
-    assert LossSums.from_vector(sums.vector()).model_flops == sums.model_flops
+    totals = LossSums.totals(sums.vector().tolist())
+    assert totals.model_flops == bart_train_flops(dims, [16, 4], [8, 3])
+    assert totals.model_flops < bart_train_flops(dims, [16, 16], [16, 16]) / 2
+    assert totals.tokens == 64 and totals.nonpad_tokens == 20 + 11 and totals.sequences == 2
     assert mfu(2e12, 2, 1.0) == 1.0 and mfu(1.0, 1, 0.0) == 0.0
+
+
+def test_loss_sums_match_the_per_token_definition_and_read_nothing_back():
+    """The sums a micro-batch adds are tensor ops only: no host read (`item`, `float`, `tolist`, boolean
+    indexing) until the log step reads the vector once."""
+    from kilm_ray.train.metrics import host_reads
+
+    torch.manual_seed(0)
+    ce = torch.rand(2, 6)
+    labels = torch.tensor([[4, 5, 6, -100, -100, -100], [7, 8, -100, -100, -100, -100]])
+    know = torch.tensor([[0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    weights = (labels != -100).float() * (1 + know.float())
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": labels, "label_weights": weights, "knowledge_mask": know}
+    sums = LossSums()
+    with host_reads() as reads:
+        for _ in range(3):
+            sums.add_batch(ce, batch, _dims(64, 2, 128))
+        ce[know].sum().item()  # what the counter counts: a mask index and a read
+    assert reads.names == ["__getitem__", "item"]
+    summary = LossSums.totals(sums.vector().tolist()).summary()
+    valid = labels != -100
+    assert abs(summary["loss"] - float((ce * weights).sum() / weights.sum())) < 1e-6
+    assert abs(summary["knowledge_loss"] - float(ce[know].mean())) < 1e-6
+    assert abs(summary["copy_loss"] - float(ce[valid & ~know].mean())) < 1e-6
