@@ -131,13 +131,19 @@ def build_process(data: str, cache: str) -> dict:
 
 
 def merge_process(directory: str, which: str) -> dict:
-    from kilm_ray.node_cache import map_batch, merged_order
+    from kilm_ray.node_cache import map_batch_and_mapping, merged_order, release
 
     files = sorted(Path(directory).glob("*.arrow"))
-    runs = [map_batch(f).column("sample_id").to_numpy() for f in files]
+    runs, mappings = [], []
+    for f in files:
+        batch, mapping = map_batch_and_mapping(f)
+        runs.append(batch.column("sample_id").to_numpy())
+        mappings.append(mapping)
     started = time.perf_counter()
     n = 0
-    for part in (merged_order(runs) if which == "vectorized" else heap_merge(runs)):
+    merge = (merged_order(runs, release=lambda shards: release([mappings[k] for k in shards]))
+             if which == "vectorized" else heap_merge(runs))
+    for part in merge:
         n += len(part[0]) if which == "vectorized" else len(part)
     return {"merge_s": time.perf_counter() - started, "rows": n, "shards": len(runs), **_status()}
 

@@ -11,6 +11,7 @@ No Ray in this module: the same loader feeds the worker loop with and without Ra
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -91,13 +92,21 @@ class _Shard:
         self.know_off, self.know = knowledge.values.offsets.to_numpy(), knowledge.values.values.to_numpy()
 
 
+# Shards a store keeps open (mapped, with numpy views of their columns: ~10 kB of Python objects each).
+OPEN_SHARDS = 2048
+
+
 class SampleStore:
     """A split's chunks in ``sample_id`` order, read row by row from the node's memory-mapped copy
     (``kilm_ray.node_cache``): a rank holds a few arrays per shard, not the split."""
 
     def __init__(self, directory: Optional[Path], n_shards: int):
         self.directory = directory
-        self._shards: list[Optional[_Shard]] = [None] * n_shards
+        self.n_shards = n_shards
+        # Open shards, least recently used first: a bounded cache, whatever the number of shards.
+        self._shards: collections.OrderedDict[int, _Shard] = collections.OrderedDict()
+        self._mappings: dict = {}
+        self._touched: set[int] = set()
         if directory is None:
             self._file = self._row = self.sample_ids = self._len = np.zeros(0, np.int64)
         else:
@@ -123,14 +132,31 @@ class SampleStore:
         return cls(directory, len(files))
 
     def __reduce__(self):  # DataLoader workers started by spawn re-map the files
-        return (SampleStore, (self.directory, len(self._shards)))
+        return (SampleStore, (self.directory, self.n_shards))
 
     def _at(self, i: int) -> tuple[_Shard, int]:
         k = int(self._file[i])
-        shard = self._shards[k]
+        shard = self._shards.get(k)
         if shard is None:
-            shard = self._shards[k] = _Shard(node_cache.map_batch(self.directory / f"{k:05d}.arrow"))
+            batch, self._mappings[k] = node_cache.map_batch_and_mapping(self.directory / f"{k:05d}.arrow")
+            shard = self._shards[k] = _Shard(batch)
+            if len(self._shards) > OPEN_SHARDS:
+                old, _ = self._shards.popitem(last=False)
+                self._mappings.pop(old, None)
+                self._touched.discard(old)
+        else:
+            self._shards.move_to_end(k)
+        self._touched.add(k)
         return shard, int(self._row[i])
+
+    def release(self) -> None:
+        """Unmap the pages this process has read since the last call (they stay in the node's page
+        cache): called after each step's micro-batches are built, so a rank's resident memory does not
+        grow with the rows it has visited (node_cache.release)."""
+        node_cache.release([self._mappings[k] for k in self._touched]
+                           + [a._mmap for a in (self._file, self._row, self.sample_ids, self._len)
+                              if getattr(a, "_mmap", None) is not None])
+        self._touched.clear()
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -379,6 +405,7 @@ class StepDataset(_TorchDataset):
         # The loss weight of this worker's share, summed here on the host: the training loop needs it
         # before the step and must not read it back from the device.
         weight = float(sum(b["label_weights"].sum(dtype=np.float64) for b in batches))
+        self.store.release()  # the arrays above are copies: the mapped rows are not needed any more
         return {"step": step, "epoch": epoch, "weight": weight,
                 "micro_batches": [{k2: torch.from_numpy(v) for k2, v in b.items()} for b in batches]}
 

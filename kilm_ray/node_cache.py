@@ -38,13 +38,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 
 # Rows per merge bucket (~32 bytes of working memory each) and ids sampled to place the bucket edges.
-MERGE_BUCKET = 1 << 21
+MERGE_BUCKET = 1 << 20
 MERGE_SAMPLE = 1 << 17
 # Bumped when the layout changes, so a node never maps a copy in an older layout.
 LAYOUT = 2
@@ -72,20 +72,23 @@ def node_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def merged_order(runs: list[np.ndarray], bucket: int = MERGE_BUCKET, sample: int = MERGE_SAMPLE
+def merged_order(runs: list[np.ndarray], bucket: int = MERGE_BUCKET, sample: int = MERGE_SAMPLE,
+                 release: Optional[Callable[[list[int]], None]] = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(shard, row, sample_id) chunks in ascending sample_id over shards that are each sorted.
 
     Vectorized and bounded: the edges of buckets of about ``bucket`` ids are quantiles of ``sample``
     ids drawn from all shards; each bucket takes its slice of every shard (``searchsorted``, one
     cursor per shard) and sorts it with numpy. Memory is one bucket (plus the sample), whatever the
-    split's size; ``runs`` may be memory-mapped."""
+    split's size; ``runs`` may be memory-mapped, and then ``release(shards)`` is called as soon as
+    the merge is done reading those shards' pages for now (:func:`release`)."""
+    release = release or (lambda shards: None)
     lengths = np.array([len(r) for r in runs], dtype=np.int64)
     total = int(lengths.sum())
     if total == 0:
         return
     n_buckets = max(1, -(-total // bucket))
-    edges = _bucket_edges(runs, lengths, n_buckets, sample)
+    edges = _bucket_edges(runs, lengths, n_buckets, sample, release)
     cursor = np.zeros(len(runs), dtype=np.int64)
     for hi in [*edges, None]:
         ends = lengths.copy() if hi is None else np.array(
@@ -99,11 +102,13 @@ def merged_order(runs: list[np.ndarray], bucket: int = MERGE_BUCKET, sample: int
             starts = np.repeat(cursor[live] - np.concatenate([[0], np.cumsum(counts[live])[:-1]]), counts[live])
             row = starts + np.arange(len(sid), dtype=np.int64)
             order = np.argsort(sid, kind="stable")
+            release(list(range(len(runs))))  # every shard's searchsorted touched a page or two
             yield shard[order], row[order], sid[order]
         cursor = ends
 
 
-def _bucket_edges(runs: list[np.ndarray], lengths: np.ndarray, n_buckets: int, sample: int) -> list[int]:
+def _bucket_edges(runs: list[np.ndarray], lengths: np.ndarray, n_buckets: int, sample: int,
+                  release: Callable[[list[int]], None]) -> list[int]:
     """``n_buckets - 1`` ascending ids that cut the union of ``runs`` into about equal parts."""
     if n_buckets <= 1:
         return []
@@ -116,6 +121,7 @@ def _bucket_edges(runs: list[np.ndarray], lengths: np.ndarray, n_buckets: int, s
     for k in np.unique(owner):  # one gather per shard that was drawn from
         mask = owner == k
         drawn[mask] = np.asarray(runs[k])[picks[mask] - starts[k]]
+        release([int(k)])
     drawn.sort()
     cuts = drawn[(np.arange(1, n_buckets) * len(drawn)) // n_buckets]
     return sorted(set(int(c) for c in cuts))
@@ -150,12 +156,31 @@ def _random_access(mapping: mmap.mmap) -> mmap.mmap:
 
 
 def map_batch(path: Path) -> pa.RecordBatch:
+    return map_batch_and_mapping(path)[0]
+
+
+def map_batch_and_mapping(path: Path) -> tuple[pa.RecordBatch, mmap.mmap]:
+    """The file's one record batch, zero-copy over a read-only mapping (returned too, for
+    :func:`release`)."""
     with open(path, "rb") as handle:
         mapping = _random_access(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
     reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapping)))
     if reader.num_record_batches != 1:
         raise ValueError(f"{path}: expected one record batch, found {reader.num_record_batches}")
-    return reader.get_batch(0)
+    return reader.get_batch(0), mapping
+
+
+def release(mappings) -> None:
+    """Unmap from this process the pages it has read of ``mappings`` (``MADV_DONTNEED``): they stay
+    in the node's page cache, and a later read maps them again. What keeps a rank's resident memory
+    flat over an epoch of scattered reads (each read of a large-folio page cache maps up to a folio)."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    for mapping in mappings:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed, or a platform without it
+            pass
 
 
 def map_array(path: Path) -> np.ndarray:
@@ -186,27 +211,41 @@ def build_split(directory: Path, n_files: int, read_shard: Callable[[int], pa.Ta
 
 
 def _build(tmp: Path, n_files: int, read_shard: Callable[[int], pa.Table]) -> None:
-    lengths = []
+    """Arrow copies of the shards, then the sorted index, each output written as a stream (nothing
+    mapped for writing, no array of the split's size in memory)."""
+    counts = []
+    with open(tmp / "lengths.raw", "wb") as lengths:  # source lengths in shard order, int32
+        for k in range(n_files):
+            table = read_shard(k)
+            write_arrow(table, tmp / f"{k:05d}.arrow")
+            source_lengths_of(table).tofile(lengths)
+            counts.append(table.num_rows)
+            del table
+    runs, mappings = [], []
     for k in range(n_files):
-        table = read_shard(k)
-        write_arrow(table, tmp / f"{k:05d}.arrow")
-        lengths.append(source_lengths_of(table))
-        del table
-    runs = [map_batch(tmp / f"{k:05d}.arrow").column("sample_id").to_numpy() for k in range(n_files)]
-    total = sum(len(r) for r in runs)
-    offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
-    flat_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+        batch, mapping = map_batch_and_mapping(tmp / f"{k:05d}.arrow")
+        runs.append(batch.column("sample_id").to_numpy())
+        mappings.append(mapping)
+    total = int(sum(counts))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    lengths = np.memmap(tmp / "lengths.raw", dtype=np.int32, mode="r", shape=(total,)) if total else np.zeros(0, np.int32)
+    columns = (("file", np.int32), ("row", np.int64), ("sid", np.int64), ("len", np.int32))
+    outputs = {name: open(tmp / f"sorted_{name}.npy", "wb") for name, _ in columns}
+    try:
+        for name, dtype in columns:
+            np.lib.format.write_array_header_1_0(outputs[name], {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                                 "fortran_order": False, "shape": (total,)})
+        for shard, row, sid in merged_order(runs, release=lambda shards: release([mappings[k] for k in shards])):
+            shard.tofile(outputs["file"])
+            row.tofile(outputs["row"])
+            sid.tofile(outputs["sid"])
+            np.asarray(lengths[offsets[shard] + row], dtype=np.int32).tofile(outputs["len"])
+            release([lengths._mmap] if getattr(lengths, "_mmap", None) is not None else [])
+    finally:
+        for handle in outputs.values():
+            handle.close()
     del lengths
-    arrays = {name: np.lib.format.open_memmap(tmp / f"sorted_{name}.npy", mode="w+", dtype=dtype, shape=(total,))
-              for name, dtype in (("file", np.int32), ("row", np.int64), ("sid", np.int64), ("len", np.int32))}
-    at = 0
-    for shard, row, sid in merged_order(runs):
-        n = len(sid)
-        arrays["file"][at: at + n], arrays["row"][at: at + n], arrays["sid"][at: at + n] = shard, row, sid
-        arrays["len"][at: at + n] = flat_lengths[offsets[shard] + row]
-        at += n
-    for array in arrays.values():
-        array.flush()
+    (tmp / "lengths.raw").unlink()
 
 
 def cached_array(path: Path, lock: Path, make: Callable[[], np.ndarray]) -> Path:

@@ -210,3 +210,27 @@ def test_train_dry_run_prints_one_line_per_worker_count(tiny_data, capsys):
     assert [r["workers"] for r in rows] == [1, 2, 3, 4]
     assert [(r["micro_batches_per_worker"], r["ideal"]) for r in rows] == [(16, 16), (8, 8), (6, 6), (4, 4)]
     assert all(r["train_samples"] > 0 and r["steps"] > 0 for r in rows)
+
+
+def test_a_store_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
+    """However many shards a split has, a rank keeps at most OPEN_SHARDS of them open, and a row read
+    after its shard was closed and reopened is the same row."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    from bench.node_cache import write_dataset
+
+    from kilm_ray import loader
+
+    write_dataset(tmp_path / "data", 30_000)  # 4 shards of 8192 rows
+    monkeypatch.setattr(loader, "OPEN_SHARDS", 2)
+    store = SampleStore.load(str(tmp_path / "data"), "train", tmp_path / "cache")
+    assert store.n_shards == 4
+    picks = np.random.default_rng(0).integers(0, len(store), 400)
+    first = [store.ids(int(i)).tolist() for i in picks]
+    assert len(store._shards) <= 2 and len(store._mappings) <= 2
+    store.release()
+    assert [store.ids(int(i)).tolist() for i in picks] == first
+    assert np.all(np.diff(store.sample_ids) > 0)
