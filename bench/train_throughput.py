@@ -13,7 +13,8 @@ the steps after the first ``--warmup`` ones (compilation, allocator warm-up).
 ``--accounting`` instead measures the per-micro-batch bookkeeping (issue 22): the loop as it is, whose
 loss sums stay on the device and are read once per log step, against the loop as it was, which read
 ~10 values back to the host per micro-batch (``HostLossSums`` below, the previous code, kept here
-only as the baseline), alternating A/B in one process, with ``--accumulation`` micro-steps per
+only as the baseline, with 2-D attention masks that transformers reads back per forward),
+alternating A/B in one process, with ``--accumulation`` micro-steps per
 optimizer step (64: what bart-base on 32 V100s runs). It also counts the host reads per step (each a
 device sync on a GPU) with ``kilm_ray.train.metrics.host_reads``.
 
@@ -188,16 +189,33 @@ def run_accounting(cfg, data: str, repeats: int, warmup: int) -> dict:
     loader = iter(recipe.data_loader(0))
     steps_per_run = max(1, cfg.train.max_steps // (2 * repeats + 2))
 
+    def old_train_step(step: int, micro: list, global_weight: float) -> None:
+        """The previous micro-step: 2-D attention masks (transformers reads each back to decide
+        whether to skip it) and HostLossSums."""
+        from kilm_ray.train.loop import _reseed
+        from kilm_ray.train.metrics import token_losses
+
+        engine, scale = recipe.engine, env.world_size / global_weight
+        for unit, mb in zip(recipe.plan.unit_ids(env.rank), micro):
+            _reseed(cfg.train.seed, step, unit)
+            out = engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                         decoder_input_ids=mb["decoder_input_ids"], use_cache=False)
+            ce = token_losses(out.logits, mb["labels"])
+            engine.backward((ce * mb["label_weights"]).sum() * scale, scale_wrt_gas=False)
+            engine.step()
+            recipe.sums.add_batch(ce.detach(), mb, recipe.dims)
+
     def one_step(variant: str) -> None:
         item = next(loader)
         micro = [to_device(mb, env.device) for mb in item["micro_batches"]]
         if variant == "before":
             # the old loop: the loss weight summed on the device, read back once per step
             weight = float(sum(mb["label_weights"].sum() for mb in micro))
+            plan = recipe.agree(item["step"], weight)
+            old_train_step(item["step"], micro, plan.global_weight)
         else:
-            weight = item["weight"]
-        plan = recipe.agree(item["step"], weight)
-        recipe.train_step(item["step"], micro, plan.global_weight)
+            plan = recipe.agree(item["step"], item["weight"])
+            recipe.train_step(item["step"], micro, plan.global_weight)
 
     def run(variant: str, n: int) -> float:
         recipe.sums = HostLossSums() if variant == "before" else LossSums(env.device)
@@ -214,7 +232,8 @@ def run_accounting(cfg, data: str, repeats: int, warmup: int) -> dict:
     for variant in ("before", "after"):
         with host_reads() as counter:
             run(variant, 1)
-        reads[variant] = {"per_step": counter.count, "names": sorted(set(counter.names))}
+        reads[variant] = {"per_step": counter.count, "by_package": dict(counter.origins),
+                          "names": sorted(set(counter.names))}
     times = {"before": [], "after": []}
     for _ in range(repeats):
         for variant in ("before", "after"):
@@ -246,7 +265,8 @@ def main() -> None:
                         help="A/B the per-micro-batch bookkeeping (host reads) instead of (a)-(c)")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--repeats", type=int, default=3, help="--accounting: A/B rounds")
-    parser.add_argument("--name", default="train_throughput")
+    parser.add_argument("--name", default=None, help="result file (default train_throughput, "
+                                                      "train_throughput_accounting with --accounting)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
@@ -254,7 +274,7 @@ def main() -> None:
     result: dict = {"config": {k: v for k, v in vars(args).items() if k != "overrides"}}
     if args.accounting:
         result["accounting"] = run_accounting(cfg, args.data, args.repeats, args.warmup)
-        save(args.name, result)
+        save(args.name or "train_throughput_accounting", result)
         return
     result["plain_pytorch"] = run_plain(cfg, args.data, args.warmup, args.device)
     result["kilm_loop_deepspeed_no_ray"] = run_local_loop(cfg, args.data, args.warmup)
@@ -263,7 +283,7 @@ def main() -> None:
     base = result["plain_pytorch"]["tokens_per_s"]
     result["ratios_vs_plain"] = {k: v["tokens_per_s"] / base for k, v in result.items()
                                  if isinstance(v, dict) and "tokens_per_s" in v}
-    save(args.name, result)
+    save(args.name or "train_throughput", result)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,32 @@ def test_loss_sums_match_the_per_token_definition_and_read_nothing_back():
     assert abs(summary["loss"] - float((ce * weights).sum() / weights.sum())) < 1e-6
     assert abs(summary["knowledge_loss"] - float(ce[know].mean())) < 1e-6
     assert abs(summary["copy_loss"] - float(ce[valid & ~know].mean())) < 1e-6
+
+
+def test_4d_attention_masks_give_the_same_logits_and_no_host_read():
+    """`validation.attention_masks`: BART given the 4-D masks it would build from the padding mask
+    computes the same logits (SDPA and eager attention), and its forward reads nothing back to the host
+    (given 2-D masks, transformers checks `mask.all()` on the host, once per mask and forward)."""
+    from transformers import BartForConditionalGeneration
+
+    from kilm_ray.train.metrics import host_reads
+    from kilm_ray.train.validation import attention_masks
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 100, (2, 6))}
+    for impl in ("sdpa", "eager"):
+        config = BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+                            max_position_embeddings=64, attn_implementation=impl)
+        model = BartForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask, decoder_input_ids=batch["decoder_input_ids"],
+                          use_cache=False).logits
+            encoder_mask, causal = attention_masks(batch, model.config._attn_implementation, torch.float32)
+            with host_reads() as reads:
+                ours = model(input_ids=ids, attention_mask=encoder_mask, decoder_input_ids=batch["decoder_input_ids"],
+                             decoder_attention_mask=causal, use_cache=False).logits
+        assert torch.equal(plain, ours), impl
+        assert reads.count == 0, (impl, reads.names)

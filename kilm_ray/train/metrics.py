@@ -186,8 +186,12 @@ def format_eta(seconds: float) -> str:
 def host_reads():
     """A context manager counting the tensor operations that read a value back to the host (on a GPU,
     each waits for every kernel queued before it): ``item``, ``tolist``, ``float()``/``int()``/
-    ``bool()`` of a tensor, ``numpy``, ``nonzero`` and boolean-mask indexing. ``.count`` after use;
-    ``.names`` lists them. For tests and ``bench/train_throughput.py``."""
+    ``bool()`` of a tensor, ``numpy``, ``nonzero`` and boolean-mask indexing. After use: ``.count``,
+    ``.names`` (in order) and ``.origins`` (how many came from code of each package: kilm_ray,
+    transformers, deepspeed, torch). For tests and ``bench/train_throughput.py``."""
+    import collections
+    import traceback
+
     from torch.overrides import TorchFunctionMode
 
     reading = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "nonzero"}
@@ -196,6 +200,7 @@ def host_reads():
         def __init__(self):
             super().__init__()
             self.names: list[str] = []
+            self.origins: collections.Counter = collections.Counter()
 
         @property
         def count(self) -> int:
@@ -206,6 +211,10 @@ def host_reads():
             if name in reading or (name == "__getitem__" and any(
                     isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:])):
                 self.names.append(name)
+                caller = next((f.filename for f in reversed(traceback.extract_stack()[:-1])
+                               if "torch/overrides" not in f.filename and "torch/_tensor" not in f.filename), "")
+                self.origins[next((pkg for pkg in ("kilm_ray", "transformers", "deepspeed", "torch", "bench")
+                                   if f"/{pkg}/" in caller), "other")] += 1
             return func(*args, **(kwargs or {}))
 
     return HostReads()

@@ -22,9 +22,27 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_losses(engine, batch: dict) -> torch.Tensor:
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+    encoder_mask, causal_mask = attention_masks(batch, engine.module.config._attn_implementation,
+                                                engine.module.get_input_embeddings().weight.dtype)
+    out = engine(input_ids=batch["input_ids"], attention_mask=encoder_mask, decoder_input_ids=batch["decoder_input_ids"],
+                 decoder_attention_mask=causal_mask, use_cache=False)
     return token_losses(out.logits, batch["labels"])
+
+
+def attention_masks(batch: dict, attn_implementation: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-D masks BART's attention uses, built here from the padding mask: the encoder's padding
+    (``(B, 1, 1, S)``, also the decoder's cross-attention mask) and the decoder's causal mask
+    (``(1, 1, T, T)``). Given 2-D masks, transformers reads each back to the host to decide whether it
+    may skip it (``padding_mask.all()``: three device syncs per forward); 4-D masks are used as they
+    are. Boolean (True = attend) for SDPA, additive for eager attention; the same attention either way."""
+    padding = batch["attention_mask"].bool()[:, None, None, :]
+    t = batch["decoder_input_ids"].shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=padding.device).tril()[None, None]
+    if attn_implementation == "sdpa":
+        return padding, causal
+    low = torch.finfo(dtype).min
+    return (torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(~padding, low),
+            torch.zeros(causal.shape, dtype=dtype, device=padding.device).masked_fill(~causal, low))
 
 
 class Validation:
