@@ -9,11 +9,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from kilm_ray.train.checkpoint import read_checkpoint
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # starts Ray Train on a simulated cluster (about 2 min)
 
 STEPS = 200
 COMMON = ["train.epochs=14", f"train.max_steps={STEPS}", "train.checkpoint_every=1000", "train.eval_every=0",
