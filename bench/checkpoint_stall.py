@@ -24,6 +24,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, save  # noqa: E402
 
 
+def write_checkpoint(directory: Path, weights: dict, moments: dict, state: dict, model_config: dict,
+                     tokenizer_dir) -> Path:
+    """The synchronous single-file checkpoint of the first design (the baseline; no longer written by
+    kilm_ray): the gathered fp32 state in one file, written on the training thread."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in moments.items()}, str(directory / "optimizer.safetensors"))
+    (directory / "model_config.json").write_text(json.dumps(model_config, indent=2, default=str))
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+    return directory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a preprocessed dataset (kilm-ray preprocess)")
@@ -36,11 +54,13 @@ def main() -> None:
 
     from kilm_ray.config import load_config
     from kilm_ray.train.checkpoint import (
-        BackgroundWriter, LocalCheckpoints, gather_state, snapshot_shard, write_checkpoint, write_rank0_files,
-        write_shard, write_state,
+        BackgroundWriter, LocalCheckpoints, snapshot_shard, write_rank0_files, write_shard, write_state,
     )
     from kilm_ray.train.local import LocalEnv
-    from kilm_ray.train.loop import LossSums, Recipe, _to_device, setup_distributed
+    from kilm_ray.train.loop import Recipe, setup_distributed
+    from kilm_ray.train.metrics import LossSums
+    from kilm_ray.train.validation import to_device
+    from kilm_ray.train.zero import gather_state
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.preset={args.preset}", f"train.micro_batch_size={args.micro}", f"train.global_batch_size={args.micro}",
@@ -48,9 +68,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kilm_ckpt_bench_"))
     env = LocalEnv(str(work / "run"), keep=1)
     recipe = Recipe(cfg, args.data, env)
+    recipe.prepare_data()
     setup_distributed(env)
-    recipe.setup_data()
+    recipe.run_id = "bench"
     recipe.setup_model(None)
+    recipe.sums = LossSums(env.device)
     engine = recipe.engine
     loader = iter(recipe.data_loader(0))
     checkpoints = LocalCheckpoints(work / "ckpts", keep=1)
@@ -59,10 +81,9 @@ def main() -> None:
 
     def step() -> float:
         item = next(loader)
-        micro = [_to_device(mb, env.device) for mb in item["micro_batches"]]
-        recipe.global_weight = float(sum(mb["label_weights"].sum() for mb in micro))
+        micro = [to_device(mb, env.device) for mb in item["micro_batches"]]
         started = time.perf_counter()
-        recipe.train_step(item["step"], micro, LossSums())
+        recipe.train_step(item["step"], micro, item["weight"])
         return time.perf_counter() - started
 
     step()  # optimizer state exists from here on
@@ -86,7 +107,7 @@ def main() -> None:
 
         def job() -> None:
             write_rank0_files(staging, model_config, recipe.tokenizer_dir)
-            write_shard(staging, shard, 0, 1)
+            write_shard(staging, shard, 0, 1, "bench/0")
             write_state(staging, state)
             checkpoints.commit(staging, 20_000 + k)
 

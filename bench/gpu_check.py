@@ -585,7 +585,7 @@ class PlainLoop:
             device = dev
 
         recipe = Recipe(cfg, data_dir, _NoEnv())
-        recipe.setup_data()
+        recipe.prepare_data()
         self.batches = iter(recipe.data_loader(0))
         self.t, self.device = cfg.train, torch.device(device)
         torch.manual_seed(cfg.train.seed)

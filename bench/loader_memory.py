@@ -137,7 +137,7 @@ def rank_process(data_dir: str, loader: str, steps: int) -> dict:
     t0 = time.perf_counter()
     store = SampleStore.load(data_dir, "train") if loader == "mapped" else InMemoryStore(data_dir)
     open_s = time.perf_counter() - t0
-    order = store.epoch_order if loader == "mapped" else None
+    order = store.order_slice if loader == "mapped" else None
     plan = BatchPlan(len(store), 64, 8, 2, epochs=1, seed=0, order_source=order)
     dataset = StepDataset(store, plan, 0, 0, MaskingParams(0.3, 3.0, 1.0), special_ids_of(data_dir), 1.0,
                           group_by_length=loader == "mapped")

@@ -114,20 +114,30 @@ def cmd_import_kb(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kilm_ray.train.env import RunStopped
+
     cfg = _config(args)
+    if args.dry_run:
+        return train_dry_run(cfg, args.data)
+    if not args.run_dir:
+        raise ConfigError("--run-dir is required (except with --dry-run)")
     if args.no_ray:
         from kilm_ray.train.local import run_local
 
-        metrics = run_local(cfg, args.data, args.run_dir)
+        try:
+            metrics = run_local(cfg, args.data, args.run_dir)
+        except RunStopped as exc:
+            print(f"kilm-ray train: error: {exc}", file=sys.stderr)
+            return 1
         print(json.dumps({"run": args.run_dir, "metrics": metrics}, indent=2, default=str))
         return 0
     from kilm_ray.cluster import init_ray
-    from kilm_ray.train.ray_trainer import RunStalled, run_training
+    from kilm_ray.train.ray_trainer import run_training
 
     init_ray(args.address)
     try:
         result = run_training(cfg, args.data, args.run_dir, args.name)
-    except RunStalled as exc:
+    except RunStopped as exc:
         print(f"kilm-ray train: error: {exc}", file=sys.stderr)
         return 1
     if result.error:
@@ -137,6 +147,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"run": str(result.path), "checkpoint": checkpoint, "metrics": result.metrics}, indent=2,
                      default=str))
     return 0
+
+
+def train_dry_run(cfg: KilmConfig, data: str) -> int:
+    """The batch layout at every worker count the config allows, from the dataset's manifest; no
+    worker starts. One JSON line per worker count."""
+    from kilm_ray.loader import BatchPlan, read_meta, worker_layouts
+
+    t = cfg.train
+    lo, hi = t.worker_bounds
+    n = int(read_meta(data)["samples"]["train"])
+    steps = BatchPlan(n, t.global_batch_size, t.micro_batch_size, 1, t.epochs, t.seed, t.max_steps).total_steps
+    for row in worker_layouts(t.global_batch_size, t.micro_batch_size, range(lo, hi + 1)):
+        print(json.dumps({**row, "steps": steps, "train_samples": n}))
+    return 0
+
+
+def cmd_spot_watch(args: argparse.Namespace) -> int:
+    from kilm_ray.spot import SpotWatchSettings, watch
+
+    return watch(SpotWatchSettings(imds=args.imds, ray_address=args.address, node_id=args.node_id,
+                                   poll_s=args.poll_s, lock_file=args.lock_file, margin_s=args.margin_s,
+                                   once=args.once))
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -260,9 +292,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_arguments(p: argparse.ArgumentParser, default_name: str, what: str) -> None:
+def _run_arguments(p: argparse.ArgumentParser, default_name: str, what: str, run_dir_required: bool = True) -> None:
     p.add_argument("--data", required=True, help="a preprocessed dataset directory, local or s3://")
-    p.add_argument("--run-dir", required=True, help=f"where {what}s live, local or s3:// (Ray storage_path)")
+    p.add_argument("--run-dir", required=run_dir_required,
+                   help=f"where {what}s live, local or s3:// (Ray storage_path)")
     p.add_argument("--name", default=default_name,
                    help=f"{what} name; rerunning the same --run-dir/--name resumes it")
 
@@ -280,11 +313,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="continued pretraining with the KILM objective (Ray Train + DeepSpeed)")
-    _run_arguments(p, "kilm", "run")
+    _run_arguments(p, "kilm", "run", run_dir_required=False)
     p.add_argument("--no-ray", action="store_true",
                    help="run the same loop without Ray (one process, or one per GPU under torchrun)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read the manifest, print the batch layout per allowed worker count (JSON lines), exit")
     _common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("spot-watch", help="per node: turn the EC2 spot interruption notice into `ray drain-node`")
+    p.add_argument("--imds", default=os.environ.get("KILM_IMDS", "http://169.254.169.254"),
+                   help="instance metadata service (IMDSv2) address")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="the Ray cluster (GCS address)")
+    p.add_argument("--node-id", help="the Ray node to drain (default: the alive node with this machine's IP)")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between two looks at the metadata service")
+    p.add_argument("--margin-s", type=float, default=15.0,
+                   help="seconds taken off the notice's deadline (the instance stops shortly before it)")
+    p.add_argument("--lock-file", default="/tmp/kilm-ray-spot-watch.lock",
+                   help="one watcher per node: a second one exits at once")
+    p.add_argument("--once", action="store_true", help="exit after the node is drained (tests)")
+    p.set_defaults(func=cmd_spot_watch)
 
     p = sub.add_parser("tune", help="search masking / learning-rate settings (Ray Tune + ASHA)")
     _run_arguments(p, "kilm-tune", "search")

@@ -281,13 +281,16 @@ class TrainConfig:
         default_factory=dict,
     )
     loader_workers: int = _doc("torch DataLoader processes per worker that mask and collate.", default=0)
-    preemption_poll_seconds: float = _doc(
-        "How often (rank 0's clock) the workers ask Ray whether a node of the run is being drained or "
-        "preempted; a notice triggers an immediate checkpoint.", default=5.0)
     elastic_resize_check_s: float = _doc(
         "Elastic runs: how often Ray Train checks whether the worker group can grow (ScalingConfig."
-        "elastic_resize_monitor_interval_s). The workers checkpoint as soon as they see room for another "
-        "worker, so a grow costs the steps between that checkpoint and the resize.", default=30.0)
+        "elastic_resize_monitor_interval_s), and how often rank 0 looks for room for another worker. The "
+        "workers checkpoint as soon as they see room, so a grow costs the steps between that checkpoint "
+        "and the resize.", default=30.0)
+    max_grow_checkpoints: int = _doc(
+        "Elastic runs: checkpoints taken (one per elastic_resize_check_s) while the cluster has room for "
+        "another worker but Ray Train has not grown the group; past this many the workers stop "
+        "checkpointing for it (the free resources may never fit a worker, e.g. reserved elsewhere).",
+        default=5)
     group_by_length: bool = _doc(
         "Sort each worker's share of a step by length before cutting micro-batches (less padding; the "
         "token-weighted loss over the global batch is unchanged).", default=True)
@@ -309,12 +312,21 @@ class TrainConfig:
     max_failures: int = _doc(
         "Worker-group restarts after failures tolerated (Ray FailureConfig; -1 = no limit, for spot "
         "capacity; preemptions with notice are not counted).", default=3)
+    capacity_wait_s: float = _doc(
+        "With max_failures -1 (spot capacity): the longest a worker group waits to be placed, in one "
+        "continuous wait, before the run fails naming the resources it waited for. Waiting is not a "
+        "failure: placement is retried every worker_start_attempt_s until then (worker_start_timeout_s "
+        "applies only with max_failures >= 0).", default=6 * 3600.0)
+    capacity_log_every_s: float = _doc(
+        "With max_failures -1: a log line every this many seconds while the worker group waits for "
+        "resources.", default=300.0)
     max_restarts_without_progress: int = _doc(
         "Stop a run whose worker group restarted this many times in a row from the same checkpoint (a "
         "failure that recurs before the next checkpoint), even with max_failures -1 (0 = never).", default=5)
     worker_start_timeout_s: float = _doc(
         "Longest wait for the worker group to be placed (in all attempts) before the run fails with a "
-        "message naming the resources asked for and free. Give an autoscaling cluster time to add nodes.",
+        "message naming the resources asked for and free. Give an autoscaling cluster time to add nodes. "
+        "With max_failures -1 capacity_wait_s applies instead.",
         default=900.0,
     )
     worker_start_attempt_s: float = _doc(
@@ -352,6 +364,9 @@ class TrainConfig:
         _check_range(f"{path}.worker_start_timeout_s", self.worker_start_timeout_s, 0.0, 7 * 86400.0, low_open=True)
         _check_range(f"{path}.worker_start_attempt_s", self.worker_start_attempt_s, 0.0, 3600.0, low_open=True)
         _check_range(f"{path}.checkpoint_every_minutes", self.checkpoint_every_minutes, 0.0, 7 * 1440.0)
+        _check_range(f"{path}.capacity_wait_s", self.capacity_wait_s, 0.0, 30 * 86400.0, low_open=True)
+        _check_range(f"{path}.capacity_log_every_s", self.capacity_log_every_s, 0.0, 86400.0, low_open=True)
+        _check_min(f"{path}.max_grow_checkpoints", self.max_grow_checkpoints, 0)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
         for name in ("eval_every", "eval_max_samples", "eval_generate_samples", "loader_workers"):

@@ -26,7 +26,10 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
         model = BartForConditionalGeneration(config)
         load_weights_into_module(model, read_checkpoint(local).weights)
         tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
-        cfg = config_from_dict(state["config"], source=f"{checkpoint}/{STATE_FILE}")
+        # The export's metadata needs the model, masking, data and serve sections; the train section of
+        # a checkpoint written by an earlier version may hold keys that no longer exist.
+        saved = {section: v for section, v in state["config"].items() if section != "train"}
+        cfg = config_from_dict(saved, source=f"{checkpoint}/{STATE_FILE}")
         meta = export_metadata(cfg, int(state["step"]), state.get("data_dir", ""), checkpoint)
         if storage.is_remote(out):
             staged = Path(tmp) / "export"

@@ -11,6 +11,7 @@ No Ray in this module: the same loader feeds the worker loop with and without Ra
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -91,19 +92,28 @@ class _Shard:
         self.know_off, self.know = knowledge.values.offsets.to_numpy(), knowledge.values.values.to_numpy()
 
 
+# Shards a store keeps open (mapped, with numpy views of their columns: ~10 kB of Python objects each).
+OPEN_SHARDS = 2048
+
+
 class SampleStore:
     """A split's chunks in ``sample_id`` order, read row by row from the node's memory-mapped copy
     (``kilm_ray.node_cache``): a rank holds a few arrays per shard, not the split."""
 
     def __init__(self, directory: Optional[Path], n_shards: int):
         self.directory = directory
-        self._shards: list[Optional[_Shard]] = [None] * n_shards
+        self.n_shards = n_shards
+        # Open shards, least recently used first: a bounded cache, whatever the number of shards.
+        self._shards: collections.OrderedDict[int, _Shard] = collections.OrderedDict()
+        self._mappings: dict = {}
+        self._touched: set[int] = set()
         if directory is None:
-            self._file = self._row = self.sample_ids = np.zeros(0, np.int64)
+            self._file = self._row = self.sample_ids = self._len = np.zeros(0, np.int64)
         else:
             self._file = node_cache.map_array(directory / "sorted_file.npy")
             self._row = node_cache.map_array(directory / "sorted_row.npy")
             self.sample_ids = node_cache.map_array(directory / "sorted_sid.npy")
+            self._len = node_cache.map_array(directory / "sorted_len.npy")
 
     @classmethod
     def load(cls, data_dir: str, split: str, cache_root: Optional[str | Path] = None) -> "SampleStore":
@@ -122,14 +132,31 @@ class SampleStore:
         return cls(directory, len(files))
 
     def __reduce__(self):  # DataLoader workers started by spawn re-map the files
-        return (SampleStore, (self.directory, len(self._shards)))
+        return (SampleStore, (self.directory, self.n_shards))
 
     def _at(self, i: int) -> tuple[_Shard, int]:
         k = int(self._file[i])
-        shard = self._shards[k]
+        shard = self._shards.get(k)
         if shard is None:
-            shard = self._shards[k] = _Shard(node_cache.map_batch(self.directory / f"{k:05d}.arrow"))
+            batch, self._mappings[k] = node_cache.map_batch_and_mapping(self.directory / f"{k:05d}.arrow")
+            shard = self._shards[k] = _Shard(batch)
+            if len(self._shards) > OPEN_SHARDS:
+                old, _ = self._shards.popitem(last=False)
+                self._mappings.pop(old, None)
+                self._touched.discard(old)
+        else:
+            self._shards.move_to_end(k)
+        self._touched.add(k)
         return shard, int(self._row[i])
+
+    def release(self) -> None:
+        """Unmap the pages this process has read since the last call (they stay in the node's page
+        cache): called after each step's micro-batches are built, so a rank's resident memory does not
+        grow with the rows it has visited (node_cache.release)."""
+        node_cache.release([self._mappings[k] for k in self._touched]
+                           + [a._mmap for a in (self._file, self._row, self.sample_ids, self._len)
+                              if getattr(a, "_mmap", None) is not None])
+        self._touched.clear()
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -155,7 +182,8 @@ class SampleStore:
                    + s.know_off[s.know_outer[r + 1]] - s.know_off[s.know_outer[r]])
 
     def source_lengths(self, positions: np.ndarray) -> np.ndarray:
-        return np.array([self.source_length(int(p)) for p in positions], dtype=np.int64)
+        """:meth:`source_length` of many positions at once, from the node copy's length index."""
+        return np.asarray(self._len[np.asarray(positions)], dtype=np.int64)
 
     def _column_value(self, name: str, i: int):
         s, r = self._at(i)
@@ -177,13 +205,15 @@ class SampleStore:
         s, r = self._at(i)
         return int(s.ent_off[r + 1] - s.ent_off[r])
 
-    def epoch_order(self, n: int, seed: int, epoch: int) -> np.ndarray:
-        """:func:`epoch_order`, computed once per node and memory-mapped (8 bytes a sample on disk)."""
+    def order_slice(self, n: int, seed: int, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Positions ``[start, stop)`` of :func:`epoch_order`. The permutation is computed once per node
+        and saved beside the copy (8 bytes a sample on the disk); a step reads only its slice, so no
+        rank holds a permutation in memory, across epochs or within one."""
         if self.directory is None or n != len(self):
-            return epoch_order(n, seed, epoch)
-        name = f"order-{int(seed) & 0xFFFFFFFFFFFF}-{int(epoch)}.npy"
-        return node_cache.cached_array(self.directory / name, self.directory.with_suffix(".order.lock"),
-                                       lambda: epoch_order(n, seed, epoch))
+            return _order_slice(n, seed, epoch, start, stop)
+        path = node_cache.cached_array(self.directory / f"order-{int(seed) & 0xFFFFFFFFFFFF}-{int(epoch)}.npy",
+                                       self.directory.with_suffix(".order.lock"), lambda: epoch_order(n, seed, epoch))
+        return node_cache.read_rows(path, start, stop)
 
     def train_example(self, i: int, seed: int, epoch: int, params: MaskingParams, sp: SpecialIds) -> Example:
         return build_train_example(self.ids(i), self.entities(i), self.sample_id(i), seed, epoch, params, sp)
@@ -221,13 +251,21 @@ class BatchPlan:
     """Which samples each optimizer step and each worker consume.
 
     ``steps_per_epoch = ceil(n / B)``: the last step of an epoch is smaller rather than dropping
-    samples. The global batch is dealt to ``virtual_ranks`` shares (every ``V``-th sample), each cut
-    into the same number of micro-batches; a worker runs the shares ``rank, rank + world, ...``, so a
-    micro-batch holds the same samples whatever the worker count. With ``V`` = the most workers an
-    elastic run may have, a run that shrinks and grows computes the same micro-batches (and, where a
-    step is two micro-batch gradients, bit-identical updates: ``a + b == b + a``). Every worker runs
-    ``grad_accum`` micro-batches (DeepSpeed needs the same count everywhere); a share too small for
-    that gets zero-weight filler micro-batches.
+    samples. Global step ``s`` takes positions ``[s*B, (s+1)*B)`` of its epoch's order, whatever the
+    worker count. Those samples are cut into ``U = ceil(B / m)`` micro-batches, the *units* of the
+    step: with length grouping they are sorted longest first and cut into consecutive runs (each unit
+    pads to similar lengths). The units do not depend on the worker count either. Worker ``r`` of
+    ``W`` runs units ``r, 2W-1-r, 2W+r, ...`` (snake order, which evens out long and short units);
+    every worker runs ``M = ceil(U / W)`` micro-batches (DeepSpeed needs the same count everywhere),
+    those past ``U`` being zero-weight fillers. So ``M = ceil(B / (W m))``: a worker's work is
+    proportional to ``1/W`` at every worker count, not only at those that divide a fixed number of
+    shares.
+
+    What stays bit-identical across worker counts: each micro-batch (samples, padding, masks, and the
+    dropout seed of its unit), hence each micro-batch's gradient. The step's gradient is their sum, in
+    an order that depends on the worker count (accumulation on a worker, then the all-reduce), so
+    updates are bit-identical across worker counts only where that order cannot matter: two units a
+    step (``a + b == b + a``), as in the tiny config's elastic tests.
     """
 
     n_samples: int
@@ -237,9 +275,9 @@ class BatchPlan:
     epochs: int
     seed: int
     max_steps: int = 0
-    virtual_ranks: int = 0  # 0 = world_size
-    # Where epoch permutations come from: SampleStore.epoch_order maps the node's copy of them.
-    order_source: Optional[Callable[[int, int, int], np.ndarray]] = field(default=None, compare=False, repr=False)
+    # Where the epoch permutations come from (SampleStore.order_slice reads the node's copy of them).
+    order_source: Optional[Callable[[int, int, int, int, int], np.ndarray]] = field(
+        default=None, compare=False, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -252,49 +290,47 @@ class BatchPlan:
         return self.max_steps or self.epochs * self.steps_per_epoch
 
     @property
-    def shares(self) -> int:
-        return max(self.virtual_ranks or self.world_size, self.world_size)
-
-    @property
-    def micro_per_share(self) -> int:
-        return max(1, math.ceil(math.ceil(self.global_batch / self.shares) / self.micro_batch))
+    def units(self) -> int:
+        """Micro-batches of a step, over all workers (fillers not counted)."""
+        return math.ceil(self.global_batch / self.micro_batch)
 
     @property
     def grad_accum(self) -> int:
-        return self.micro_per_share * len(self.hosted_shares(0))
+        """Micro-batches every worker runs per step."""
+        return math.ceil(self.units / self.world_size)
 
-    def hosted_shares(self, rank: int) -> list[int]:
-        """The shares worker ``rank`` runs, padded with -1 (an empty filler share) to the same count on
-        every worker."""
-        hosted = list(range(rank, self.shares, self.world_size))
-        return hosted + [-1] * (math.ceil(self.shares / self.world_size) - len(hosted))
-
-    def micro_batch_ids(self, rank: int) -> list[tuple[int, int]]:
-        """(share, micro-batch index) of each micro-batch a worker runs: what seeds its dropout, so a
-        micro-batch is computed the same way on whichever worker runs it."""
-        return [(v, i) for v in self.hosted_shares(rank) for i in range(self.micro_per_share)]
+    def unit_ids(self, rank: int) -> list[int]:
+        """The units worker ``rank`` runs, in order, -1 for a filler: what seeds each micro-batch's
+        dropout, so a unit is computed the same way on whichever worker runs it."""
+        w = self.world_size
+        ids = [k * w + (rank if k % 2 == 0 else w - 1 - rank) for k in range(self.grad_accum)]
+        return [u if u < self.units else -1 for u in ids]
 
     def step_positions(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, store positions) of global step ``step`` (0-based)."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = (self.order_source or _cached_order)(self.n_samples, self.seed, epoch)
-        return epoch, order[in_epoch * self.global_batch: (in_epoch + 1) * self.global_batch]
+        start = in_epoch * self.global_batch
+        stop = min(start + self.global_batch, self.n_samples)
+        return epoch, (self.order_source or _order_slice)(self.n_samples, self.seed, epoch, start, stop)
+
+    def step_units(self, step: int, lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                   ) -> tuple[int, list[np.ndarray]]:
+        """(epoch, the ``units`` position arrays of step ``step``). With ``lengths`` the step's samples
+        are sorted longest first before they are cut, so each micro-batch pads to similar lengths
+        (the loss is token-weighted over the global batch, so the gradient does not change) and the
+        largest comes first (an out-of-memory shows at once)."""
+        epoch, positions = self.step_positions(step)
+        if lengths is not None and len(positions) > 1:
+            positions = positions[np.argsort(-lengths(positions), kind="stable")]
+        return epoch, np.array_split(positions, self.units)
 
     def worker_micro_batches(self, step: int, rank: int,
                              lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None
                              ) -> tuple[int, list[np.ndarray]]:
-        """A worker's share of step ``step`` in ``grad_accum`` micro-batches. With ``lengths`` the share
-        is sorted longest first before it is split, so each micro-batch pads to similar lengths (the
-        loss is token-weighted over the global batch, so the gradient does not change) and the
-        largest one comes first (an out-of-memory shows at once)."""
-        epoch, positions = self.step_positions(step)
-        micro: list[np.ndarray] = []
-        for v in self.hosted_shares(rank):
-            share = positions[v:: self.shares] if v >= 0 else positions[:0]
-            if lengths is not None and len(share) > 1:
-                share = share[np.argsort(-lengths(share), kind="stable")]
-            micro.extend(np.array_split(share, self.micro_per_share))
-        return epoch, micro
+        """A worker's ``grad_accum`` micro-batches of step ``step`` (empty arrays for fillers)."""
+        epoch, units = self.step_units(step, lengths)
+        empty = units[0][:0]
+        return epoch, [units[u] if u >= 0 else empty for u in self.unit_ids(rank)]
 
     def samples_consumed(self, step: int) -> tuple[int, int]:
         """(epoch, samples of that epoch consumed) after ``step`` completed steps."""
@@ -302,16 +338,28 @@ class BatchPlan:
         return epoch, min(self.n_samples, in_epoch * self.global_batch)
 
 
-_ORDER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+def worker_layouts(global_batch: int, micro_batch: int, worker_counts) -> list[dict]:
+    """For each worker count W: the micro-batches a worker runs per step and the ideal
+    ``ceil(global_batch / (W x micro_batch))`` (what ``kilm-ray train --dry-run`` prints)."""
+    rows = []
+    for w in worker_counts:
+        plan = BatchPlan(global_batch, global_batch, micro_batch, w, 1, 0)
+        rows.append({"workers": w, "micro_batches_per_worker": plan.grad_accum,
+                     "ideal": math.ceil(global_batch / (w * micro_batch)),
+                     "filler_micro_batches": plan.grad_accum * w - plan.units})
+    return rows
 
 
-def _cached_order(n: int, seed: int, epoch: int) -> np.ndarray:
+_LAST_ORDER: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _order_slice(n: int, seed: int, epoch: int, start: int, stop: int) -> np.ndarray:
+    """Without a node copy: the permutation of the current epoch only, computed once per process."""
     key = (n, seed, epoch)
-    if key not in _ORDER_CACHE:
-        if len(_ORDER_CACHE) > 4:
-            _ORDER_CACHE.clear()
-        _ORDER_CACHE[key] = epoch_order(n, seed, epoch)
-    return _ORDER_CACHE[key]
+    if key not in _LAST_ORDER:
+        _LAST_ORDER.clear()
+        _LAST_ORDER[key] = epoch_order(n, seed, epoch)
+    return _LAST_ORDER[key][start:stop]
 
 
 def micro_batch_arrays(store: SampleStore, positions: np.ndarray, epoch: int, seed: int, params: MaskingParams,
@@ -354,7 +402,11 @@ class StepDataset(_TorchDataset):
             step, self.rank, self.store.source_lengths if self.group_by_length else None)
         batches = [micro_batch_arrays(self.store, m, epoch, self.plan.seed, self.params, self.sp,
                                       self.knowledge_weight) for m in micro]
-        return {"step": step, "epoch": epoch,
+        # The loss weight of this worker's share, summed here on the host: the training loop needs it
+        # before the step and must not read it back from the device.
+        weight = float(sum(b["label_weights"].sum(dtype=np.float64) for b in batches))
+        self.store.release()  # the arrays above are copies: the mapped rows are not needed any more
+        return {"step": step, "epoch": epoch, "weight": weight,
                 "micro_batches": [{k2: torch.from_numpy(v) for k2, v in b.items()} for b in batches]}
 
 

@@ -71,6 +71,46 @@ def start_attempts(timeout_s: float, attempt_s: float = START_ATTEMPT_S) -> tupl
     return per_attempt, max(0, math.ceil(timeout_s / per_attempt - _EPS) - 1)
 
 
+class CapacityWaitExceeded(WorkerPlacementError):
+    """One continuous wait for the worker group's resources lasted longer than allowed."""
+
+
+# Ray Train controller states in which the worker group waits to be placed.
+WAITING_STATES = ("SCHEDULING", "RESCHEDULING")
+
+
+class CapacityWait:
+    """Waiting for spot capacity, observed through the Ray Train controller's states: a wait starts
+    when the controller schedules a worker group and ends when the group runs. ``observe`` returns
+    a log line at most every ``log_every_s`` of a wait, and raises :class:`CapacityWaitExceeded` once
+    a single wait passes ``limit_s`` (the time is the caller's: pure, testable without Ray)."""
+
+    def __init__(self, limit_s: float, log_every_s: float, asked: str):
+        self.limit_s, self.log_every_s, self.asked = limit_s, log_every_s, asked
+        self.since: float | None = None
+        self.logged_at = 0.0
+
+    def observe(self, state: str, now: float) -> str | None:
+        if state not in WAITING_STATES:
+            if state == "RUNNING":
+                self.since = None
+            return None
+        if self.since is None:
+            self.since, self.logged_at = now, now
+            return None
+        waited = now - self.since
+        if waited > self.limit_s:
+            raise CapacityWaitExceeded(
+                f"the training workers ({self.asked}) waited {waited / 60:.1f} min for resources, longer than "
+                f"train.capacity_wait_s ({self.limit_s / 60:.1f} min): no spot capacity came. Rerun the same "
+                "command to resume from the last checkpoint, or raise train.capacity_wait_s.")
+        if now - self.logged_at >= self.log_every_s:
+            self.logged_at = now
+            return (f"waiting for spot capacity: {self.asked}, {waited / 60:.1f} min so far "
+                    f"(up to train.capacity_wait_s = {self.limit_s / 60:.0f} min)")
+        return None
+
+
 def placement_message(request: WorkerRequest, timeout_s: float, free: Mapping[str, float],
                       total: Mapping[str, float]) -> str:
     asked = request.total

@@ -2,10 +2,13 @@
 way spot capacity behaves: run by ``test_elastic.py`` in a process of its own (a driver can join only
 one Ray cluster, and the test session already has one).
 
-1. Two worker nodes with one training slot each; the run starts with 2 workers (elastic 1-2).
-2. Node B is drained with a preemption reason and a deadline (what the autoscaler does on a spot
-   reclaim notice; here ``ray drain-node``); the workers see the notice and checkpoint; then the node
-   is removed. Ray Train restarts the group with 1 worker from that checkpoint.
+1. Two worker nodes with one training slot each, each with its spot watcher (``kilm-ray spot-watch``,
+   as cluster.yaml starts it) polling its own fake instance metadata service (tests/fake_imds.py, a
+   real HTTP server on loopback); the run starts with 2 workers (elastic 1-2).
+2. Node B's metadata service posts a reclaim notice 60 s ahead; B's watcher drains B
+   (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, deadline from the notice); the workers
+   see the notice and checkpoint; then the node is removed. Ray Train restarts the group with 1 worker
+   from that checkpoint.
 3. A node is added back. The workers see room for a second worker and checkpoint; Ray Train grows the
    group to 2 and training resumes from that checkpoint.
 
@@ -71,7 +74,11 @@ def main() -> None:
     from kilm_ray.config import load_config
     from kilm_ray.train.ray_trainer import run_training
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from fake_imds import FakeImds
+
     data_dir, run_dir, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     slot = {"num_cpus": 1, "resources": {"trainer": 1}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -79,6 +86,13 @@ def main() -> None:
     node_b = cluster.add_node(**slot)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
+    # Each node's spot watcher, each with its own metadata service.
+    imds = {name: FakeImds().__enter__() for name in ("a", "b")}
+    watchers = {name: subprocess.Popen(
+        [sys.executable, "-m", "kilm_ray.cli", "spot-watch", "--imds", imds[name].url, "--address", cluster.address,
+         "--node-id", node.node_id, "--poll-s", "0.2", "--lock-file", str(run_dir / f"watch-{name}.lock"), "--once"],
+        stdout=subprocess.DEVNULL, stderr=open(run_dir / f"watch-{name}.log", "w"))
+        for name, node in (("a", node_a), ("b", node_b))}
     run = run_dir / "elastic"
     outcome: dict = {}
 
@@ -98,15 +112,15 @@ def main() -> None:
 
     # Ray may start the group with 1 worker before it sees both nodes, then grow it: wait for 2.
     wait_for("2 workers", lambda: any(m.get("world_size") == 2 and "event" not in m for m in metrics(run)))
-    mark("drain node B (preemption, 60 s deadline)")
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", cluster.address, "--node-id", node_b.node_id,
-                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
-                    "--deadline-remaining-seconds", "60"], check=True, capture_output=True)
+    mark("spot notice on node B (reclaim in 60 s)")
+    notice_deadline = time.time() + 60
+    imds["b"].notice(60)
     # A spot node stays about two minutes after its notice; it is removed here as soon as Ray has
     # registered the checkpoint taken on the notice (the time that takes is in the timeline).
     wait_for("the preemption checkpoint", lambda: any(checkpoint_reasons(run).get(s) == "preemption"
                                                       for s in registered(run)))
     mark("preemption checkpoint registered; remove node B")
+    watcher_b = watchers["b"].wait(timeout=30)
     cluster.remove_node(node_b)
     wait_for("1 worker, 3 steps on", lambda: any(m.get("world_size") == 1 and m.get("step", 0) >= timeline[-1]["step"] + 3
                                                  and "event" not in m for m in metrics(run)))
@@ -121,7 +135,12 @@ def main() -> None:
         "final_checkpoint": str(max(run.glob("checkpoint_0*"))),
         "resumes": [m for m in metrics(run) if m.get("event") == "resumed"],
         "checkpoints": checkpoint_reasons(run), "timeline": timeline, "node_a": node_a.node_id,
+        "notice_deadline": notice_deadline, "watcher_b_exit": watcher_b,
+        "watcher_b_log": (run_dir / "watch-b.log").read_text()[-2000:], "watcher_a_running": watchers["a"].poll() is None,
     }
+    watchers["a"].terminate()
+    for server in imds.values():
+        server.__exit__()
     print(json.dumps(summary, default=str))
     ray.shutdown()
     cluster.shutdown()

@@ -25,7 +25,62 @@ def test_padding_is_not_counted_and_mfu_uses_counted_flops():
              "label_weights": torch.ones(2, 16), "knowledge_mask": torch.zeros(2, 16, dtype=torch.bool)}
     sums = LossSums()
     sums.add_batch(torch.zeros(2, 16), batch, dims)
-    assert sums.model_flops == bart_train_flops(dims, [16, 4], [8, 3])
-    assert sums.model_flops < bart_train_flops(dims, [16, 16], [16, 16]) / 2
-    assert LossSums.from_vector(sums.vector()).model_flops == sums.model_flops
+    totals = LossSums.totals(sums.vector().tolist())
+    assert totals.model_flops == bart_train_flops(dims, [16, 4], [8, 3])
+    assert totals.model_flops < bart_train_flops(dims, [16, 16], [16, 16]) / 2
+    assert totals.tokens == 64 and totals.nonpad_tokens == 20 + 11 and totals.sequences == 2
     assert mfu(2e12, 2, 1.0) == 1.0 and mfu(1.0, 1, 0.0) == 0.0
+
+
+def test_loss_sums_match_the_per_token_definition_and_read_nothing_back():
+    """The sums a micro-batch adds are tensor ops only: no host read (`item`, `float`, `tolist`, boolean
+    indexing) until the log step reads the vector once."""
+    from kilm_ray.train.metrics import host_reads
+
+    torch.manual_seed(0)
+    ce = torch.rand(2, 6)
+    labels = torch.tensor([[4, 5, 6, -100, -100, -100], [7, 8, -100, -100, -100, -100]])
+    know = torch.tensor([[0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    weights = (labels != -100).float() * (1 + know.float())
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": labels, "label_weights": weights, "knowledge_mask": know}
+    sums = LossSums()
+    with host_reads() as reads:
+        for _ in range(3):
+            sums.add_batch(ce, batch, _dims(64, 2, 128))
+        ce[know].sum().item()  # what the counter counts: a mask index and a read
+    assert reads.names == ["__getitem__", "item"]
+    summary = LossSums.totals(sums.vector().tolist()).summary()
+    valid = labels != -100
+    assert abs(summary["loss"] - float((ce * weights).sum() / weights.sum())) < 1e-6
+    assert abs(summary["knowledge_loss"] - float(ce[know].mean())) < 1e-6
+    assert abs(summary["copy_loss"] - float(ce[valid & ~know].mean())) < 1e-6
+
+
+def test_4d_attention_masks_give_the_same_logits_and_no_host_read():
+    """`validation.attention_masks`: BART given the 4-D masks it would build from the padding mask
+    computes the same logits (SDPA and eager attention), and its forward reads nothing back to the host
+    (given 2-D masks, transformers checks `mask.all()` on the host, once per mask and forward)."""
+    from transformers import BartForConditionalGeneration
+
+    from kilm_ray.train.metrics import host_reads
+    from kilm_ray.train.validation import attention_masks
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 100, (2, 6))}
+    for impl in ("sdpa", "eager"):
+        config = BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+                            max_position_embeddings=64, attn_implementation=impl)
+        model = BartForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask, decoder_input_ids=batch["decoder_input_ids"],
+                          use_cache=False).logits
+            encoder_mask, causal = attention_masks(batch, model.config._attn_implementation, torch.float32)
+            with host_reads() as reads:
+                ours = model(input_ids=ids, attention_mask=encoder_mask, decoder_input_ids=batch["decoder_input_ids"],
+                             decoder_attention_mask=causal, use_cache=False).logits
+        assert torch.equal(plain, ours), impl
+        assert reads.count == 0, (impl, reads.names)

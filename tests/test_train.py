@@ -102,7 +102,7 @@ def _kill_a_worker_later(has_checkpoint, record: dict) -> threading.Thread:
     return thread
 
 
-def test_sigkilled_worker_resumes_from_s3_bit_identical(reference_run, s3_server, tiny_data, train_cfg):
+def test_sigkilled_worker_resumes_from_s3_bit_identical(reference_run, s3_server, tiny_data, train_cfg, tmp_path):
     """A worker SIGKILLed mid-run costs only the steps since the last checkpoint (stored on S3): the
     finished run's weights equal the uninterrupted run's, bit for bit."""
     def has_checkpoint():  # registered by Ray Train (uploads run in the background until then)
@@ -114,9 +114,14 @@ def test_sigkilled_worker_resumes_from_s3_bit_identical(reference_run, s3_server
 
     record: dict = {}
     killer = _kill_a_worker_later(has_checkpoint, record)
-    result = run_training(train_cfg, tiny_data, "s3://kilm/runs", "killed")
+    node_cache = tmp_path / "node-cache"
+    result = run_training(train_cfg.with_overrides({"train.node_cache_dir": str(node_cache)}), tiny_data,
+                          "s3://kilm/runs", "killed")
     killer.join(timeout=5)
     assert result.error is None and "killed" in record
+    # The resume copy of the S3 checkpoint went to train.node_cache_dir (and was removed once read).
+    assert list((node_cache / "checkpoints").glob("*.lock")) and not [
+        p for p in (node_cache / "checkpoints").iterdir() if p.is_dir()]
     metrics = [json.loads(line) for line in storage.read_bytes("s3://kilm/runs/killed/metrics.jsonl").splitlines()]
     assert metrics[-1]["step"] == STEPS
     assert any(m.get("event") == "resumed" for m in metrics)  # the worker group restarted from a checkpoint
@@ -196,3 +201,37 @@ def test_an_error_in_the_users_input_stops_the_run_at_once(ray_cluster, tiny_dat
     with pytest.raises(DataError, match="has no manifest.json"):
         run_training(cfg, str(tmp_path / "missing"), str(tmp_path / "runs"), "no-data")
     assert not (tmp_path / "runs" / "no-data").exists()  # nothing was started
+
+
+def test_a_run_that_stops_fails_loudly_under_ray(ray_cluster, tiny_data, tmp_path, capsys):
+    """Workers that stop without finishing (here: restarts without progress) make `kilm-ray train`
+    exit non-zero naming the cause, although Ray's result holds no error and no new checkpoint."""
+    from kilm_ray.cli import main
+
+    run = tmp_path / "runs" / "stalled"
+    run.mkdir(parents=True)
+    (run / "restarts.json").write_text(json.dumps({"start_step": 0, "without_progress": 2}))
+    (run / "last_error.json").write_text(json.dumps({"rank": 1, "step": 0, "error": "OSError: disk full"}))
+    code = main(["train", "--data", tiny_data, "--run-dir", str(tmp_path / "runs"), "--name", "stalled",
+                 "--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
+                 "train.max_restarts_without_progress=2", "train.max_steps=4", "train.num_workers=2"])
+    err = capsys.readouterr().err
+    assert code == 1, err[-2000:]
+    assert "kilm-ray train: error: stopped at step 0 of 4: 3 restarts in a row from step 0 made no progress" in err
+    assert "the last error, on rank 1 at step 0: OSError: disk full" in err
+    assert not list(run.glob("checkpoint_*"))
+
+
+def test_waiting_for_spot_capacity_is_bounded_and_named(ray_cluster, tiny_data, tiny_config, tmp_path):
+    """With max_failures -1 the group waits for resources (retried without counting as failures) up to
+    train.capacity_wait_s, then the run fails naming what it waited for."""
+    from kilm_ray.resources import WorkerPlacementError
+
+    cfg = tiny_config.with_overrides({"train.max_failures": -1, "train.worker_resources": {"nowhere": 1},
+                                      "train.capacity_wait_s": 6, "train.worker_start_attempt_s": 2,
+                                      "train.capacity_log_every_s": 2, "train.max_steps": 2})
+    started = time.time()
+    with pytest.raises(WorkerPlacementError, match=r"\{'CPU': 0.5, 'nowhere': 1.0\}\) waited 0\.\d min for "
+                                                   r"resources, longer than train.capacity_wait_s \(0\.1 min\)"):
+        run_training(cfg, tiny_data, str(tmp_path / "runs"), "waiting")
+    assert time.time() - started < 60

@@ -13,6 +13,7 @@ import torch
 from kilm_ray.train.checkpoint import read_checkpoint
 
 from kilm_ray.config import ConfigError
+from kilm_ray.train.env import RunStopped
 from kilm_ray.train.local import run_local
 
 from conftest import DUMP, GPT2_BPE, REPO
@@ -125,13 +126,25 @@ def test_continue_pretraining_from_a_local_pretrained_model(pretrained_dir, loca
 
     from kilm_ray.data import preprocess
 
-    cfg = local_cfg.with_overrides({"tokenizer.source": str(pretrained_dir), "model.pretrained": str(pretrained_dir),
-                                    "corpus.max_pages": 40, "train.max_steps": 4, "train.eval_every": 4})
+    source = tmp_path / "bart"  # a copy that goes away before the resume below
+    shutil.copytree(pretrained_dir, source)
+    cfg = local_cfg.with_overrides({"tokenizer.source": str(source), "model.pretrained": str(source),
+                                    "corpus.max_pages": 40, "train.max_steps": 4, "train.eval_every": 4,
+                                    "train.checkpoint_every": 2, "train.epochs": 20})
     data = tmp_path / "data"
     preprocess(cfg, [str(DUMP)], str(data))
     run_local(cfg, str(data), str(tmp_path / "run"))
+    # A resume (and its export) reads nothing of model.pretrained: the source is gone, and with it any
+    # way to load it (a missing local path would be tried as a hub id and fail here, offline).
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "checkpoint_00000002",
+                    tmp_path / "resumed" / "checkpoints" / "checkpoint_00000002")
+    shutil.rmtree(source)
+    run_local(cfg, str(data), str(tmp_path / "resumed"))
+    assert_same_state(tmp_path / "run" / "checkpoints" / "checkpoint_00000004",
+                      tmp_path / "resumed" / "checkpoints" / "checkpoint_00000004")
+    cfg = cfg.with_overrides({"tokenizer.source": str(pretrained_dir), "model.pretrained": str(pretrained_dir)})
     before = BartForConditionalGeneration.from_pretrained(pretrained_dir)
-    after = BartForConditionalGeneration.from_pretrained(tmp_path / "run" / "export")
+    after = BartForConditionalGeneration.from_pretrained(tmp_path / "resumed" / "export")
     old_vocab = before.config.vocab_size
     assert after.config.vocab_size >= old_vocab + 5  # the five KILM tokens got embeddings
     assert after.config.d_model == 32  # the pretrained architecture, not the preset
@@ -198,6 +211,8 @@ def test_restarts_that_make_no_progress_stop_the_run(local_cfg, tiny_data, tmp_p
     run = tmp_path / "stalled"
     run.mkdir()
     (run / "restarts.json").write_text(json.dumps({"start_step": 0, "without_progress": 2}))
-    metrics = run_local(local_cfg.with_overrides({"train.max_restarts_without_progress": 2}), tiny_data, str(run))
-    assert "3 restarts in a row from step 0 made no progress" in metrics["gave_up"]
+    (run / "last_error.json").write_text(json.dumps({"rank": 1, "step": 3, "error": "RuntimeError: boom"}))
+    with pytest.raises(RunStopped, match=r"3 restarts in a row from step 0 made no progress.*rank 1 at step 3: "
+                                         r"RuntimeError: boom"):
+        run_local(local_cfg.with_overrides({"train.max_restarts_without_progress": 2}), tiny_data, str(run))
     assert not (run / "checkpoints" / "checkpoint_00000004").exists()

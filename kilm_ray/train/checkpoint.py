@@ -1,4 +1,5 @@
-"""Consolidated, world-size-independent training checkpoints.
+"""Consolidated, world-size-independent training checkpoints: the file format, its verification,
+and where the files are written. (What DeepSpeed holds and how it gets in and out: ``train.zero``.)
 
 A checkpoint directory holds the full training state, written in shards by every rank in parallel
 and readable at any worker count and ZeRO stage::
@@ -6,19 +7,18 @@ and readable at any worker count and ZeRO stage::
     model-<rank>-of-<n>.safetensors      this rank's pieces of the fp32 master weights
     optimizer-<rank>-of-<n>.safetensors  its pieces of the AdamW moments (exp_avg.<name>, exp_avg_sq.<name>)
     trainer_state.json      step, epoch, samples consumed, Adam step, scheduler, loss scale, RNG scheme,
-                            world size and ZeRO stage at save time, shard count, metrics, the full config
+                            world size and ZeRO stage at save time, shard count, the checkpoint's id,
+                            metrics, the full config
     model_config.json       the BART config
     tokenizer/              the tokenizer, so an export needs nothing else
 
-A piece is keyed ``<name>@<offset>``: a 1-D run of the flattened tensor starting at ``offset``, and
-each file's metadata gives the full shapes. Under ZeRO 1-2 a rank writes exactly the fragments its
-optimizer partition owns (DeepSpeed's ``_hp_mapping``: no communication, 1/n of the state per rank);
-otherwise whole parameters are dealt out to ranks by size (ZeRO-3 gathers them first). Reading
-stitches the pieces into full tensors, which go back through DeepSpeed's public
-``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``, so a run resumes bit-exactly on the
-same worker count and with the same optimizer state on any other (DeepSpeed's own checkpoints need
-an offline ``ds_to_universal`` conversion for that). Only ``safetensors`` and JSON are read back:
-nothing is unpickled. The older single-file layout (``model.safetensors``) is still read.
+A piece is keyed ``<name>@<offset>``: a 1-D run of the flattened tensor starting at ``offset``. Each
+shard file's metadata gives the full shapes, the checkpoint id (the run's id and the step, shared by
+every rank of the run), its rank and the shard count. Reading verifies before it trusts: every shard
+the state file announces is present and readable, belongs to this checkpoint and this rank, and the
+pieces cover every element of every parameter and of both Adam moments exactly once; anything else is
+a :class:`CheckpointError` naming the file (or the tensor and the files holding its pieces). Only
+``safetensors`` and JSON are read back: nothing is unpickled.
 
 Atomicity: under Ray Train a checkpoint is registered only after every file is persisted
 (``ray.train.report``); without Ray, :class:`LocalCheckpoints` writes into a temporary directory and
@@ -38,93 +38,18 @@ from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from kilm_ray.errors import UserInputError
 
 STATE_FILE = "trainer_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else opt
-
-
-def adam_step(engine) -> int:
-    for state in base_optimizer(engine).state.values():
-        if "step" in state:
-            step = state["step"]
-            return int(step.item() if torch.is_tensor(step) else step)
-    return 0
-
-
-def _set_adam_step(optimizer: torch.optim.Optimizer, step: int) -> None:
-    for state in optimizer.state.values():
-        if "step" in state:
-            old = state["step"]
-            state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) if torch.is_tensor(old) else step
-
-
-def _ensure_optimizer_state(engine, step: int) -> None:
-    """Give every tensor the base optimizer steps an AdamW state, then (re)link DeepSpeed's
-    per-parameter views of it. DeepSpeed creates states lazily at the first step and links them
-    once; with several parameter groups a group can be linked before its state exists (seen with
-    ZeRO-2 in 0.19.8), and a fresh engine we restore into has taken no step at all."""
-    optimizer = base_optimizer(engine)
-    wrapper = engine.optimizer
-    # The tensors AdamW steps: ZeRO's flat fp32 partitions (ZeRO-3 swaps them into the param
-    # groups only while stepping), else the parameters of the optimizer's groups.
-    stepped = (getattr(wrapper, "fp32_partitioned_groups_flat", None)
-               or getattr(wrapper, "single_partition_of_fp32_groups", None)
-               or getattr(wrapper, "fp32_groups_flat_partition", None)
-               or [t for g in optimizer.param_groups for t in g["params"]])
-    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
-    for tensor in stepped:
-        state = optimizer.state[tensor]
-        if "exp_avg" not in state:
-            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=tensor.device if on_device else "cpu")
-            state["exp_avg"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
-    if hasattr(wrapper, "_hp_optimizer_states_linked") and hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
-        wrapper._hp_optimizer_states_linked = False
-        wrapper._lazy_init_hp_params_optimizer_state()
-
-
-def _partitioned(engine) -> bool:
-    """True when DeepSpeed keeps fp32 master weights apart from the module (ZeRO 1-3, bf16 optimizer).
-
-    Decided from the engine's configuration, never from a parameter: a parameter has an fp32 fragment
-    only on the ranks whose partition holds part of it, so a per-parameter test would send ranks down
-    different collective paths (seen: gloo size mismatch when one rank held the whole embedding)."""
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
-
-
-def gather_state(engine, with_moments: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Full fp32 weights (and Adam moments) by parameter name, on CPU. Collective: every rank calls."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    weights: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
-    _ensure_optimizer_state(engine, adam_step(engine))
-    partitioned = _partitioned(engine)
-    optimizer = base_optimizer(engine)
-    for name, param in engine.module.named_parameters():
-        if partitioned:
-            weights[name] = safe_get_full_fp32_param(param).detach().float().cpu().clone()
-            for key in MOMENTS if with_moments else ():
-                value = safe_get_full_optimizer_state(param, key)
-                if value is not None:
-                    moments[f"{key}.{name}"] = value.detach().float().cpu().clone()
-        else:
-            weights[name] = param.detach().float().cpu().clone()
-            state = optimizer.state.get(param, {})
-            for key in MOMENTS if with_moments else ():
-                if key in state:
-                    moments[f"{key}.{name}"] = state[key].detach().float().cpu().clone()
-    for name, buffer in engine.module.named_buffers():
-        weights[f"buffer:{name}"] = buffer.detach().float().cpu().clone()
-    return weights, moments
+class CheckpointError(UserInputError, ValueError):
+    """A checkpoint that cannot be trusted: the message names the file (or tensor) at fault. A restart
+    would read the same files, so (as for a bad input) the run stops at once rather than retrying."""
 
 
 def owner_of(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -161,58 +86,30 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().float().reshape(-1).to("cpu", copy=True)
 
 
-def _fragments_owned(engine) -> bool:
-    """ZeRO 1-2 (and DeepSpeed's bf16 optimizer) map each rank's fp32 partition onto parameter
-    fragments: a rank can write its own state with no communication. Decided from the configuration
-    so every rank takes the same path."""
-    return engine.zero_optimization_stage() in (1, 2) or (engine.bfloat16_enabled()
-                                                          and engine.zero_optimization_stage() == 0)
-
-
 def snapshot_shard(engine, rank: int, world_size: int) -> Shard:
     """The part of the state this rank writes, copied to the host: the only work the training loop
-    waits for. Collective only under ZeRO-3 (which gathers each parameter)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    waits for. Collective only under ZeRO-3."""
+    from kilm_ray.train.zero import rank_fragments
 
-    _ensure_optimizer_state(engine, adam_step(engine))
     shard = Shard()
-    named = list(engine.module.named_parameters())
-    if _fragments_owned(engine):
-        for name, param in named:
-            mapping = getattr(param, "_hp_mapping", None)
-            if mapping is None:  # no fragment of this parameter in this rank's partition
-                continue
-            shard.add(name, mapping.lp_fragment_address.start, mapping.get_hp_fragment(), param.shape,
-                      {key: mapping.get_hp_fragment(key) for key in MOMENTS if key in mapping.get_optim_state_keys()})
-    else:
-        stage3 = engine.zero_optimization_stage() == 3
-        shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in named}
-        owners = owner_of({name: int(torch.Size(shape).numel()) for name, shape in shapes.items()}, world_size)
-        optimizer = base_optimizer(engine)
-        for name, param in named:
-            if stage3:  # every rank joins each gather; only the owner keeps a copy
-                weight = safe_get_full_fp32_param(param)
-                moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
-                moments = {k: v for k, v in moments.items() if v is not None}
-            else:
-                weight, state = param, optimizer.state.get(param, {})
-                moments = {key: state[key] for key in MOMENTS if key in state}
-            if owners[name] == rank:
-                shard.add(name, 0, weight, shapes[name], moments)
-    if rank == 0:
-        for name, buffer in engine.module.named_buffers():
-            shard.add(f"buffer:{name}", 0, buffer, buffer.shape, {})
+    for name, offset, tensor, shape, moments in rank_fragments(engine, rank, world_size):
+        shard.add(name, offset, tensor, shape, moments)
     return shard
+
+
+def checkpoint_id(run_id: str, step: int) -> str:
+    return f"{run_id}/{step}"
 
 
 def shard_files(rank: int, world_size: int) -> tuple[str, str]:
     return f"model-{rank:05d}-of-{world_size:05d}.safetensors", f"optimizer-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
-def write_shard(directory: Path, shard: Shard, rank: int, world_size: int) -> None:
+def write_shard(directory: Path, shard: Shard, rank: int, world_size: int, ckpt_id: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model_file, optimizer_file = shard_files(rank, world_size)
-    meta = {"shapes": json.dumps(shard.shapes)}
+    meta = {"shapes": json.dumps(shard.shapes), "checkpoint": ckpt_id, "rank": str(rank),
+            "world_size": str(world_size)}
     save_file(shard.weights, str(directory / model_file), metadata=meta)
     save_file(shard.moments, str(directory / optimizer_file), metadata=meta)
 
@@ -229,20 +126,116 @@ def write_state(directory: Path, state: dict) -> None:
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
 
 
-def stitch(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Full tensors from the ``<name>@<offset>`` pieces of every shard file."""
+# ----------------------------------------------------------------------------------------------
+# Reading, verified
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    path: Path
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """The full state of a checkpoint directory, verified element for element (module docstring)."""
+    directory = Path(directory)
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{directory} is not a complete kilm_ray checkpoint (no {STATE_FILE})")
+    try:
+        state = json.loads(state_path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{state_path}: not valid JSON ({exc})") from None
+    n = int(state.get("checkpoint_shards", 0))
+    if n < 1:
+        raise CheckpointError(f"{state_path}: no shard count (checkpoint_shards); not a sharded kilm_ray checkpoint")
+    expected = [shard_files(r, n) for r in range(n)]
+    missing = [f for pair in expected for f in pair if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: shard file {missing[0]} is missing ({len(missing)} of {2 * n} "
+                              f"files missing: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+    ckpt_id = state.get("checkpoint_id")
+    shapes: dict[str, list[int]] = {}
+    weights = _stitch([directory / model for model, _ in expected], ckpt_id, shapes)
+    moments = _stitch([directory / optimizer for _, optimizer in expected], ckpt_id, shapes)
+    params = [name for name in shapes if not name.startswith("buffer:")]
+    absent = [name for name in shapes if name not in weights]
+    absent += [f"{key}.{name}" for name in params for key in MOMENTS if f"{key}.{name}" not in moments]
+    if absent:
+        files = "model" if absent[0] in shapes else "optimizer"
+        raise CheckpointError(f"{directory}: {absent[0]} is in none of the {files}-*-of-{n:05d} shard files "
+                              f"({len(absent)} tensors missing)")
+    config_path = directory / "model_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: model_config.json is missing (the model's architecture)")
+    model_config = json.loads(config_path.read_text())
+    return Checkpoint(weights=weights, moments=moments, state=state, path=directory, model_config=model_config)
+
+
+def _stitch(files: list[Path], ckpt_id: Optional[str], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Full tensors from the ``<name>@<offset>`` pieces of ``files``, each file checked to belong to
+    checkpoint ``ckpt_id`` and its rank, and each tensor checked to be covered exactly once."""
     full: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            shapes = json.loads((handle.metadata() or {}).get("shapes", "{}"))
-            for key in handle.keys():
-                base, _, offset = key.rpartition("@")
-                name = base.split(".", 1)[1] if base.split(".", 1)[0] in MOMENTS else base
-                if base not in full:
-                    full[base] = torch.empty(shapes[name], dtype=torch.float32)
-                piece = handle.get_tensor(key)
-                full[base].view(-1)[int(offset): int(offset) + piece.numel()] = piece
+    pieces: dict[str, list[tuple[int, int, str]]] = {}
+    world = len(files)
+    for rank, path in enumerate(files):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                if ckpt_id is not None and meta.get("checkpoint") != ckpt_id:
+                    raise CheckpointError(
+                        f"{path}: this shard belongs to checkpoint {meta.get('checkpoint')!r}, not to {ckpt_id!r} "
+                        "(a shard of another run or step was copied in): refusing to mix them")
+                if "rank" in meta and (int(meta["rank"]), int(meta["world_size"])) != (rank, world):
+                    raise CheckpointError(f"{path}: written as rank {meta['rank']} of {meta['world_size']}, "
+                                          f"found as rank {rank} of {world}")
+                for name, shape in json.loads(meta.get("shapes", "{}")).items():
+                    if shapes.setdefault(name, shape) != shape:
+                        raise CheckpointError(f"{path}: {name} has shape {shape}, other shards say {shapes[name]}")
+                for key in handle.keys():
+                    base, _, offset = key.rpartition("@")
+                    head, _, rest = base.partition(".")
+                    name = rest if head in MOMENTS else base
+                    if name not in shapes:
+                        raise CheckpointError(f"{path}: piece {key} of a tensor without a shape")
+                    if base not in full:
+                        full[base] = torch.empty(shapes[name], dtype=torch.float32)
+                    piece = handle.get_tensor(key)
+                    start = int(offset)
+                    if start + piece.numel() > full[base].numel():
+                        raise CheckpointError(f"{path}: piece {key} ({piece.numel()} elements) runs past the end "
+                                              f"of {base} ({full[base].numel()} elements)")
+                    full[base].view(-1)[start: start + piece.numel()] = piece
+                    pieces.setdefault(base, []).append((start, piece.numel(), path.name))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors' own errors: a truncated or corrupt file
+            raise CheckpointError(f"{path}: unreadable shard (truncated or corrupt?): "
+                                  f"{type(exc).__name__}: {exc}") from None
+    for base, found in pieces.items():
+        problem = coverage_problem(found, full[base].numel())
+        if problem:
+            raise CheckpointError(f"{base}: {problem}")
     return full
+
+
+def coverage_problem(pieces: list[tuple[int, int, str]], numel: int) -> Optional[str]:
+    """Why ``(offset, length, file)`` pieces do not cover ``[0, numel)`` exactly once, or None."""
+    at = 0
+    for start, length, name in sorted(pieces):
+        if start > at:
+            return f"elements [{at}, {start}) are in no shard (next piece from {name})"
+        if start < at:
+            return f"elements [{start}, {min(at, start + length)}) are in two shards (one is {name})"
+        at = start + length
+    if at < numel:
+        holders = sorted({name for _, _, name in pieces})
+        return f"elements [{at}, {numel}) are in no shard (pieces from {', '.join(holders)})"
+    return None
 
 
 class BackgroundWriter:
@@ -291,81 +284,6 @@ def load_weights_into_module(module: torch.nn.Module, weights: dict[str, torch.T
         for name, buffer in buffers.items():
             if f"buffer:{name}" in weights:
                 buffer.copy_(weights[f"buffer:{name}"])
-
-
-def restore_optimizer(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int) -> None:
-    """Put fp32 master weights, Adam moments and the Adam step into an initialized engine."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    _ensure_optimizer_state(engine, step)
-    partitioned = _partitioned(engine)
-    optimizer = base_optimizer(engine)
-    for name, param in engine.module.named_parameters():
-        if partitioned:
-            safe_set_full_fp32_param(param, weights[name].to(param.device))
-            for key in MOMENTS:
-                if f"{key}.{name}" in moments:
-                    safe_set_full_optimizer_state(param, moments[f"{key}.{name}"].to(param.device), key)
-        else:
-            for key in MOMENTS:
-                if f"{key}.{name}" in moments:
-                    optimizer.state[param][key].copy_(moments[f"{key}.{name}"])
-    _set_adam_step(optimizer, step)
-
-
-def loss_scale_state(engine) -> Optional[dict]:
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is None or not hasattr(scaler, "cur_scale"):
-        return None
-    return {k: float(v) if isinstance(v, (int, float)) else v for k, v in vars(scaler).items()
-            if k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")}
-
-
-def restore_loss_scale(engine, state: Optional[dict]) -> None:
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if state and scaler is not None:
-        for key, value in state.items():
-            if hasattr(scaler, key):
-                setattr(scaler, key, type(getattr(scaler, key))(value))
-
-
-@dataclass
-class Checkpoint:
-    weights: dict[str, torch.Tensor]
-    moments: dict[str, torch.Tensor]
-    state: dict[str, Any]
-    path: Path
-
-
-def write_checkpoint(directory: Path, weights: dict, moments: dict, state: dict, model_config: dict,
-                     tokenizer_dir: Optional[Path]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in moments.items()}, str(directory / "optimizer.safetensors"))
-    (directory / "model_config.json").write_text(json.dumps(model_config, indent=2, default=str))
-    if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
-    # The state file last: a directory without it is incomplete.
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
-    return directory
-
-
-def read_checkpoint(directory: str | Path) -> Checkpoint:
-    directory = Path(directory)
-    if not (directory / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not a complete kilm_ray checkpoint (no {STATE_FILE})")
-    state = json.loads((directory / STATE_FILE).read_text())
-    if (directory / "model.safetensors").is_file():  # the single-file layout of earlier versions
-        weights, moments = load_file(str(directory / "model.safetensors")), load_file(str(directory / "optimizer.safetensors"))
-    else:
-        n = int(state.get("checkpoint_shards", 0))
-        expected = [shard_files(r, n) for r in range(n)]
-        missing = [f for pair in expected for f in pair if not (directory / f).is_file()]
-        if not n or missing:
-            raise FileNotFoundError(f"{directory} is incomplete: {n} shards expected, missing {missing[:4]}")
-        weights = stitch([directory / model for model, _ in expected])
-        moments = stitch([directory / optimizer for _, optimizer in expected])
-    return Checkpoint(weights=weights, moments=moments, state=state, path=directory)
 
 
 class LocalCheckpoints:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.train.checkpoint import BackgroundWriter, LocalCheckpoints, write_state
-from kilm_ray.train.loop import RunEnv, train_worker
+from kilm_ray.train.env import RunEnv, RunStopped, clear_stop
+from kilm_ray.train.loop import train_worker
 
 
 class LocalEnv(RunEnv):
@@ -65,8 +66,15 @@ class LocalEnv(RunEnv):
 
 
 def run_local(cfg: KilmConfig, data_dir: str, run_dir: str) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; raises :class:`RunStopped` when it stopped without
+    finishing (the cause in the message), as the Ray launcher does."""
     from kilm_ray.loader import check_dataset
 
     check_dataset(cfg.train, data_dir)
     env = LocalEnv(run_dir, cfg.train.keep_checkpoints)
-    return train_worker(cfg, data_dir, env)
+    if env.rank == 0:
+        clear_stop(run_dir)
+    metrics = train_worker(cfg, data_dir, env)
+    if metrics.get("stopped"):
+        raise RunStopped(f"stopped at step {metrics['step']}: {metrics['stopped']}")
+    return metrics

@@ -1,10 +1,14 @@
 """Training metrics: token-weighted loss split by knowledge / copied tokens, throughput and MFU.
-Pure arithmetic on tensors and numbers; the loop decides when to reduce across workers."""
+Pure arithmetic on tensors and numbers; the loop decides when to reduce across workers.
+
+The sums stay on the device: adding a micro-batch launches a few small kernels and reads nothing
+back, because a host read (``float(t)``, ``t.item()``, boolean indexing) waits for every kernel queued
+before it, stalling the GPU between micro-batches. They are read once per log step."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,45 +57,64 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=-100, reduction="none").view(labels.shape)
 
 
-@dataclass
-class LossSums:
-    """Sums that reduce across workers by addition; ratios are taken only at report time."""
+# What LossSums accumulates on the device, in order.
+SUM_FIELDS = ("weighted", "weight", "knowledge", "knowledge_tokens", "copy", "copy_tokens", "nonpad_tokens",
+              "sequences", "model_flops")
 
-    weighted: float = 0.0  # sum of w * ce
-    weight: float = 0.0  # sum of w
-    knowledge: float = 0.0  # sum of ce on knowledge tokens
-    knowledge_tokens: float = 0.0
-    copy: float = 0.0  # sum of ce on the other label tokens
-    copy_tokens: float = 0.0
-    tokens: float = 0.0  # all input + label positions, padding included (what the GPU computes)
-    nonpad_tokens: float = 0.0
-    sequences: float = 0.0
-    model_flops: float = 0.0  # training FLOPs of the non-pad tokens (bart_train_flops), 0 without dims
-    extra: dict = field(default_factory=dict)
+
+class LossSums:
+    """Sums over micro-batches that reduce across workers by addition, kept on ``device``.
+
+    ``weighted`` / ``weight``: sum of w * ce and of w (the loss); ``knowledge`` / ``copy``: ce on the
+    knowledge tokens and on the other label tokens, with their token counts; ``tokens``: all input and
+    label positions, padding included (what the GPU computes; known on the host from the shapes);
+    ``nonpad_tokens``, ``sequences``; ``model_flops``: training FLOPs of the non-pad tokens
+    (:func:`bart_train_flops`, 0 without dims)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.acc = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device)
+        self.tokens = 0.0
 
     def add_batch(self, ce: torch.Tensor, batch: dict, dims: "BartDims | None" = None) -> None:
         weights, know = batch["label_weights"], batch["knowledge_mask"]
         valid = batch["labels"] != -100
         copy = valid & ~know
-        self.weighted += float((ce * weights).sum())
-        self.weight += float(weights.sum())
-        self.knowledge += float(ce[know].sum())
-        self.knowledge_tokens += float(know.sum())
-        self.copy += float(ce[copy].sum())
-        self.copy_tokens += float(copy.sum())
+        ce = ce.float()
+        lengths = batch["attention_mask"].sum(dim=1), valid.sum(dim=1)
+        parts = [(ce * weights).sum(), weights.sum(), (ce * know).sum(), know.sum(), (ce * copy).sum(), copy.sum(),
+                 lengths[0].sum() + lengths[1].sum(), (weights.sum(dim=1) > 0).sum(),
+                 bart_flops_tensor(dims, *lengths) if dims is not None else ce.new_zeros(())]
+        self.acc += torch.stack([part.to(torch.float64) for part in parts])
         self.tokens += float(batch["input_ids"].numel() + batch["labels"].numel())
-        self.nonpad_tokens += float(batch["attention_mask"].sum() + valid.sum())
-        self.sequences += float((weights.sum(dim=1) > 0).sum())
-        if dims is not None:
-            self.model_flops += bart_train_flops(dims, batch["attention_mask"].sum(dim=1), valid.sum(dim=1))
 
-    def vector(self) -> list[float]:
-        return [self.weighted, self.weight, self.knowledge, self.knowledge_tokens, self.copy, self.copy_tokens,
-                self.tokens, self.nonpad_tokens, self.sequences, self.model_flops]
+    def finite(self) -> torch.Tensor:
+        """Whether the loss summed so far is finite (a device bool: reading it is the caller's sync)."""
+        return torch.isfinite(self.acc[0])
 
-    @classmethod
-    def from_vector(cls, v: list[float]) -> "LossSums":
-        return cls(*v)
+    def vector(self) -> torch.Tensor:
+        """The sums as one device vector (what the workers all-reduce)."""
+        return torch.cat([self.acc, self.acc.new_tensor([self.tokens])])
+
+    @staticmethod
+    def totals(vector: list[float]) -> "LossTotals":
+        return LossTotals(**dict(zip((*SUM_FIELDS, "tokens"), vector)))
+
+
+@dataclass(frozen=True)
+class LossTotals:
+    """LossSums read back to the host (after the reduction across workers)."""
+
+    weighted: float = 0.0
+    weight: float = 0.0
+    knowledge: float = 0.0
+    knowledge_tokens: float = 0.0
+    copy: float = 0.0
+    copy_tokens: float = 0.0
+    nonpad_tokens: float = 0.0
+    sequences: float = 0.0
+    model_flops: float = 0.0
+    tokens: float = 0.0
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         def ratio(a: float, b: float) -> float:
@@ -127,15 +150,20 @@ def bart_train_flops(dims: BartDims, source_tokens, target_tokens) -> float:
     Embedding lookups are free. For bart-base at 512/128 this gives 239 GFLOP a sequence where
     6 N x 640 gives 535 (shared/DESIGN.md section 4). Padding does no useful work and is not counted.
     """
+    return float(bart_flops_tensor(dims, torch.as_tensor(source_tokens), torch.as_tensor(target_tokens)))
+
+
+def bart_flops_tensor(dims: BartDims, source_tokens: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`bart_train_flops` as a 0-d float64 tensor on the lengths' device (nothing read back)."""
     d = dims.d_model
-    s = torch.as_tensor(source_tokens, dtype=torch.float64)
-    t = torch.as_tensor(target_tokens, dtype=torch.float64)
+    s = source_tokens.to(torch.float64)
+    t = target_tokens.to(torch.float64)
     encoder = 2 * s * dims.encoder_layers * (4 * d * d + 2 * d * dims.encoder_ffn) \
         + 4 * dims.encoder_layers * d * s * s
     decoder = 2 * t * dims.decoder_layers * (6 * d * d + 2 * d * dims.decoder_ffn) \
         + 2 * s * dims.decoder_layers * 2 * d * d \
         + 4 * dims.decoder_layers * d * (t * t + t * s) + 2 * t * dims.vocab * d
-    return float(3 * (encoder + decoder).sum())
+    return 3 * (encoder + decoder).sum()
 
 
 def mfu(flops_per_s: float, world_size: int, peak: float) -> float:
@@ -153,3 +181,40 @@ def format_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def host_reads():
+    """A context manager counting the tensor operations that read a value back to the host (on a GPU,
+    each waits for every kernel queued before it): ``item``, ``tolist``, ``float()``/``int()``/
+    ``bool()`` of a tensor, ``numpy``, ``nonzero`` and boolean-mask indexing. After use: ``.count``,
+    ``.names`` (in order) and ``.origins`` (how many came from code of each package: kilm_ray,
+    transformers, deepspeed, torch). For tests and ``bench/train_throughput.py``."""
+    import collections
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    reading = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "nonzero"}
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+            self.origins: collections.Counter = collections.Counter()
+
+        @property
+        def count(self) -> int:
+            return len(self.names)
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in reading or (name == "__getitem__" and any(
+                    isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:])):
+                self.names.append(name)
+                caller = next((f.filename for f in reversed(traceback.extract_stack()[:-1])
+                               if "torch/overrides" not in f.filename and "torch/_tensor" not in f.filename), "")
+                self.origins[next((pkg for pkg in ("kilm_ray", "transformers", "deepspeed", "torch", "bench")
+                                   if f"/{pkg}/" in caller), "other")] += 1
+            return func(*args, **(kwargs or {}))
+
+    return HostReads()

@@ -5,6 +5,11 @@ worker resumes from ``ray.train.get_checkpoint()``; rerunning the same ``--run-d
 after a driver failure restores the run's checkpoint history from storage; ``num_workers: [min, max]``
 makes the run elastic. A checkpoint is registered only once fully persisted, so a crash mid-write
 leaves the previous one in place.
+
+Before ``fit`` every node that can host a worker is prepared (``node_prep``); while the run lasts,
+nodes that join are prepared before Ray Train can place workers on them. A run that stops without
+finishing raises :class:`RunStopped` naming the cause; with ``train.max_failures: -1`` waiting for
+spot capacity is not a failure (:class:`CapacityWatch`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any, Callable, Optional
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig, config_from_dict
 from kilm_ray.errors import UserInputError, input_error_of
-from kilm_ray.train.loop import RunEnv, _all_reduce, train_worker
+from kilm_ray.train.env import RunEnv, RunStopped, clear_stop, read_stop
+from kilm_ray.train.loop import train_worker
 
 log = logging.getLogger("kilm_ray.train")
 
@@ -43,6 +49,9 @@ class RayEnv(RunEnv):
         self._pending: Optional[threading.Event] = None
         self._per_worker = dict(worker_request(train_cfg).per_worker)
         self._max_workers = train_cfg.worker_bounds[1]
+        self._cache_root = Path(train_cfg.node_cache_dir) if train_cfg.node_cache_dir else None
+        self._preemption = _preemption_context()
+        self._told = False  # the notice was logged
 
     @property
     def run_uri(self) -> str:
@@ -63,7 +72,7 @@ class RayEnv(RunEnv):
         if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and Path(checkpoint.path).is_dir():
             return Path(checkpoint.path)
         key = hashlib.sha256(f"{self._run_uri}|{checkpoint.path}".encode()).hexdigest()[:20]
-        copy = node_cache.default_root() / "checkpoints" / key
+        copy = (self._cache_root or node_cache.default_root()) / "checkpoints" / key
         with node_cache.node_lock(copy.with_name(f"{key}.lock")):
             if not (copy / STATE_FILE).is_file():
                 partial = copy.with_name(f".tmp-{key}-{os.getpid()}")
@@ -123,32 +132,39 @@ class RayEnv(RunEnv):
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload,
                          delete_local_checkpoint_after_upload=False)
 
-    def resize_pending(self) -> Optional[str]:
-        """Ray's preemption notice (a drained node: spot reclaim, ``ray drain-node``), or room for one
-        more worker of an elastic group. The preemption query is itself a collective of all ranks;
-        the resource check is rank 0's, shared through an all-reduce so every rank agrees."""
-        import ray
-        import ray.train
+    def wait_for_nodes(self) -> None:
+        """Ray Train's own barrier (its synchronization actor): it waits without a timeout, where a
+        torch collective would time out (NCCL: 30 min) while a late node converts its data."""
+        import ray.train.collective
 
-        from kilm_ray.resources import can_grow
+        if self.world_size > 1:
+            ray.train.collective.barrier()
 
-        info = ray.train.get_preemption_info()
-        if info is not None:
+    def heard_preemption(self) -> bool:
+        """This worker's own copy of Ray Train's preemption notice (set on every worker by the run's
+        PreemptionWatcher when a node of the run is drained: a spot notice turned into
+        ``ray drain-node`` by ``kilm-ray spot-watch``). Read locally, without the barrier of
+        ``ray.train.get_preemption_info``: the step's control vector makes the ranks agree."""
+        info = self._preemption.preemption_info
+        if info is not None and not self._told:
+            self._told = True
             if self.rank == 0:
                 log.warning("preemption notice: nodes %s (ranks %s) go at %s; checkpointing now",
                             info.preempted_node_ids, info.preempted_ranks,
                             time.strftime("%H:%M:%S", time.localtime(info.deadline_ms / 1000))
                             if info.deadline_ms else "an unknown time")
-            return "preemption"
-        if self.world_size >= self._max_workers:  # the same on every rank: no growing, nothing to agree on
-            return None
-        grow = self.rank == 0 and can_grow(ray.available_resources(), self._per_worker, self.world_size,
-                                           self._max_workers)
-        grow = _all_reduce([float(grow)], self, self.device)[0] > 0
-        if grow and self.rank == 0:
+        return info is not None
+
+    def room_to_grow(self) -> bool:
+        import ray
+
+        from kilm_ray.resources import can_grow
+
+        grow = can_grow(ray.available_resources(), self._per_worker, self.world_size, self._max_workers)
+        if grow:
             log.info("room for another worker (%d now, up to %d): checkpointing before Ray grows the group",
                      self.world_size, self._max_workers)
-        return "grow" if grow else None
+        return grow
 
     def close(self) -> None:
         if self._pending is not None:
@@ -170,18 +186,58 @@ def _worker(config: dict) -> None:
         raise exc.with_traceback(None) from None
 
 
-def _bound_worker_start(timeout_s: float, attempt_s: float) -> int:
-    """Make the controller give up on an unplaceable worker group after ``timeout_s`` in all: Ray's
-    per-attempt wait (an environment variable the controller inherits from the process calling
-    ``fit``) and the number of retries, which is unlimited by default in Ray 2.60 (a pending trial
-    or run then waits forever)."""
-    import os
+def _preemption_context():
+    """Ray Train V2's per-worker preemption state (private in Ray 2.60: the public
+    ``ray.train.get_preemption_info`` adds a barrier across workers to every call)."""
+    import ray
+    from ray.train.v2._internal.execution.context import get_train_context
 
+    context = getattr(get_train_context(), "preemption_context", None)
+    if context is None or not hasattr(context, "preemption_info"):
+        raise RuntimeError(f"Ray {ray.__version__}: the train context has no preemption_context.preemption_info "
+                           "(kilm_ray reads preemption notices from it; tested with Ray 2.60)")
+    return context
+
+
+def _bound_worker_start(t) -> tuple[float, int]:
+    """Ray's per-attempt wait for the worker group (an environment variable the controller inherits
+    from the process calling ``fit``) and the number of retries (``controller_failure_limit``).
+
+    With ``max_failures >= 0`` a group that cannot be placed within ``worker_start_timeout_s`` in all
+    fails the run. With ``max_failures: -1`` (spot capacity) placement is retried without limit:
+    Ray counts every failed attempt of the run's lifetime against that limit, so any bound would end
+    a long spot run that waited a few times; :class:`CapacityWatch` bounds each continuous wait
+    instead (``train.capacity_wait_s``) and logs while it lasts."""
     from kilm_ray.resources import start_attempts
 
-    per_attempt, retries = start_attempts(timeout_s, attempt_s)
+    if t.max_failures == -1:
+        per_attempt, retries = min(t.worker_start_attempt_s, t.capacity_wait_s), -1
+    else:
+        per_attempt, retries = start_attempts(t.worker_start_timeout_s, t.worker_start_attempt_s)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{per_attempt:g}"
-    return retries
+    return per_attempt, retries
+
+
+def capacity_watch(t):
+    """A Ray Train controller callback that turns the controller's scheduling states into
+    :class:`kilm_ray.resources.CapacityWait` observations: a log line every
+    ``train.capacity_log_every_s`` while the worker group waits for resources, and a clear error once
+    one wait exceeds ``train.capacity_wait_s``."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    from kilm_ray.resources import CapacityWait, worker_request
+
+    class CapacityWatch(ControllerCallback):
+        def __init__(self):
+            self.wait = CapacityWait(limit_s=t.capacity_wait_s, log_every_s=t.capacity_log_every_s,
+                                     asked=worker_request(t).describe())
+
+        def after_controller_state_update(self, previous_state, current_state):
+            line = self.wait.observe(current_state._state_type.name, time.time())
+            if line:
+                log.warning("%s", line)
+
+    return CapacityWatch()
 
 
 def stop_on_input_errors():
@@ -213,6 +269,7 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
     lo, hi = t.worker_bounds
     resources = dict(worker_request(t).per_worker)
     storage_fs, storage_path, run_uri = storage.ray_storage(run_dir, name)
+    _, start_retries = _bound_worker_start(t)
     return TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir, "run_uri": run_uri},
@@ -224,9 +281,10 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
             # Preemptions (drained nodes) are retried without limit and do not count as failures; the
             # checkpoint taken on the notice makes them cost nothing.
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1,
-                                         controller_failure_limit=_bound_worker_start(t.worker_start_timeout_s, t.worker_start_attempt_s)),
+                                         controller_failure_limit=start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[stop_on_input_errors(), *(callbacks or [])],
+            callbacks=[stop_on_input_errors(), *([capacity_watch(t)] if t.max_failures == -1 else []),
+                       *(callbacks or [])],
         ),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
@@ -237,7 +295,7 @@ def fit(trainer, cfg: KilmConfig):
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    from kilm_ray.resources import WorkerPlacementError, placement_message, worker_request
+    from kilm_ray.resources import CapacityWaitExceeded, WorkerPlacementError, placement_message, worker_request
 
     try:
         return trainer.fit()
@@ -245,6 +303,8 @@ def fit(trainer, cfg: KilmConfig):
         input_error = input_error_of(exc)
         if input_error is not None:  # stop_on_input_errors: the worker's own one-line message
             raise input_error from None
+        if isinstance(exc.controller_failure, CapacityWaitExceeded):
+            raise WorkerPlacementError(str(exc.controller_failure)) from None
         if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         import ray
@@ -254,17 +314,29 @@ def fit(trainer, cfg: KilmConfig):
         raise WorkerPlacementError(message) from None
 
 
-class RunStalled(RuntimeError):
-    """The run kept restarting from the same checkpoint (``train.max_restarts_without_progress``)."""
-
-
 def run_training(cfg: KilmConfig, data_dir: str, run_dir: str, name: str):
     """Fit (or resume) the run ``run_dir/name``; returns Ray's Result. The dataset is checked here,
-    on the driver, before any worker starts: a missing or uncommitted one fails at once."""
-    from kilm_ray.loader import check_dataset
+    on the driver, before any worker starts: a missing or uncommitted one fails at once. Raises
+    :class:`RunStopped` when the workers stopped without finishing: Ray's result then holds the last
+    *checkpointed* report, so it cannot tell by itself."""
+    from kilm_ray.loader import BatchPlan, check_dataset
+    from kilm_ray.train.node_prep import NodePreparer
 
-    check_dataset(cfg.train, data_dir)
-    result = fit(build_trainer(cfg, data_dir, run_dir, name), cfg)
-    if result.error is None and (result.metrics or {}).get("gave_up"):
-        raise RunStalled(result.metrics["gave_up"])
+    t = cfg.train
+    manifest = check_dataset(t, data_dir)
+    _, _, run_uri = storage.ray_storage(run_dir, name)
+    total_steps = BatchPlan(int(manifest["samples"]["train"]), t.global_batch_size, t.micro_batch_size,
+                            1, t.epochs, t.seed, t.max_steps).total_steps
+    clear_stop(run_uri)
+    with NodePreparer(cfg, data_dir):  # every node present now, before fit; nodes that join, while it runs
+        result = fit(build_trainer(cfg, data_dir, run_dir, name), cfg)
+    if result.error is not None:
+        return result
+    stopped = read_stop(run_uri)
+    if stopped:
+        raise RunStopped(f"stopped at step {stopped['step']} of {total_steps}: {stopped['cause']}")
+    step = int((result.metrics or {}).get("step", 0))
+    if step < total_steps:
+        raise RunStopped(f"the workers returned at step {step} of {total_steps} without an error or a recorded "
+                         "cause (see the workers' logs)")
     return result
