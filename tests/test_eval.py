@@ -142,7 +142,9 @@ def test_usage_examples_stay_out_of_training_data(tiny_data, shared_data):
     assert len(items) > 8_000
     sample = seeded_sample(items, 300, 0)
     assert sample == seeded_sample(items, 300, 0) and len({i.context for i in sample}) > 290
-    tokenizer = load_tokenizer(f"{tiny_data}/tokenizer")
+    from kilm_ray.pipeline.commit import verify_tokenizer
+
+    tokenizer = load_tokenizer(verify_tokenizer(tiny_data))
     train = SampleStore.load(tiny_data, "train")
     knowledge = " ".join(tokenizer.decode(e.knowledge) for i in range(len(train)) for e in train.entities(i)).lower()
     text = " ".join(train.text(i) for i in range(len(train))).lower()

@@ -302,11 +302,12 @@ class Recipe:
         from transformers import AutoTokenizer
 
         from kilm_ray.model import check_tokenizer_matches
+        from kilm_ray.pipeline.commit import verify_tokenizer
 
         t, data_dir = self.t, self.data_dir
         self.meta = read_meta(data_dir)
         self.sp = SpecialIds(**self.meta["special_ids"])
-        self.tokenizer_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
+        self.tokenizer_dir = storage.local_copy(verify_tokenizer(data_dir))  # refuses a changed tokenizer.json
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
         check_tokenizer_matches(self.cfg.model.pretrained, self.tokenizer)
         self.store = SampleStore.load(data_dir, "train", t.node_cache_dir or None)
