@@ -45,7 +45,9 @@ def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
     assert known + links["without_knowledge"] == links["total"] > 1500
     assert links["with_knowledge"]["external"] > 700 and links["with_knowledge"]["first_sentence"] > 0
     assert stats["knowledge_base"]["entities"] > 100_000 and stats["knowledge_base"]["bad_lines"] == 0
+    assert stats["pages"]["skipped"]["disambiguation"] == 8  # Austin (disambiguation), Aberdeen (...), ...
     rows = {s: read_split(tiny_data, s) for s in SPLITS}
+    assert not [r for s in SPLITS for r in rows[s] if "(disambiguation)" in r["article"] + "".join(r["ent_title"])]
     for split in SPLITS:
         assert stats["samples"][split]["chunks"] == len(rows[split]) > 0
     train_articles = {r["article"] for r in rows["train"]}
