@@ -182,3 +182,20 @@ def test_an_unfinished_import_is_refused(tmp_path):
     (tmp_path / "part-00000.jsonl.gz").write_bytes(gzip.compress(b'{"name": "a", "description": "b"}\n'))
     with pytest.raises(storage.InputError, match="did not finish"):
         knowledge_files(str(tmp_path))
+
+
+def test_the_dump_is_read_from_s3_in_the_same_ranges(tmp_path, s3_server):
+    import bz2
+
+    from kilm_ray.corpus.ranges import iter_range_lines, plan_ranges
+
+    entities = SAMPLE + [item(f"Q{50_000 + i}", f"Item {i}", f"item {i} of a test dump", f"Item {i}")
+                         for i in range(3000)]
+    local = write_dump(entities, str(tmp_path / "latest-all.json.bz2"))
+    data = open(local, "rb").read()
+    s3_server.put_object(Bucket="kilm", Key="wikidata/latest-all.json.bz2", Body=data)
+    ranges = plan_ranges("s3://kilm/wikidata/latest-all.json.bz2", len(data), 8_000)
+    assert len(ranges) > 2
+    lines = [line for r in ranges for line in iter_range_lines(r)]
+    assert lines == bz2.decompress(data).decode().rstrip("\n").split("\n")
+    assert [line_rows(line)[1] for line in lines[1:4]] == ["kept", "property", "kept"]
