@@ -145,7 +145,7 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
            "KILM_RAY_TRACE_READS": str(trace)}
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=work)  # cwd: not this checkout
     watcher = Watcher(proc.pid)
     watcher.start()
     lines = []

@@ -48,7 +48,14 @@ def import_range(item: dict, out: str, keep_unlinked: bool) -> dict:
 def import_wikidata(dump: str, out: str, cfg: KilmConfig, keep_unlinked: bool = False) -> dict:
     import ray.data
 
+    import ray
+
+    from kilm_ray.pipeline.plan import check_shared_storage
+    from kilm_ray.pipeline.shuffle import autoscaling_enabled
+
     storage.check_readable(dump, "Wikidata dump")
+    check_shared_storage([("--out", out), ("--wikidata", dump)], sum(1 for n in ray.nodes() if n.get("Alive")),
+                         autoscaling_enabled(), cfg.corpus.shared_paths)
     unit = max(1, int(cfg.corpus.kb_read_unit_mb * 2**20))
     size = storage.file_size(dump)
     ranges = plan_ranges(dump, size, unit)
