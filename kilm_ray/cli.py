@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> KilmConfig:
 # working directories of their own, so every relative path is made absolute here, on the driver,
 # against the directory the command was typed in, before anything is sent to Ray.
 PATH_ARGUMENTS = ("config", "dump", "knowledge", "out", "data", "run_dir", "checkpoint", "model", "report",
-                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection")
+                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection", "wikidata")
 
 
 OUTPUT_ARGUMENTS = ("out", "run_dir", "report")
