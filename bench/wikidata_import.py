@@ -158,7 +158,8 @@ def main() -> None:
     memory = watcher.summary()
     ranges = next((l.split(" in ", 1)[1].split()[0] for l in lines if "range(s)" in l), "?")
     ray_run = {"cpus": args.cpus, "ranges": ranges, "wall_s": round(wall, 1), "cpu_s": memory["cpu_s_all_processes"],
-               "entities_per_s": round(record["entities"] / wall), "entities_per_cpu_s": round(record["entities"] / memory["cpu_s_all_processes"]),
+               "entities_per_s": round(record["entities"] / wall),
+               "entities_per_cpu_s": round(record["entities"] / memory["cpu_s_all_processes"]),
                "entities_per_s_per_cpu": round(record["entities"] / wall / args.cpus),
                "json_mb_per_s_per_cpu": round(meta["json_mb"] / wall / args.cpus, 1),
                "largest_worker_rss_mb": memory.get("worker", {}).get("peak_rss_mb"),

@@ -41,14 +41,13 @@ def masked_dataset(data_dir: str, split: str, epoch: int, seed: int, cfg: KilmCo
     """A Ray Dataset of masked training examples of ``split`` for one epoch, in a seeded order that
     depends on nothing but ``(seed, epoch, sample_id)``. Feed it to ``iter_torch_batches`` with
     :func:`collate_fn`. Masks are identical to the training loader's (same pure function)."""
-    from kilm_ray.loader import special_ids_of
+    from kilm_ray.loader import special_ids_of, split_files
 
     sp = special_ids_of(data_dir)
     params = MaskingParams.from_config(cfg.masking)
-    from kilm_ray.loader import split_files
-
     ds = read_parquet_files(split_files(data_dir, split), CHUNK_SCHEMA,
-                            columns=["sample_id", "input_ids", "ent_start", "ent_end", "ent_knowledge"], rows_per_block=1024)
+                            columns=["sample_id", "input_ids", "ent_start", "ent_end", "ent_knowledge"],
+                            rows_per_block=1024)
     ds = ds.map_batches(_mask_rows, batch_format="numpy",
                         fn_kwargs={"seed": seed, "epoch": epoch, "params": params, "sp_dict": sp.__dict__})
     return ds.sort("order")

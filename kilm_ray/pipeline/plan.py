@@ -180,7 +180,8 @@ class Plan:
     distributed: bool
 
 
-def preflight(dumps: list[str], knowledge: list[str], tokenizer_source: str = "train") -> tuple[list[str], list[tuple[int, str]]]:
+def preflight(dumps: list[str], knowledge: list[str],
+              tokenizer_source: str = "train") -> tuple[list[str], list[tuple[int, str]]]:
     """Fail fast, before any Ray work, naming a missing or unreadable input; returns the dump files and
     the knowledge-base files with the index of the argument each came from."""
     if not dumps:

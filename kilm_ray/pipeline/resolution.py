@@ -22,6 +22,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kilm_ray import storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.corpus.knowledge import KnowledgeLookup, load_knowledge_base
 from kilm_ray.corpus.links import PENDING, bare_key, choose_knowledge
@@ -31,7 +32,7 @@ from kilm_ray.pipeline.rows import (KB_SCHEMA, LINK_SCHEMA, PAGE_TABLES, deferre
                                     link_rows, redirect_rows, table)
 from kilm_ray.pipeline.shuffle import bucketed, light_args, light_map, partitions_for
 from kilm_ray.pipeline.sources import read_parquet_files
-from kilm_ray.pipeline.stages import Stage, stage_bytes, stage_files
+from kilm_ray.pipeline.stages import Stage, merge_reports, stage_bytes, stage_files
 from kilm_ray.pipeline.vocab import worker_tokenizer
 
 log = logging.getLogger("kilm_ray.pipeline")
@@ -117,7 +118,9 @@ def links_stage(stage: Stage, pages: dict, pages_root: str, kb: Optional[dict], 
         log.info("links: resolved by an earlier run, reused (%s)", stage.dir)
         return record
     stage.clear()
-    read = lambda name: read_parquet_files(stage_files(pages, name, pages_root), PAGE_TABLES[name], cfg=cfg)  # noqa: E731
+    def read(name: str):
+        return read_parquet_files(stage_files(pages, name, pages_root), PAGE_TABLES[name], cfg=cfg)
+
     has_kb = bool(kb and kb["files"].get("kb"))
     partitions = partitions_for(cfg, stage_bytes(pages, "links", "redirects", "knowledge")
                                 + (stage_bytes(kb, "kb") if has_kb else 0), "links+redirects+knowledge+kb")
@@ -133,21 +136,22 @@ def links_stage(stage: Stage, pages: dict, pages_root: str, kb: Optional[dict], 
                    max_knowledge_tokens=cfg.data.max_knowledge_tokens)
     first = bucketed(entity_rows[0].union(*entity_rows[1:]), "key", _resolve_bucket, cfg, partitions, **resolve,
                      bare_round=False)
-    sink = stage.sink(_link_counts)
-    first.write_datasink(sink, ray_remote_args=light_args(cfg))
-    reports = list(sink.reports)
+    reports = _write(first, stage, cfg)
     deferred = sum(c["deferred"] for r in reports for c in r.counts)
     if deferred:  # the second round: deferred links meet the knowledge-base rows of their bare titles
-        written = read_parquet_files([f"{stage.dir}/{f['path']}" for r in reports for f in r.files.get("links", [])],
-                                     LINK_SCHEMA, cfg=cfg)
+        files = [storage.join(stage.dir, f["path"]) for r in reports for f in r.files.get("links", [])]
+        written = read_parquet_files(files, LINK_SCHEMA, cfg=cfg)
         second = bucketed(light_map(written, deferred_rows, cfg).union(kb_rows()), "key", _resolve_bucket, cfg,
                           partitions, **resolve, bare_round=True)
-        sink = stage.sink(_link_counts)
-        second.write_datasink(sink, ray_remote_args=light_args(cfg))
-        reports += sink.reports
-    sink.reports = reports
-    return stage.finish(sink, lambda counts: {"rows": sum(c["rows"] for c in counts) - deferred,
-                                              "deferred": deferred})
+        reports += _write(second, stage, cfg)
+    files, counts = merge_reports(reports)
+    return stage.finish_with(files, {"rows": sum(c["rows"] for c in counts) - deferred, "deferred": deferred})
+
+
+def _write(ds, stage: Stage, cfg: KilmConfig) -> list:
+    sink = stage.sink(_link_counts)
+    ds.write_datasink(sink, ray_remote_args=light_args(cfg))
+    return list(sink.reports)
 
 
 # ----------------------------------------------------------------------------------------------

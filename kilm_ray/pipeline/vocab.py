@@ -117,7 +117,8 @@ def source_fingerprint(source: str) -> Optional[str]:
     if not directory.is_dir():
         return None
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".bpe", ".model")):
+    suffixes = (".json", ".txt", ".bpe", ".model")
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in suffixes):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
