@@ -95,10 +95,10 @@ def kb_stage(stage: Stage, lines_stage: Stage, sources: list[tuple[int, str]], c
         return stage.finish_with({}, summary)
     lines_stage.clear()
     ranges, source_of = kb_ranges(sources, max(1, int(cfg.corpus.kb_read_unit_mb * 2**20)))
-    # Parsing runs in the write tasks (a whole CPU each, 20 k lines at a time: whole blocks as Python rows
-    # took a worker to 1.1 GB on 640 k lines, and grew with the file).
+    # Parsing runs in the write tasks (a whole CPU each), 20 k lines at a time.
     sink = lines_stage.sink(functools.partial(parse_kb_lines, ranges=ranges, sources=source_of,
-                                              max_chars=cfg.corpus.max_description_chars), min_rows=KB_LINES_PER_BLOCK)
+                                              max_chars=cfg.corpus.max_description_chars),
+                            min_rows=KB_LINES_PER_BLOCK, batch_rows=KB_LINES_PER_BLOCK, max_rows=4 * KB_LINES_PER_BLOCK)
     read_kb_lines(ranges, cfg).write_datasink(sink, ray_remote_args={"num_cpus": 1, **task_resources(cfg)})
     parsed = lines_stage.finish(sink, _summarize_lines)
     summary.update(parsed["summary"])

@@ -116,9 +116,10 @@ class TablesSink(Datasink):
     completed task reported."""
 
     def __init__(self, directory: str, split: Callable, min_rows: Optional[int] = None,
-                 max_rows: Optional[int] = None, describe: Optional[Callable[[str, pa.Table], dict]] = None):
+                 max_rows: Optional[int] = None, describe: Optional[Callable[[str, pa.Table], dict]] = None,
+                 batch_rows: Optional[int] = None):
         self.directory, self.split, self.reports = directory, split, []
-        self._min_rows, self.max_rows, self.describe = min_rows, max_rows, describe
+        self._min_rows, self.max_rows, self.describe, self.batch_rows = min_rows, max_rows, describe, batch_rows
 
     @property
     def min_rows_per_write(self) -> Optional[int]:
@@ -131,20 +132,35 @@ class TablesSink(Datasink):
         from ray.data.block import BlockAccessor
 
         report = WriteReport()
-        parts: dict[str, list[pa.Table]] = {}
-        for block in blocks:  # Ray Data bundles blocks up to min_rows_per_write: one file per table
-            tables, counts = self.split(BlockAccessor.for_block(block).to_arrow())
-            report.counts.append(counts)
-            for name, rows in tables.items():
-                parts.setdefault(name, []).append(rows)
         attempt = uuid.uuid4().hex[:12]  # no other attempt of any task writes these names
-        for name, pieces in parts.items():
-            for j, part in enumerate(_slices(pa.concat_tables(pieces), self.max_rows)):
+        parts: dict[str, list[pa.Table]] = {}
+        written: dict[str, int] = {}
+
+        def flush(name: str, final: bool) -> None:
+            rows = pa.concat_tables(parts.pop(name, []) or [pa.table({})])
+            for part in _slices(rows, self.max_rows):
+                if not final and self.max_rows and part.num_rows < self.max_rows:
+                    parts[name] = [part]  # a remainder: wait for more rows
+                    return
                 extra = self.describe(name, part) if self.describe else {}
-                path = f"{name}/part-{extra.pop('name_hint', '')}{attempt}-{j}.parquet"
+                path = f"{name}/part-{extra.pop('name_hint', '')}{attempt}-{written.get(name, 0)}.parquet"
+                written[name] = written.get(name, 0) + 1
                 size = write_parquet_atomic(storage.join(self.directory, path), part)
                 report.files.setdefault(name, []).append({"path": path, "rows": part.num_rows, "bytes": size,
                                                           **extra})
+
+        for block in blocks:  # Ray Data bundles blocks up to min_rows_per_write: one file per table
+            # ``split`` sees at most batch_rows rows at a time: Ray Data coalesces a read task's output
+            # into blocks of up to 128 MiB (a whole knowledge-base file as Python rows took 1.1 GB).
+            for batch in _slices(BlockAccessor.for_block(block).to_arrow(), self.batch_rows):
+                tables, counts = self.split(batch)
+                report.counts.append(counts)
+                for name, rows in tables.items():
+                    parts.setdefault(name, []).append(rows)
+                    if self.max_rows and sum(p.num_rows for p in parts[name]) >= self.max_rows:
+                        flush(name, final=False)
+        for name in list(parts):
+            flush(name, final=True)
         _maybe_die_after_write()
         return report
 
