@@ -69,10 +69,17 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     files, counts = write_shards(built, dataset.root, cfg)
     log.info("wrote %s chunks at %.1fs: %s", counts["chunks"]["total"], time.time() - started,
              {s: v["chunks"] for s, v in counts["samples"].items()})
+    # The evaluation's tables (seen titles, anchor texts -> training titles): group-bys over the shards.
+    from kilm_ray.eval.tables import build_tables
+
+    tables = build_tables({s: [storage.join(dataset.root, f["path"]) for f in files if f["split"] == s]
+                           for s in SPLITS}, vocab.tokenizer_json, storage.join(dataset.root, "tables"), cfg)
+    log.info("evaluation tables at %.1fs: %s", time.time() - started, tables["summary"])
     stats = _stats(pages, counts, kb_summary["summary"], vocab, cfg, time.time() - started)
+    manifest = build_manifest(cfg, dataset, dumps, [f for _, f in plan.kb_sources], files, stats, vocab)
+    manifest["tables"] = {"dir": f"{dataset.rel}/tables", **tables}
     hold_before_commit()
-    dataset.commit(build_manifest(cfg, dataset, dumps, [f for _, f in plan.kb_sources], files, stats, vocab),
-                   stats, vocab.uri)
+    dataset.commit(manifest, stats, vocab.uri)
     work.remove()
     return stats
 
