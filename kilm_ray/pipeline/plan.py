@@ -72,12 +72,15 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     # The evaluation's tables (seen titles, anchor texts -> training titles): group-bys over the shards.
     from kilm_ray.eval.tables import build_tables
 
-    tables = build_tables({s: [storage.join(dataset.root, f["path"]) for f in files if f["split"] == s]
-                           for s in SPLITS}, vocab.tokenizer_json, storage.join(dataset.root, "tables"), cfg)
-    log.info("evaluation tables at %.1fs: %s", time.time() - started, tables["summary"])
+    tables = None
+    if all(any(f["split"] == s and f["rows"] for f in files) for s in SPLITS):  # group-bys need rows
+        tables = build_tables({s: [storage.join(dataset.root, f["path"]) for f in files if f["split"] == s]
+                               for s in SPLITS}, vocab.tokenizer_json, storage.join(dataset.root, "tables"), cfg)
+        log.info("evaluation tables at %.1fs: %s", time.time() - started, tables["summary"])
     stats = _stats(pages, counts, kb_summary["summary"], vocab, cfg, time.time() - started)
     manifest = build_manifest(cfg, dataset, dumps, [f for _, f in plan.kb_sources], files, stats, vocab)
-    manifest["tables"] = {"dir": f"{dataset.rel}/tables", **tables}
+    if tables is not None:  # else eval builds them from the shards when it needs them
+        manifest["tables"] = {"dir": f"{dataset.rel}/tables", **tables}
     hold_before_commit()
     dataset.commit(manifest, stats, vocab.uri)
     work.remove()
