@@ -1,5 +1,5 @@
 """How preprocessing's memory and time grow with the corpus: synthetic enwiki-shaped dumps and knowledge
-bases (bench/synthetic_enwiki.py) at several sizes, each through ``kilm_ray.data.preprocess`` on a fresh
+bases (bench/synthetic_enwiki.py) at several sizes, each through ``kilm_ray.pipeline.preprocess`` on a fresh
 local Ray, with every process of the job watched.
 
     python bench/preprocess_scale.py --articles 5000 20000 80000 --kb-per-article 10 --cpus 2
@@ -8,8 +8,11 @@ local Ray, with every process of the job watched.
 Per run: wall time and time per stage (from the job's own log lines), the peak resident memory of the
 driver, of the largest Ray worker process and of Ray's own daemons (RSS, and RSS minus shared pages:
 the object store's shared memory shows up in the RSS of every process that maps it), the CPU seconds
-of all processes together, and pages per CPU-second. Goal (issue 11): peaks flat across a 16x range
-(largest <= 1.25x smallest) and pages per CPU-second not falling; 2 CPUs >= 1.7x 1 CPU on one dump file.
+of all processes together, pages per CPU-second, and the passes over the parse stage's output (every
+stage file a read task opens is logged, ``KILM_RAY_TRACE_READS``; ``--pythonpath`` runs another checkout's
+code, e.g. the previous pipeline, with the same watcher). Goals: issue 11, peaks flat across a 16x range
+(largest <= 1.25x smallest) and pages per CPU-second not falling; issue 23, largest worker <= 1.25x and
+driver <= 1.1x across 64 k -> 256 k articles.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, SHARED_DATA, save  # noqa: E402
 from bench.synthetic_enwiki import write_dump, write_kb  # noqa: E402
 
-STAGES = {"parse": "parsed at", "knowledge_base": "knowledge base at", "tokenizer": "tokenizer ready",
+# Log lines that end each stage, in the order the job writes them (the knowledge base runs beside the parse).
+STAGES = {"parse": "parsed at", "tokenizer": "tokenizer ready", "knowledge_base": "knowledge base at",
           "links": "links resolved at", "chunks_and_shards": "chunks at"}
 RAY_DAEMONS = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard.py", "log_monitor",
                "monitor.py")
@@ -41,7 +45,10 @@ os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 from kilm_ray.cluster import init_ray
 from kilm_ray.config import load_config
-from kilm_ray.data import preprocess
+try:
+    from kilm_ray.pipeline import preprocess
+except ImportError:  # a checkout from before the pipeline package
+    from kilm_ray.data import preprocess
 args = json.loads(sys.argv[1])
 init_ray(num_cpus=args["cpus"])
 cfg = load_config(args["config"], args["overrides"])
@@ -117,14 +124,28 @@ class Watcher(threading.Thread):
         return out
 
 
-def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: Path, keep_out: str | None = None) -> dict:
+def pages_passes(trace: Path) -> dict:
+    """Passes over the parse stage's output, per table (the previous pipeline stored one ``pages``
+    table): times its files were opened, over the number of its files."""
+    opened: dict[str, list[str]] = {}
+    for path in trace.read_text().splitlines() if trace.exists() else []:
+        if "/pages/" in path:
+            rest = path.split("/pages/", 1)[1]
+            opened.setdefault(rest.split("/", 1)[0] if "/" in rest else "pages", []).append(path)
+    return {table: round(len(paths) / len(set(paths)), 2) for table, paths in sorted(opened.items())}
+
+
+def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: Path,
+             pythonpath: str | None = None, keep_out: str | None = None) -> dict:
     out = keep_out or tempfile.mkdtemp(dir=work, prefix="out-")  # keep_out: the dataset stays there
+    trace = Path(out + ".reads")
     args = {"cpus": cpus, "config": str(REPO / "configs" / "tiny.yaml"), "dump": dump, "kb": kb, "out": out,
             "overrides": [f"tokenizer.source=gpt2-bpe:{SHARED_DATA / 'gpt2-bpe'}", *overrides]}
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath or str(REPO), "PYTHONUNBUFFERED": "1",
+           "KILM_RAY_TRACE_READS": str(trace)}
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=work)  # cwd: not this checkout
     watcher = Watcher(proc.pid)
     watcher.start()
     lines = []
@@ -141,27 +162,29 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
     result = next((json.loads(l.split("RESULT ", 1)[1]) for l in lines if l.startswith("RESULT ")), None)
     if proc.returncode or result is None:
         raise RuntimeError("preprocess failed:\n" + "".join(lines[-40:]))
-    stages, previous = {}, 0.0
+    ends = {}
     for name, marker in STAGES.items():
         for line in lines:
             if marker in line and (m := re.search(r" at ([0-9.]+)s", line)):
-                at = float(m.group(1))
-                stages[name] = round(at - previous, 1)
-                previous = at
+                ends[name] = float(m.group(1))
                 break
+    stages, previous = {}, 0.0
+    for name, at in sorted(ends.items(), key=lambda item: item[1]):  # in the order they ended
+        stages[name] = round(at - previous, 1)
+        previous = at
     memory = watcher.summary()
-    memory["partitions"] = [l.split("kilm_ray.data ", 1)[-1].strip() for l in lines if "shuffle partitions" in l]
-    if not keep_out:
-        subprocess.run(["rm", "-rf", out])
+    memory["partitions"] = [l.split(": ", 1)[-1].strip() for l in lines if "shuffle partitions" in l]
+    passes = pages_passes(trace)
+    subprocess.run(["rm", "-rf", str(trace)] + ([] if keep_out else [out]))
     return {"cpus": cpus, "wall_s": round(wall, 1), "stage_s": stages, **result, "memory": memory,
-            "pages_per_cpu_s": round(result["pages"] / memory["cpu_s_all_processes"], 1)}
+            "pages_passes": passes, "pages_per_cpu_s": round(result["pages"] / memory["cpu_s_all_processes"], 1)}
 
 
 def markdown(result: dict) -> str:
     """The runs as a BENCHMARKS.md table."""
     head = ("| articles (pages) | KB rows | CPUs | wall s | parse / kb / links / chunks s | driver peak RSS (private) MB "
-            "| largest worker peak RSS (private) MB | worker processes | partitions | pages per CPU-s |")
-    rows = [head, "|" + "---|" * 10]
+            "| largest worker peak RSS (private) MB | worker processes | partitions | pages per CPU-s | passes over pages |")
+    rows = [head, "|" + "---|" * 11]
     for r in result["runs"]:
         m, st = r["memory"], r["stage_s"]
         parts = ", ".join(p.split("-> ")[-1].split()[0] for p in m.get("partitions", []))
@@ -169,7 +192,7 @@ def markdown(result: dict) -> str:
                     f"{st.get('parse')} / {st.get('knowledge_base')} / {st.get('links', '-')} / {st.get('chunks_and_shards')} | "
                     f"{m['driver']['peak_rss_mb']} ({m['driver']['peak_private_mb']}) | "
                     f"{m['worker']['peak_rss_mb']} ({m['worker']['peak_private_mb']}) | {m['worker']['processes']} | "
-                    f"{parts or '-'} | {r['pages_per_cpu_s']} |")
+                    f"{parts or '-'} | {r['pages_per_cpu_s']} | {r.get('pages_passes')} |")
     return "\n".join(rows)
 
 
@@ -180,6 +203,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, nargs="+", default=[2], help="logical CPUs of the local Ray")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kilm_scale")
     parser.add_argument("--name", default="preprocess_scale")
+    parser.add_argument("--pythonpath", help="run the job with this checkout's kilm_ray (e.g. the previous code)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. corpus.link_resolution=distributed")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -194,7 +218,7 @@ def main() -> None:
             str(data / "kb.jsonl.gz") if kb_rows else None)
         for cpus in args.cpus:
             run = {"articles": articles, "kb_rows": kb_rows, "dump_mb": round(dump.stat().st_size / 1e6, 1),
-                   **run_once(str(dump), kb, cpus, args.overrides, args.work)}
+                   **run_once(str(dump), kb, cpus, args.overrides, args.work, args.pythonpath)}
             print(json.dumps(run), flush=True)
             runs.append(run)
     result = {"workload": "synthetic enwiki-shaped multistream dumps (bench/synthetic_enwiki.py), configs/tiny.yaml",

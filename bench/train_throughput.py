@@ -90,10 +90,11 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
     from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
     from kilm_ray.masking import MaskingParams
     from kilm_ray.model import build_model
+    from kilm_ray.pipeline.commit import verify_tokenizer
     from kilm_ray.train.metrics import BartDims, bart_train_flops, mfu, peak_tflops, token_losses
 
     sp = special_ids_of(data)
-    tokenizer = AutoTokenizer.from_pretrained(str(storage.local_copy(storage.join(data, "tokenizer"))))
+    tokenizer = AutoTokenizer.from_pretrained(str(storage.local_copy(verify_tokenizer(data))))
     store = SampleStore.load(data, "train")
     t = cfg.train
     plan = BatchPlan(len(store), t.global_batch_size, t.micro_batch_size, 1, t.epochs, t.seed, t.max_steps)

@@ -120,6 +120,12 @@ def pack_chunks(pieces: Sequence[_Piece], max_tokens: int, newline_ids: Sequence
     return chunks
 
 
+def newline_ids(encode: Encode) -> list[int]:
+    """The tokens of the newline that joins two paragraphs in a chunk: a newline after text, whatever
+    the tokenizer's ``add_prefix_space`` (which would tokenize a lone "\n" as " \n")."""
+    return encode("x\n")[0][len(encode("x")[0]):]
+
+
 def knowledge_ids(encode: Encode, title: str, description: str, sep_id: int, max_tokens: int) -> list[int]:
     """Tokens of ``Title<sep>description``, the description cut to fit ``max_tokens`` in all. Both
     parts are encoded as words after a space (``ĠTitle``), as the official code's tokenizer sees

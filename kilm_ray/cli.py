@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> KilmConfig:
 # working directories of their own, so every relative path is made absolute here, on the driver,
 # against the directory the command was typed in, before anything is sent to Ray.
 PATH_ARGUMENTS = ("config", "dump", "knowledge", "out", "data", "run_dir", "checkpoint", "model", "report",
-                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection")
+                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection", "wikidata")
 
 
 OUTPUT_ARGUMENTS = ("out", "run_dir", "report")
@@ -100,6 +100,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_import_kb(args: argparse.Namespace) -> int:
     from kilm_ray.corpus.knowledge import KBStats, iter_jsonl, parse_wordnet_database, select_best, write_kb_jsonl
 
+    if args.wikidata:
+        from kilm_ray.cluster import init_ray
+        from kilm_ray.pipeline.import_kb import import_wikidata
+
+        cfg = _config(args)
+        init_ray(args.address)
+        record = import_wikidata(args.wikidata, args.out, cfg, keep_unlinked=args.keep_unlinked)
+        print(json.dumps({"out": args.out, **{k: v for k, v in record.items() if k != "files"},
+                          "files": len(record["files"])}, indent=2))
+        return 0
     stats = KBStats()
     if args.wordnet_dir:
         directory = Path(args.wordnet_dir)
@@ -395,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wordnet-dir", help="directory with WordNet's data.noun and index.noun")
     src.add_argument("--jsonl", help="JSONL(.gz) with {name, description} or WordNet-shaped rows")
-    p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
+    src.add_argument("--wikidata", help="Wikidata's JSON dump (latest-all.json.bz2 / .gz, local or s3://), read in "
+                                        "parallel byte ranges on Ray")
+    p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz; with --wikidata a directory of shards")
+    p.add_argument("--keep-unlinked", action="store_true",
+                   help="--wikidata: also keep items without an English Wikipedia article, by their English label")
+    _common(p)
     p.set_defaults(func=cmd_import_kb)
 
     p = sub.add_parser("demo", help="the whole chain on the embedded default: fetch, preprocess, train, serve, probe")

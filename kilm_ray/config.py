@@ -96,6 +96,16 @@ class CorpusConfig:
         "the CPU nodes of cluster.yaml.",
         default_factory=dict,
     )
+    kb_read_unit_mb: float = _doc(
+        "Compressed MiB per read task of a knowledge-base file (plain text, or .bz2 cut at its compressed "
+        "blocks, e.g. Wikidata's dump); a .gz file is read whole by one task.", default=64)
+    shared_paths: list[str] = _doc(
+        "Local directories mounted at the same path on every node (NFS, EFS, FSx). On a cluster of more "
+        "than one node (or one that autoscales) preprocess refuses a local --out, --dump or --knowledge "
+        "outside them: each node would use its own disk. s3:// needs no declaring.", default_factory=list)
+    cluster_cpus: int = _doc(
+        "CPUs the shuffles are planned for (partitions >= CPUs): 0 = the autoscaler's configured maximum "
+        "when the cluster has one (spot CPU nodes start at zero), else the CPUs present.", default=0)
 
     def validate(self, path: str) -> None:
         allowed = {"template", "first_sentence", "external"}
@@ -116,6 +126,12 @@ class CorpusConfig:
         _check_range(f"{path}.shuffle_partition_mb", self.shuffle_partition_mb, 0.0, 1e6, low_open=True)
         _check_min(f"{path}.lookup_max_input_mb", self.lookup_max_input_mb, 0)
         _check_min(f"{path}.max_description_chars", self.max_description_chars, 16)
+        _check_range(f"{path}.kb_read_unit_mb", self.kb_read_unit_mb, 0.0, 1e6, low_open=True)
+        _check_min(f"{path}.cluster_cpus", self.cluster_cpus, 0)
+        for i, shared in enumerate(self.shared_paths):
+            if "://" in shared or not shared.startswith(("/", "~")):
+                raise ConfigError(f"{path}.shared_paths[{i}]: {shared!r} must be an absolute local directory "
+                                  "(object stores such as s3:// are shared already)")
 
 
 @dataclass
@@ -127,6 +143,11 @@ class TokenizerConfig:
         default="train", path="local_or_hub",
     )
     vocab_size: int = _doc("Vocabulary size when source=train.", default=8000)
+    add_prefix_space: Optional[bool] = _doc(
+        "Tokenize a word at the start of a paragraph as after a space. null = as the official KILM code: "
+        "true for a pretrained BART tokenizer (a hub id, a directory, gpt2-bpe:DIR), so that a mention "
+        "opening a paragraph has the tokens of its ' Title' knowledge; false for one trained here.",
+        default=None)
     train_max_paragraphs: int = _doc("Paragraphs sampled to train the BPE (source=train).", default=200_000)
 
     def validate(self, path: str) -> None:

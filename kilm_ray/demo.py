@@ -185,7 +185,8 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     from kilm_ray.cli import DEMO_CONFIG
     from kilm_ray.cluster import free_local_port, init_ray
     from kilm_ray.config import load_config
-    from kilm_ray.data import preprocess
+    from kilm_ray.pipeline import preprocess
+    from kilm_ray.pipeline.commit import dataset_path
     from kilm_ray.serve.app import run_service
     from kilm_ray.serve.client import ProbeClient
     from kilm_ray.train.ray_trainer import run_training
@@ -250,7 +251,7 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
                    example["request"]["right"][:40]).replace("\n", " ")
         print(f"  ...{context}...\n    gold:  {example['gold'][:120]}\n    model: {reply['title']} | "
               f"{reply['description'][:100]}", flush=True)
-    summary = {"data": str(data), "stats": str(data / "stats.json"), "run": str(runs / "demo"),
+    summary = {"data": str(data), "stats": dataset_path(str(data), "stats"), "run": str(runs / "demo"),
                "checkpoints": sorted(str(p) for p in (runs / "demo").glob("checkpoint_0*")),
                "tensorboard": str(runs / "demo" / "tensorboard"), "export": str(export), "url": url,
                "log": str(out / "demo.log") if quiet else "(printed above: --verbose)",

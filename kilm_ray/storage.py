@@ -146,6 +146,14 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
                     destination_filesystem=fs)
 
 
+def copy_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a directory tree from ``src`` to ``dst`` (each local or remote)."""
+    sfs, spath = resolve(src)
+    dfs, dpath = resolve(dst)
+    dfs.create_dir(dpath, recursive=True)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
+
+
 def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> Path:
     fs, path = resolve(uri)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
@@ -189,12 +197,17 @@ def materialized(uri: str | os.PathLike, skip_suffixes: tuple[str, ...] = ()) ->
 
 
 def iter_lines(uri: str | os.PathLike) -> Iterator[str]:
-    """Text lines of a local or remote file, gunzipped when it ends in .gz."""
+    """Text lines of a local or remote file, decompressed when it ends in .gz or .bz2."""
+    import bz2
     import gzip
     import io
 
     stream = open_input(uri)
-    raw: BinaryIO = gzip.GzipFile(fileobj=stream) if str(uri).endswith(".gz") else stream
+    raw: BinaryIO = stream
+    if str(uri).endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=stream)
+    elif str(uri).endswith(".bz2"):
+        raw = bz2.BZ2File(stream)
     with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as text:
         yield from text
 

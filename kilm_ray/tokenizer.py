@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from kilm_ray.errors import UserInputError
 from kilm_ray.masking import SpecialIds
@@ -38,42 +38,47 @@ def _check_tokenizer(tokenizer) -> None:
             raise TokenizerError(f"tokenizer lacks BART's {token} token")
 
 
-def from_bpe_files(vocab_json: str | Path, merges_txt: str | Path):
+def _prefix_kwargs(add_prefix_space: Optional[bool]) -> dict:
+    return {} if add_prefix_space is None else {"add_prefix_space": add_prefix_space}
+
+
+def from_bpe_files(vocab_json: str | Path, merges_txt: str | Path, add_prefix_space: Optional[bool] = None):
     from transformers import BartTokenizerFast
 
-    tokenizer = BartTokenizerFast(vocab=str(vocab_json), merges=str(merges_txt))
+    tokenizer = BartTokenizerFast(vocab=str(vocab_json), merges=str(merges_txt), **_prefix_kwargs(add_prefix_space))
     return add_kilm_tokens(tokenizer)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int):
+def train_bpe(texts: Iterable[str], vocab_size: int, add_prefix_space: bool = False):
     """A byte-level BPE trained on ``texts``, wrapped as a BART tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import BartTokenizerFast
 
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe = ByteLevelBPETokenizer(add_prefix_space=add_prefix_space)
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
                             special_tokens=BART_BASE_TOKENS, show_progress=False)
     model = json.loads(bpe._tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tokenizer = BartTokenizerFast(vocab=model["vocab"], merges=merges)
+    tokenizer = BartTokenizerFast(vocab=model["vocab"], merges=merges, **_prefix_kwargs(add_prefix_space or None))
     return add_kilm_tokens(tokenizer)
 
 
-def load_tokenizer(source: str):
-    """``gpt2-bpe:DIR``, a saved tokenizer directory, or a hub id (no network here: local only)."""
+def load_tokenizer(source: str, add_prefix_space: Optional[bool] = None):
+    """``gpt2-bpe:DIR``, a saved tokenizer directory, or a hub id (no network here: local only).
+    ``add_prefix_space``: as the official KILM code passes it for BART (None: the tokenizer's own)."""
     if source.startswith("gpt2-bpe:"):
         directory = Path(source.split(":", 1)[1]).expanduser()
         vocab, merges = directory / "encoder.json", directory / "vocab.bpe"
         for f in (vocab, merges):
             if not f.is_file():
                 raise TokenizerError(f"tokenizer.source={source}: {f} not found")
-        return from_bpe_files(vocab, merges)
+        return from_bpe_files(vocab, merges, add_prefix_space)
     if source == "train":
         raise TokenizerError("tokenizer.source=train is trained during preprocessing, not loaded")
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **_prefix_kwargs(add_prefix_space))
     except (OSError, ValueError) as exc:
         raise TokenizerError(f"cannot load tokenizer {source!r}: {str(exc).splitlines()[0]}") from None
     return add_kilm_tokens(tokenizer)

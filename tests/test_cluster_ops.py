@@ -41,12 +41,14 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
 
 
 def test_job_configs_place_preprocessing_on_cpu_nodes_and_training_on_gpu_nodes(ray_cluster):
-    from kilm_ray.data import parse_pages, read_pages
+    from kilm_ray.corpus.dump import ReadUnit
+    from kilm_ray.corpus.wikitext import ENWIKI
+    from kilm_ray.pipeline.parse import parse_pages
     from kilm_ray.train.ray_trainer import build_trainer
 
     for name in ("bart-base-v100", "bart-large-v100", "bart-base-h100", "bart-large-h100"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
-        op = parse_pages(read_pages([str(DUMP)], cfg), cfg)._logical_plan.dag
+        op = parse_pages([ReadUnit(str(DUMP))], ENWIKI, cfg)._logical_plan.dag
         placed = []
         while op is not None:
             # Ray Data's logical operators keep their task options as `ray_remote_args`.

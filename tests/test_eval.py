@@ -82,7 +82,7 @@ def test_tables_label_mentions_as_the_training_split_does(tiny_data, tiny_config
     from kilm_ray.tokenizer import CorpusTokenizer
 
     manifest = read_meta(tiny_data)
-    tok = CorpusTokenizer((Path(tiny_data) / "tokenizer" / "tokenizer.json").read_text())
+    tok = CorpusTokenizer((Path(tiny_data) / manifest["tokenizer"] / "tokenizer.json").read_text())
     train = SampleStore.load(tiny_data, "train")
     counts, targets = Counter(), defaultdict(Counter)
     for i in range(len(train)):
@@ -107,8 +107,7 @@ def test_tables_label_mentions_as_the_training_split_does(tiny_data, tiny_config
     # A dataset without tables (made before them): built into the node's cache with the same group-bys.
     old = tmp_path / "old"
     old.mkdir()
-    for name in ("shards", "tokenizer", "stats.json"):
-        os.symlink(Path(tiny_data) / name, old / name)
+    os.symlink(Path(tiny_data) / "datasets", old / "datasets")
     (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "tables"}))
     rebuilt = dataset_tables(str(old), tiny_config)
     some = sorted(counts)[:50]
@@ -142,7 +141,9 @@ def test_usage_examples_stay_out_of_training_data(tiny_data, shared_data):
     assert len(items) > 8_000
     sample = seeded_sample(items, 300, 0)
     assert sample == seeded_sample(items, 300, 0) and len({i.context for i in sample}) > 290
-    tokenizer = load_tokenizer(f"{tiny_data}/tokenizer")
+    from kilm_ray.pipeline.commit import verify_tokenizer
+
+    tokenizer = load_tokenizer(verify_tokenizer(tiny_data))
     train = SampleStore.load(tiny_data, "train")
     knowledge = " ".join(tokenizer.decode(e.knowledge) for i in range(len(train)) for e in train.entities(i)).lower()
     text = " ".join(train.text(i) for i in range(len(train))).lower()

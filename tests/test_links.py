@@ -7,7 +7,7 @@ import pyarrow as pa
 from kilm_ray.corpus.knowledge import KnowledgeLookup, kb_line_rows
 from kilm_ray.corpus.links import (PENDING, bare_key, choose_knowledge, follow_redirect, page_link_targets,
                                    sample_hash, sample_threshold)
-from kilm_ray.data import _best_kb_rows, _extend_edges, _follow_links
+from kilm_ray.pipeline.rows import best_kb_rows, extend_edges, follow_links
 
 
 def test_redirect_rounds_follow_chains_and_stop_at_loops():
@@ -26,19 +26,19 @@ def test_bucket_functions_follow_redirects_and_pick_the_best_kb_row():
         {"key": "B", "src": "A", "dst": "B", "kind": "edge", "page_id": None, "bucket": 0},
         {"key": "B", "src": "B", "dst": "C", **hop, "bucket": 0},
     ])
-    assert _extend_edges(bucket).to_pylist() == [{"src": "A", "dst": "C"}]
+    assert extend_edges(bucket).to_pylist() == [{"src": "A", "dst": "C"}]
     links = pa.Table.from_pylist([
         {"key": "A", "kind": "link", "page_id": 7, "src": "A", "dst": None, "bucket": 0},
         {"key": "A", "src": "A", "dst": "Mercury (planet)", **hop, "bucket": 0},
         {"key": "Z", "kind": "link", "page_id": 8, "src": "Z", "dst": None, "bucket": 0},
     ])
-    assert [(r["page_id"], r["resolved"], r["key"]) for r in _follow_links(links).to_pylist()] == [
+    assert [(r["page_id"], r["resolved"], r["key"]) for r in follow_links(links).to_pylist()] == [
         (7, "Mercury (planet)", "mercury (planet)"), (8, "Z", "z")]
     rows = [dict(r, key="x", bucket=1) for r in ({"description": "late file", "p0": 1.0, "p1": 0.0, "p2": 0.0},
                                                  {"description": "sense 2", "p0": 0.0, "p1": 1.0, "p2": 2.0},
                                                  {"description": "sense 1", "p0": 0.0, "p1": 1.0, "p2": 1.0})]
     rows.append({"key": "y", "description": "only", "p0": 0.0, "p1": 0.0, "p2": 0.0, "bucket": 1})
-    best = _best_kb_rows(pa.Table.from_pylist(rows)).to_pylist()
+    best = best_kb_rows(pa.Table.from_pylist(rows)).to_pylist()
     assert [(r["key"], r["description"]) for r in best] == [("x", "sense 1"), ("y", "only")]
 
 
@@ -67,7 +67,8 @@ def test_kb_lines_page_targets_and_the_tokenizer_sample():
 
 
 def test_shuffle_partitions_grow_with_the_input_and_auto_picks_the_path():
-    from kilm_ray.data import MAX_PARTITIONS, shuffle_partitions, uses_distributed_resolution
+    from kilm_ray.pipeline.resolution import uses_distributed_resolution
+    from kilm_ray.pipeline.shuffle import MAX_PARTITIONS, shuffle_partitions
 
     mb = 2**20
     assert shuffle_partitions(0, 10 * mb, 32, cpus=4) == 4  # small input: one per CPU

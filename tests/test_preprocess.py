@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from kilm_ray.corpus.articles import SPLITS
-from kilm_ray.data import collate_fn, masked_dataset, preprocess
 from kilm_ray.loader import DataError, SampleStore, read_meta, special_ids_of, split_files
+from kilm_ray.masked_dataset import collate_fn, masked_dataset
 from kilm_ray.masking import MaskingParams
+from kilm_ray.pipeline import preprocess
+from kilm_ray.pipeline.commit import dataset_path, verify_tokenizer
 
 from conftest import DUMP, REPO, WORDNET
 
@@ -34,7 +37,7 @@ def sorted_rows(out, split):
 
 
 def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
-    stats = json.load(open(f"{tiny_data}/stats.json"))
+    stats = json.load(open(dataset_path(tiny_data, "stats")))
     assert stats["pages"]["read"] == 206 and stats["pages"]["redirects"] == 100
     assert stats["pages"]["articles"] + sum(stats["pages"]["skipped"].values()) == 106
     links = stats["links"]
@@ -42,7 +45,9 @@ def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
     assert known + links["without_knowledge"] == links["total"] > 1500
     assert links["with_knowledge"]["external"] > 700 and links["with_knowledge"]["first_sentence"] > 0
     assert stats["knowledge_base"]["entities"] > 100_000 and stats["knowledge_base"]["bad_lines"] == 0
+    assert stats["pages"]["skipped"]["disambiguation"] == 8  # Austin (disambiguation), Aberdeen (...), ...
     rows = {s: read_split(tiny_data, s) for s in SPLITS}
+    assert not [r for s in SPLITS for r in rows[s] if "(disambiguation)" in r["article"] + "".join(r["ent_title"])]
     for split in SPLITS:
         assert stats["samples"][split]["chunks"] == len(rows[split]) > 0
     train_articles = {r["article"] for r in rows["train"]}
@@ -65,12 +70,14 @@ def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
             assert (ids[0].as_py(), ids[-1].as_py()) == (f["min_sample_id"], f["max_sample_id"])
     assert len(manifest["tokenizer_sha256"]) == 64 and manifest["config"]["corpus"]["mode"] == "lead"
     assert not (Path(tiny_data) / "_work").exists()  # the work directory goes once committed
+    # Everything the manifest lists lives under its key.
+    assert manifest["shards"] == f"datasets/{manifest['run_key']}" and manifest["tokenizer"].startswith(manifest["shards"])
 
 
 def test_mentions_decode_to_their_text(tiny_data):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(f"{tiny_data}/tokenizer")
+    tok = AutoTokenizer.from_pretrained(dataset_path(tiny_data, "tokenizer"))
     store = SampleStore.load(tiny_data, "train")
     checked = 0
     for i in range(len(store)):
@@ -83,36 +90,90 @@ def test_mentions_decode_to_their_text(tiny_data):
     assert checked > 500
 
 
-def test_killed_run_rerun_is_identical_and_readers_need_the_manifest(tmp_path, ray_cluster, tiny_data, tiny_config):
-    """A preprocess killed after its parse stage, rerun with the same command, reuses that stage and
-    writes output identical (row for row) to an uninterrupted run (the session's tiny_data). Until the
-    manifest is written, train/eval readers refuse the directory and name what is missing."""
+def files_of(directory) -> dict:
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def test_killed_in_the_shard_stage_keeps_the_commit_and_reruns_identical(tmp_path, ray_cluster, tiny_data,
+                                                                            tiny_config):
+    """A dataset is committed (a copy of the session's tiny_data); a prepress with other settings (another
+    run key, the same samples) is killed while it writes its shards: the committed dataset stays readable.
+    The same command rerun reuses the stages that finished and commits output identical (row for row) to
+    an uninterrupted run; rerun once more, it writes nothing."""
     import ray
 
+    from kilm_ray.pipeline.stages import HOLD_BEFORE_COMMIT_ENV
+
     out = tmp_path / "data"
+    shutil.copytree(tiny_data, out)
+    before = read_meta(str(out))
     cmd = [sys.executable, "-m", "kilm_ray.cli", "preprocess", "--dump", str(DUMP), "--knowledge", str(WORDNET),
-           "--out", str(out), "--address", ray.get_runtime_context().gcs_address]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+           "--out", str(out), "--address", ray.get_runtime_context().gcs_address, "corpus.lookup_max_input_mb=65"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, HOLD_BEFORE_COMMIT_ENV: "120"})
     deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("_work/*/pages.json")):
+    while time.time() < deadline and not [p for p in out.glob("datasets/*/train/*.parquet")
+                                          if before["run_key"] not in str(p)]:
         assert driver.poll() is None, "preprocess ended before it could be interrupted"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(DataError, match=r"has no manifest.json.*it holds .*rerun"):
-        read_meta(str(out))
-    train = subprocess.run([sys.executable, "-m", "kilm_ray.cli", "train", "--no-ray", "--data", str(out),
-                            "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert train.returncode != 0 and "has no manifest.json" in train.stderr
+    assert read_meta(str(out)) == before  # the commit point did not move
+    verify_tokenizer(str(out))
+    for split in SPLITS:
+        assert sorted_rows(out, split) == sorted_rows(tiny_data, split)
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "parsed by an earlier run, reused" in rerun.stderr
+    assert "parsed by an earlier run, reused" in rerun.stderr and "tokenizer: saved by an earlier run" in rerun.stderr
+    after = read_meta(str(out))
+    assert after["run_key"] != before["run_key"] and (out / before["shards"] / "manifest.json").exists()
     for split in SPLITS:
         assert sorted_rows(out, split) == sorted_rows(tiny_data, split)
-    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (Path(tiny_data) / "tokenizer" / "tokenizer.json").read_bytes()
+    assert Path(verify_tokenizer(str(out)), "tokenizer.json").read_bytes() == \
+        Path(verify_tokenizer(tiny_data), "tokenizer.json").read_bytes()
     assert not (out / "_work").exists()
+
+    snapshot = files_of(out)
+    cfg = tiny_config.with_overrides({"corpus.lookup_max_input_mb": 65})
+    stats = preprocess(cfg, [str(DUMP)], str(out), [str(WORDNET)])
+    assert stats["reused"] and files_of(out) == snapshot  # nothing written, not even the same bytes again
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stage_on_two_nodes_changes_no_row(tmp_path, tiny_data):
+    """On a simulated two-node cluster (tests/preprocess_cluster.py) a local --out is refused until declared
+    shared; then a parse-stage writer dies after its files are in place and before it reports them, and
+    is run again: the committed samples are those of the uninterrupted run (tiny_data), row for row, no
+    sample_id twice. A stage listed from its directory would hold the dead attempt's file too."""
+    out, marker = tmp_path / "data", tmp_path / "killed"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "preprocess_cluster.py"), str(out), str(marker),
+                           str(DUMP), str(WORDNET)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"--out {out} is a local path, but this Ray cluster has 3 nodes" in summary["refused"]
+    assert summary["killed"] and summary["stats"]["pages"]["read"] == 206
+    for split in SPLITS:
+        rows = sorted_rows(out, split)
+        assert len({r["sample_id"] for r in rows}) == len(rows) and rows == sorted_rows(tiny_data, split)
+
+
+def test_readers_refuse_what_is_not_committed_and_a_changed_tokenizer(tmp_path, tiny_data):
+    (tmp_path / "partial" / "_work" / "k").mkdir(parents=True)
+    (tmp_path / "partial" / "_work" / "k" / "pages.json").write_text("{}")  # what a killed run leaves
+    with pytest.raises(DataError, match=r"has no manifest.json.*it holds .*rerun"):
+        read_meta(str(tmp_path / "partial"))
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    tokenizer = Path(dataset_path(str(data), "tokenizer"), "tokenizer.json")
+    tokenizer.write_text(tokenizer.read_text().replace('"<sep>"', '"<SEP>"'))
+    train = subprocess.run([sys.executable, "-m", "kilm_ray.cli", "train", "--no-ray", "--data", str(data),
+                            "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert train.returncode == 2, train.stderr[-3000:]
+    last = train.stderr.strip().splitlines()[-1]
+    assert last.startswith("kilm-ray train: error:") and f"{tokenizer} is not the tokenizer" in last
+    assert "tokenizer_sha256" in last
 
 
 def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_data, tiny_config, caplog):
@@ -127,10 +188,10 @@ def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_dat
     units = read_units([str(tmp_path)], unit_bytes=30_000)
     assert len(units) > 2 and all(u.uri == dump and u.length > 0 for u in units)  # the index file is not a dump
     cfg = tiny_config.with_overrides({"corpus.read_unit_mb": 30_000 / 2**20, "corpus.lookup_max_input_mb": 1})
-    with caplog.at_level(logging.INFO, logger="kilm_ray.data"):
+    with caplog.at_level(logging.INFO, logger="kilm_ray.pipeline"):
         stats = preprocess(cfg, [str(tmp_path)], str(tmp_path / "out"), [str(WORDNET)])
     assert "link resolution: distributed" in caplog.text
-    assert re.search(r"pages\+kb: [0-9.]+ MB of input -> \d+ shuffle partitions", caplog.text)
+    assert re.search(r"links\+redirects\+knowledge\+kb: [0-9.]+ MB of input -> \d+ shuffle partitions", caplog.text)
     assert stats["pages"]["read"] == len(pages) == 206
     for split in SPLITS:
         assert sorted_rows(tmp_path / "out", split) == sorted_rows(tiny_data, split)
@@ -186,7 +247,9 @@ def test_s3_globs_and_prefixes_in_and_dataset_out(s3_server, ray_cluster, tiny_c
     assert stats["knowledge_base"]["files"] == ["s3://kilm/kb/part-0.jsonl.gz", "s3://kilm/kb/part-1.jsonl"]
     assert stats["pages"]["read"] == 30
     keys = [o["Key"] for o in s3_server.list_objects_v2(Bucket="kilm", Prefix="data/tiny/")["Contents"]]
-    assert "data/tiny/manifest.json" in keys and "data/tiny/tokenizer/tokenizer.json" in keys
+    manifest = json.loads(s3_server.get_object(Bucket="kilm", Key="data/tiny/manifest.json")["Body"].read())
+    assert f"data/tiny/{manifest['tokenizer']}/tokenizer.json" in keys and "data/tiny/_work" not in " ".join(keys)
+    verify_tokenizer("s3://kilm/data/tiny")
     store = SampleStore.load("s3://kilm/data/tiny", "train")
     assert len(store) == stats["samples"]["train"]["chunks"] > 0
 

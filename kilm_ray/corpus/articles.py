@@ -13,16 +13,20 @@ from kilm_ray.chunking import Chunk, Encode, pack_chunks, tokenize_paragraph
 from kilm_ray.corpus.dump import MalformedPage, RawPage, parse_page_xml, title_of_raw
 from kilm_ray.corpus.links import LinkResolver
 from kilm_ray.corpus.wikitext import (
-    Paragraph, clean_description, first_sentence, is_article_title, normalize_title, parse_article,
-    redirect_target,
+    ENWIKI, Paragraph, SiteNamespaces, clean_description, first_sentence, is_article_title, is_disambiguation,
+    normalize_title, parse_article, redirect_target,
 )
 
 SPLITS = ("train", "valid", "test")  # valid and test: articles held out of training
+DISAMBIGUATION = "disambiguation"  # the reason of a skipped disambiguation page
 
 
-def page_record(raw: RawPage, mode: str = "lead", max_description_chars: int = 400) -> dict[str, Any]:
-    """One row per dump page: what it is (article / redirect / skipped / error), why, and for
-    articles the cleaned paragraphs (JSON) with their own short description and first sentence."""
+def page_record(raw: RawPage, mode: str = "lead", max_description_chars: int = 400,
+                namespaces: SiteNamespaces = ENWIKI) -> dict[str, Any]:
+    """One row per dump page: what it is (article / redirect / skipped / error), why,
+    and for articles the cleaned paragraphs (JSON) with their own short description and first sentence.
+    A disambiguation page is neither text to train on nor knowledge; its title is kept (links to it
+    carry no knowledge)."""
     row: dict[str, Any] = {"kind": "skipped", "reason": None, "title": None, "page_id": -1, "redirect": None,
                            "short_description": None, "first_sentence": None, "doc": None,
                            "where": f"{raw.source}#page{raw.index}"}
@@ -39,11 +43,14 @@ def page_record(raw: RawPage, mode: str = "lead", max_description_chars: int = 4
     if target:
         row.update(kind="redirect", redirect=target)
         return row
-    if not is_article_title(page.title, page.ns):
+    if not is_article_title(page.title, page.ns, namespaces):
         row.update(reason="namespace")
         return row
+    if is_disambiguation(page.title, page.text):
+        row.update(reason=DISAMBIGUATION)
+        return row
     try:
-        article = parse_article(page.text, mode)
+        article = parse_article(page.text, mode, namespaces)
     except Exception as exc:  # the parser is robust, but one page must never stop the job
         row.update(kind="error", reason="unparsable_wikitext", title=f"{page.title}: {type(exc).__name__}: {exc}")
         return row

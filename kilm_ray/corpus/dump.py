@@ -253,3 +253,23 @@ def title_of_raw(xml: str) -> str:
     """Best-effort title of a page that failed to parse, for error messages."""
     match = _TITLE_RE.search(xml)
     return match.group(1).strip()[:200] if match else "<untitled>"
+
+
+def read_siteinfo(uri: str, limit: int = 4 << 20) -> Optional[str]:
+    """The ``<siteinfo>...</siteinfo>`` element at the head of a dump (its namespaces), or None. Reads
+    only the head of the file."""
+    text = ""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        with storage.open_input(uri) as raw:
+            for chunk in _decompressed_chunks(raw, uri):
+                text += decoder.decode(chunk)
+                end = text.find("</siteinfo>")
+                if end >= 0:
+                    start = text.find("<siteinfo")
+                    return text[start:end + len("</siteinfo>")] if 0 <= start < end else None
+                if "<page>" in text or len(text) > limit:
+                    return None
+    except (EOFError, OSError, zlib.error):
+        return None
+    return None

@@ -122,13 +122,14 @@ def iter_jsonl(uri: str, stats: KBStats) -> Iterator[tuple[int, dict]]:
         yield line_no, row
 
 
-KB_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".gz")
+KB_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".json", ".json.gz", ".json.bz2", ".gz", ".bz2")
 
 
-def kb_line_rows(line: str, file_index: int, max_chars: int = 400) -> tuple[list[dict], Optional[str]]:
+def kb_line_rows(line: str, source_index: int, max_chars: int = 400) -> tuple[list[dict], Optional[str]]:
     """One line of a knowledge-base file -> (rows ``{key, description, p0, p1, p2}`` (one per name and
-    alias; the smallest ``(p0, p1, p2)`` wins a key), None) or ([], the reason it is bad). A blank
-    line gives ([], None) and is not counted."""
+    alias; the smallest ``(p0, p1, p2, description)`` wins a key), None) or ([], the reason it is bad).
+    ``source_index``: which ``--knowledge`` argument the file came from (earlier ones win). A blank line,
+    or one whose description the filters drop, gives ([], None)."""
     line = line.strip()
     if not line:
         return [], None
@@ -147,19 +148,33 @@ def kb_line_rows(line: str, file_index: int, max_chars: int = 400) -> tuple[list
         return [], None
     from kilm_ray.corpus.links import kb_priority
 
-    p0, p1, p2 = kb_priority(file_index, priority)
+    p0, p1, p2 = kb_priority(source_index, priority)
     return [{"key": kb_key(name), "description": desc, "p0": p0, "p1": p1, "p2": p2} for name in names], None
 
 
-def load_knowledge_base(uris: list[str], max_chars: int = 400) -> tuple[dict[str, str], KBStats]:
-    """Merge KB files (earlier files win on the same key) into key -> description."""
+def load_knowledge_base(uris: list[str], max_chars: int = 400,
+                        sources: Optional[list[int]] = None) -> tuple[dict[str, str], KBStats]:
+    """KB files -> key -> description, in one process (the lookup path). The winner of a key is the one
+    the distributed path picks (``pipeline.rows.best_kb_rows``): the earlier source (``sources[i]``: the
+    ``--knowledge`` argument file ``i`` came from; default: each file its own), then the row's own
+    priority, then the description."""
     stats = KBStats()
-    merged: dict[str, str] = {}
-    for uri in uris:
-        table = select_best(iter_jsonl(uri, stats), uri, stats, max_chars)
-        for key, (_, desc) in table.items():
-            merged.setdefault(key, desc)
-    return merged, stats
+    best: dict[str, tuple] = {}
+    for i, uri in enumerate(uris):
+        source = sources[i] if sources else i
+        for line_no, line in enumerate(storage.iter_lines(uri), start=1):
+            if not line.strip():
+                continue
+            stats.lines += 1
+            rows, reason = kb_line_rows(line, source, max_chars)
+            if reason is not None:
+                stats.bad(f"{uri}:{line_no}", reason)
+            for r in rows:
+                candidate = (r["p0"], r["p1"], r["p2"], r["description"])
+                if r["key"] not in best or candidate < best[r["key"]]:
+                    best[r["key"]] = candidate
+    stats.entities = len(best)
+    return {key: value[3] for key, value in best.items()}, stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,9 +242,12 @@ class KnowledgeLookup:
     first_sentence: dict[str, str] = field(default_factory=dict)
     external: dict[str, str] = field(default_factory=dict)
     sources: tuple[str, ...] = ("template", "first_sentence", "external")
+    disambiguation: set[str] = field(default_factory=set)
 
     def add_page(self, record: dict) -> None:
         """Take what one page record (``corpus.articles.page_record``) says about entities."""
+        from kilm_ray.corpus.articles import DISAMBIGUATION
+
         if record["kind"] == "redirect":
             self.redirects[record["title"]] = record["redirect"]
         elif record["kind"] == "article":
@@ -237,6 +255,8 @@ class KnowledgeLookup:
                 self.template[record["title"]] = record["short_description"]
             if record["first_sentence"]:
                 self.first_sentence[record["title"]] = record["first_sentence"]
+        elif record["kind"] == "skipped" and record.get("reason") == DISAMBIGUATION:
+            self.disambiguation.add(record["title"])
 
     def resolve(self, title: str, max_hops: int = 5) -> str:
         seen = {title}
@@ -249,7 +269,12 @@ class KnowledgeLookup:
         return title
 
     def describe(self, title: str) -> Optional[tuple[str, str]]:
-        """(description, source) of a resolved page title, trying the sources in order."""
+        """(description, source) of a resolved page title, trying the sources in order; None for a
+        disambiguation page (it names several entities: no knowledge is right for a link to it)."""
+        from kilm_ray.corpus.wikitext import is_disambiguation_title
+
+        if title in self.disambiguation or is_disambiguation_title(title):
+            return None
         for source in self.sources:
             if source == "external":
                 for key in kb_keys_for_title(title):

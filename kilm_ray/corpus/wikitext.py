@@ -8,6 +8,7 @@ excerpt. Everything here is a pure function of its input text.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from dataclasses import dataclass, field
@@ -17,17 +18,40 @@ import mwparserfromhell
 import numpy as np
 from mwparserfromhell import nodes as mwnodes
 
-# Namespaces whose links are not entity mentions (dropped with their text), lower-cased.
-LINK_NAMESPACES = {
-    "file", "image", "media", "category", "template", "wikipedia", "wp", "portal", "draft", "mediawiki",
-    "help", "user", "special", "talk", "module", "book", "timedtext", "wiktionary", "wikt", "wikisource",
-    "wikiquote", "wikibooks", "wikinews", "wikiversity", "wikivoyage", "commons", "meta", "species", "s",
-    "q", "n", "b", "v", "voy", "d", "m", "c", "mw", "w", "wikidata", "foundation", "outreach",
-    "user talk", "wikipedia talk", "file talk", "template talk", "category talk", "help talk", "portal talk",
+# Namespaces of English Wikipedia, for dumps without a <siteinfo> (``SiteNamespaces.from_siteinfo`` reads
+# a dump's own, so other languages work): key -> canonical name.
+ENWIKI_NAMESPACES = {
+    -2: "Media", -1: "Special", 1: "Talk", 2: "User", 3: "User talk", 4: "Wikipedia", 5: "Wikipedia talk",
+    6: "File", 7: "File talk", 8: "MediaWiki", 9: "MediaWiki talk", 10: "Template", 11: "Template talk",
+    12: "Help", 13: "Help talk", 14: "Category", 15: "Category talk", 100: "Portal", 101: "Portal talk",
+    118: "Draft", 119: "Draft talk", 710: "TimedText", 711: "TimedText talk", 828: "Module", 829: "Module talk",
 }
-# Title prefixes of pages that are not articles (DESIGN.md §1); pages outside namespace 0 go too.
-PAGE_NAMESPACES = ("Category:", "File:", "Template:", "Draft:", "Wikipedia:", "Portal:", "MediaWiki:")
-_LANG_PREFIX = re.compile(r"^[a-z]{2,3}(?:-[a-z]{2,8})*$")
+# Names MediaWiki accepts for namespaces besides the ones a dump lists (aliases).
+NAMESPACE_ALIASES = {"image": 6, "image talk": 7, "project": 4, "project talk": 5, "wp": 4, "wt": 5}
+FILE_NS, CATEGORY_NS = 6, 14
+# Interwiki prefixes of Wikimedia projects: [[wikt:word|text]] renders its text inline.
+INTERWIKI_PREFIXES = {
+    "wiktionary", "wikt", "wikisource", "s", "wikiquote", "q", "wikibooks", "b", "wikinews", "n", "wikiversity",
+    "v", "wikivoyage", "voy", "commons", "c", "meta", "m", "species", "wikispecies", "wikidata", "d",
+    "mediawikiwiki", "mw", "foundation", "wmf", "outreach", "incubator", "phabricator", "phab", "w", "wikipedia",
+    "wikimedia", "metawikimedia",
+}
+# Language editions of Wikipedia: [[fr:Paris]] is an interlanguage link (no text in the article);
+# [[:fr:Paris|Paris]] renders its text. A title such as "CSI: Miami" has no such prefix: an article.
+LANGUAGE_PREFIXES = set("""
+aa ab ace ady af ak als alt am ami an ang anp ar arc ary arz as ast atj av avk awa ay az azb ba ban bar bat-smg
+bbc bcl bdr be be-tarask be-x-old bew bg bh bi bjn blk bm bn bo bpy br bs btm bug bxr ca cbk-zam cdo ce ceb ch
+cho chr chy ckb co cr crh cs csb cu cv cy da dag de dga din diq dsb dtp dty dv dz ee el eml en eo es et eu ext
+fa fat ff fi fiu-vro fj fo fon fr frp frr fur fy ga gag gan gcr gd gl glk gn gom gor got gpe gu guc gur guw gv
+ha hak haw he hi hif ho hr hsb ht hu hy hyw hz ia iba id ie ig igl ii ik ilo inh io is it iu ja jam jbo jv ka
+kaa kab kbd kbp kcg kg kge ki kj kk kl km kn knc ko koi kr krc ks ksh ku kus kv kw ky la lad lb lbe lez lfn lg
+li lij lld lmo ln lo lrc lt ltg lv mad mai map-bms mdf mg mh mhr mi min mk ml mn mni mnw mos mr mrj ms mt mus
+mwl my myv mzn na nah nap nds nds-nl ne new ng nia nl nn no nov nqo nr nrm nso nup nv ny oc olo om or os pa
+pag pam pap pcd pcm pdc pfl pi pih pl pms pnb pnt ps pt pwn qu rm rmy rn ro roa-rup roa-tara rsk ru rue rup
+rw sa sah sat sc scn sco sd se sg sh shi shn si simple sk skr sl sm smn sn so sq sr srn ss st stq su sv sw syl
+szl szy ta tay tcy tdd te tet tg th ti tig tk tl tly tn to tpi tr trv ts tt tum tw ty tyv udm ug uk ur uz ve
+vec vep vi vls vo vro wa war wo wuu xal xh xmf yi yo yue za zea zgh zh zh-classical zh-min-nan zh-yue zu
+""".split())
 
 # Tags whose content is not running text.
 DROP_TAGS = {
@@ -83,19 +107,92 @@ def normalize_title(raw: str) -> Optional[str]:
     return title[0].upper() + title[1:]
 
 
-def is_namespaced(title: str) -> bool:
-    """True for links into other namespaces or other wikis (``File:x``, ``fr:x``, ``:Category:x``)."""
-    stripped = title.strip()
-    if stripped.startswith(":"):
-        stripped = stripped[1:]
-    if ":" not in stripped:
-        return False
-    prefix = stripped.split(":", 1)[0].strip().lower()
-    return prefix in LINK_NAMESPACES or bool(_LANG_PREFIX.match(prefix))
+def _name_key(raw: str) -> str:
+    return re.sub(r"\s+", " ", raw.replace("_", " ")).strip().lower()
 
 
-def is_article_title(title: str, ns: int) -> bool:
-    return ns == 0 and not title.startswith(PAGE_NAMESPACES)
+@dataclass(frozen=True)
+class SiteNamespaces:
+    """The namespaces of a wiki (lower-cased name or alias -> key), from its dump's ``<siteinfo>``."""
+
+    keys: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, names: dict[int, str]) -> "SiteNamespaces":
+        table = {_name_key(name): key for key, name in names.items() if key != 0 and name}
+        for alias, key in NAMESPACE_ALIASES.items():
+            table.setdefault(alias, key)
+        return cls(tuple(sorted(table.items())))
+
+    @classmethod
+    def from_siteinfo(cls, xml: Optional[str]) -> "SiteNamespaces":
+        """From the text of a dump's ``<siteinfo>`` element (English Wikipedia's when there is none)."""
+        found = {int(k): html.unescape(v) for k, v in _NAMESPACE_RE.findall(xml or "")}
+        return cls.of(found or ENWIKI_NAMESPACES)
+
+    @functools.cached_property
+    def table(self) -> dict[str, int]:
+        return dict(self.keys)
+
+    def namespace_of(self, title: str) -> Optional[int]:
+        """The namespace key of a title's prefix ("Category:X" -> 14), None for the main namespace."""
+        prefix, colon, _ = title.partition(":")
+        return self.table.get(_name_key(prefix)) if colon else None
+
+    def link_kind(self, raw_title: str) -> str:
+        """How a ``[[raw_title|...]]`` link renders: "article" (an entity mention), "text" (its visible
+        text, plain: a link to another namespace or wiki, or with a leading colon) or "drop" (nothing in
+        the text: an embedded file, a category, an interlanguage link)."""
+        title = raw_title.strip()
+        colon = title.startswith(":")
+        title = title[1:].strip() if colon else title
+        prefix, has_prefix, _ = title.partition(":")
+        if not has_prefix:
+            return "article"
+        name = _name_key(prefix)
+        key = self.table.get(name)
+        if key is not None:
+            return "drop" if not colon and key in (FILE_NS, CATEGORY_NS) else "text"
+        if name in INTERWIKI_PREFIXES:
+            return "text"
+        if name in LANGUAGE_PREFIXES:
+            return "text" if colon else "drop"
+        return "article"
+
+
+ENWIKI = SiteNamespaces.of(ENWIKI_NAMESPACES)
+_NAMESPACE_RE = re.compile(r'<namespace\b[^>]*\bkey="(-?\d+)"[^>]*>([^<]*)</namespace>')
+
+
+def is_namespaced(title: str, namespaces: SiteNamespaces = ENWIKI) -> bool:
+    """True for links that are not entity mentions (``File:x``, ``fr:x``, ``:Category:x``, ``wikt:x``)."""
+    return namespaces.link_kind(title) != "article"
+
+
+def is_article_title(title: str, ns: int, namespaces: SiteNamespaces = ENWIKI) -> bool:
+    return ns == 0 and namespaces.namespace_of(title) is None
+
+
+# Disambiguation pages: {{disambiguation}} and its family ({{hndis}}, {{geodis}}, {{... disambiguation}}),
+# the __DISAMBIG__ magic word, or a title ending in "(disambiguation)".
+_DISAMBIGUATION_TEMPLATES = {"disambiguation", "disambig", "disamb", "dab", "hndis", "geodis", "numberdis",
+                             "mil-unit-dis", "letter-number combination disambiguation"}
+_DISAMBIGUATION_RE = re.compile(r"\{\{\s*(?:template\s*:\s*)?([^{}|\n]{2,80}?)\s*(?:\||\}\})", re.I)
+
+
+def is_disambiguation_title(title: str) -> bool:
+    return title.rstrip().lower().endswith("(disambiguation)")
+
+
+def is_disambiguation(title: str, wikitext: str) -> bool:
+    """A disambiguation page: neither an article nor a knowledge source, and links to it carry none."""
+    if is_disambiguation_title(title) or "__DISAMBIG__" in wikitext:
+        return True
+    for match in _DISAMBIGUATION_RE.finditer(wikitext):
+        name = _name_key(match.group(1))
+        if name in _DISAMBIGUATION_TEMPLATES or name.endswith(" disambiguation"):
+            return True
+    return False
 
 
 def redirect_target(text: str) -> Optional[str]:
@@ -182,9 +279,9 @@ class _Builder:
         return "".join(self.pieces), np.repeat(np.asarray(self.owners, dtype=np.int32), lengths)
 
 
-def _plain(code) -> str:
+def _plain(code, state: Optional[dict] = None) -> str:
     builder = _Builder()
-    _render_nodes(code.nodes, builder, links=False, state={})
+    _render_nodes(code.nodes, builder, links=False, state={"namespaces": (state or {}).get("namespaces", ENWIKI)})
     return "".join(builder.pieces)
 
 
@@ -203,12 +300,13 @@ def _render_nodes(nodes, out: _Builder, links: bool, state: dict) -> None:
             out.add(str(node.value))
         elif isinstance(node, mwnodes.Wikilink):
             raw_title = str(node.title)
-            if is_namespaced(raw_title):
+            kind = state.get("namespaces", ENWIKI).link_kind(raw_title)
+            if kind == "drop":
                 continue
-            surface = _plain(node.text) if node.text is not None else raw_title
+            surface = _plain(node.text, state) if node.text is not None else raw_title.strip().lstrip(":")
             surface = re.sub(r"\s+", " ", surface)
             target = normalize_title(raw_title) if not raw_title.strip().startswith("#") else None
-            if links and target:
+            if links and target and kind == "article":
                 out.add_link(surface, target)
             else:
                 out.add(surface)
@@ -216,7 +314,7 @@ def _render_nodes(nodes, out: _Builder, links: bool, state: dict) -> None:
             name = _template_name(node)
             if name == "short description":
                 if node.params and state.get("short_description") is None:
-                    state["short_description"] = _plain(node.params[0].value)
+                    state["short_description"] = _plain(node.params[0].value, state)
             elif name in ("convert", "cvt"):  # {{convert|52,419|sqmi}} -> "52,419 sqmi"
                 positional = [str(p.value).strip() for p in node.params if not p.showkey][:2]
                 out.add(" ".join(positional))
@@ -417,8 +515,9 @@ def _top_level(tokens: list):
         i = end
 
 
-def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
-    """Clean paragraphs (with links) of an article's lead section or of the whole article."""
+def parse_article(wikitext: str, mode: str = "lead", namespaces: SiteNamespaces = ENWIKI) -> ParsedArticle:
+    """Clean paragraphs (with links) of an article's lead section or of the whole article; ``namespaces``
+    (the dump's) tell entity links from links to other namespaces and wikis."""
     if mode == "lead":
         heading = _FIRST_HEADING_RE.search(wikitext)
         if heading:
@@ -426,7 +525,7 @@ def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
     parser = mwparserfromhell.parser.Parser()
     tokens = _prune(parser._tokenizer.tokenize(wikitext, 0, False))
     builder = _Builder()
-    state: dict = {}
+    state: dict = {"namespaces": namespaces}
     skipping = False
     in_list_item = False
     text_token = _PARSER_TOKENS.Text
@@ -458,7 +557,7 @@ def parse_article(wikitext: str, mode: str = "lead") -> ParsedArticle:
             if mode == "lead":
                 break
             node = parser._builder.build(span).nodes[0]
-            skipping = _plain(node.title).strip().lower() in SKIP_SECTIONS
+            skipping = _plain(node.title, state).strip().lower() in SKIP_SECTIONS
             builder.add("\n")
             continue
         if skipping and kind is not _PARSER_TOKENS.TemplateOpen:

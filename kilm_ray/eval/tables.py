@@ -263,6 +263,12 @@ def _surfaces_bucket(bucket: pa.Table, out: str) -> pa.Table:
     return pa.table({"counts": [json.dumps({"file": name, "surfaces": rows.num_rows, "ambiguous_surfaces": ambiguous})]})
 
 
+def _counts(ds) -> list[dict]:
+    """The ``counts`` column (one JSON record per group call) of ``ds``."""
+    return [json.loads(c) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)
+            for c in b["counts"].to_pylist()]
+
+
 def build_tables(files: dict[str, list[str]], tokenizer_json, out: str, cfg, partitions: int = 0) -> dict[str, Any]:
     """Group the shards' mentions by title and by anchor text (Ray Data, hash-bucketed group-bys) and
     write both tables under ``out``. Returns their manifest entry: files relative to ``out``, counts.
@@ -271,7 +277,8 @@ def build_tables(files: dict[str, list[str]], tokenizer_json, out: str, cfg, par
     import ray
     import ray.data
 
-    from kilm_ray.data import _counts, _map, bucketed
+    from kilm_ray.pipeline.shuffle import bucketed
+    from kilm_ray.pipeline.shuffle import map_rows as _map
 
     if partitions <= 0:
         partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))

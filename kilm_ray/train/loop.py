@@ -112,10 +112,12 @@ class Recipe:
         before any collective."""
         from transformers import AutoTokenizer
 
+        from kilm_ray.pipeline.commit import verify_tokenizer
+
         t, data_dir = self.t, self.data_dir
         self.meta = read_meta(data_dir)
         self.sp = SpecialIds(**self.meta["special_ids"])
-        self.tokenizer_dir = storage.local_copy(storage.join(data_dir, "tokenizer"))
+        self.tokenizer_dir = storage.local_copy(verify_tokenizer(data_dir))  # refuses a changed tokenizer.json
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
         cache = t.node_cache_dir or None
         self.store = SampleStore.load(data_dir, "train", cache)
