@@ -205,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kilm_ray import storage
     from kilm_ray.cluster import init_ray
-    from kilm_ray.serve.app import run_service
+    from kilm_ray.serve.app import StopSignals, drain_and_stop, run_service
 
     cfg = _config(args)
     settings = cfg.to_dict()["serve"]
@@ -215,8 +215,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings["host"] = args.host
     if not storage.exists(storage.join(args.model, "config.json")):
         raise storage.InputError(f"model not found: {args.model} has no config.json (a `kilm-ray export` directory)")
+    import ray
+
+    owns_ray = not (args.address or os.environ.get("RAY_ADDRESS"))
     init_ray(args.address)
-    run_service(args.model, settings, blocking=not args.detach)
+    if args.detach:
+        run_service(args.model, settings)
+        return 0
+    signals = StopSignals().install()  # after Ray's start: ours replace its fatal-signal handlers
+    run_service(args.model, settings)
+    signals.wait()
+    print(drain_and_stop(args.model, settings, signals, owns_ray and ray.is_initialized()), flush=True)
     return 0
 
 

@@ -234,3 +234,56 @@ def test_one_batch_at_the_real_vocabulary_stays_bounded(beams, bound_mb):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["vocab"] == 50265 and result["peak_growth_mb"] < bound_mb, result
+
+
+def test_answer_stream_deltas_add_up_to_the_parsed_answer(tok):
+    """Property: for any generated ids (special tokens, partial UTF-8 characters, spaces), each field's
+    streamed deltas concatenate to exactly what parse_knowledge / parse_text give."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kilm_ray.probes import AnswerStream, parse_text
+
+    sp = special_ids(tok)
+    pieces = [tok(w, add_special_tokens=False).input_ids for w in
+              (" Aristotle", " a", " Greek", "  ", " philosopher", "é", "中文", "\U0001f600", "\n", ".")]
+    byte_ids = tok.convert_tokens_to_ids(["Ã", "©", "ä", "¸", "Ń"])  # lone bytes of multi-byte characters
+    token = st.one_of(st.sampled_from([t for p in pieces for t in p] + byte_ids),
+                      st.sampled_from([sp.sep, sp.desc_end, sp.eos, sp.ent, sp.mask, sp.bos]))
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.lists(token, max_size=14), st.sampled_from(["describe", "appositive", "qa", "fill"]))
+    def check(ids, task):
+        stream = AnswerStream(tok, sp, task)
+        got: dict[str, str] = {}
+        for t in ids:
+            field, delta = stream.feed(t)
+            got[field] = got.get(field, "") + delta
+        for field, (text, rest) in stream.finish().items():
+            got[field] = got.get(field, "") + rest
+            assert got[field] == text
+        if task in ("describe", "appositive"):
+            title, description = parse_knowledge(tok, sp, ids)
+            assert (got["title"], got[stream.fields[1]]) == (title, description)
+        else:
+            assert got[stream.fields[0]] == parse_text(tok, sp, ids)
+
+    check()
+
+
+def test_completion_prompts_by_kind(tok):
+    from kilm_ray.probes import completion_prompt
+
+    sp = special_ids(tok)
+    p, kind = completion_prompt(tok, sp, "Aristotle was a Greek <ent>philosopher</ent>.")
+    assert kind == "describe" and p == describe_prompt(tok, sp, "Aristotle was a Greek ", "philosopher", ".")
+    p, kind = completion_prompt(tok, sp, "Aristotle was a Greek <mask>.")
+    assert kind == "fill" and p == fill_prompt(tok, sp, "Aristotle was a Greek <mask>.")
+    p, kind = completion_prompt(tok, sp, "Question: Who taught Alexander? Answer:")
+    assert kind == "continue" and tok.decode(p.encoder_ids) == "<s>Question: Who taught Alexander? Answer:<mask></s>"
+    assert tok.decode(p.decoder_prefix) == "</s><s>Question: Who taught Alexander? Answer:"
+    for bad, message in (("a <sep> b", "prompt: contains the reserved token <sep>"), ("  ", "empty"),
+                         ("<ent>a</ent> <ent>b</ent>", "more than one mention"),
+                         ("x <ent>a</ent> <mask>", "contains the reserved token <mask>")):
+        with pytest.raises(ProbeError, match=message):
+            completion_prompt(tok, sp, bad)
