@@ -218,6 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
     owns_ray = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if owns_ray:  # Serve's controller and proxy log to their files, not to this terminal (forwarded)
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     init_ray(args.address)
     if args.detach:
         run_service(args.model, settings)

@@ -162,6 +162,9 @@ def test_both_protocols_pass_the_gate(service):
         assert r.status_code == 401  # not 413: the body of a stranger is not read
         r = httpx.post(f"{service}{path}", content=b'{"inputs": "' + b"x" * 5000 + b'"}')
         assert r.status_code == 413 and "the limit is 4096" in str(r.json()["error"])
+    with httpx.stream("POST", f"{service}/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}},
+                      timeout=120) as r:
+        assert r.status_code == 200 and r.read().decode().count("data:") == 3
     wanted = ['endpoint="/v1/completions"', 'endpoint="/generate_stream"', 'endpoint="/"', 'endpoint="/generate"']
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:

@@ -24,6 +24,8 @@ logger (structured, with Serve's request id).
 # No "from __future__ import annotations": FastAPI must see real types on the ingress methods.
 
 import asyncio
+import functools
+import hashlib
 import hmac
 import importlib
 import logging
@@ -627,6 +629,24 @@ class ProbeAPI:
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The deployments' version: a hash of kilm_ray's source. Serve restarts replicas whose version changed
+    and only reconfigures those whose ``user_config`` did, so a new export or draining reconfigures the
+    running replicas in place, while new code restarts them. (Ray 2.60 gives every ``serve.run`` a random
+    version otherwise: each redeploy was a full rolling restart, model load included. Setting it takes
+    Serve's internal flag; a ``serve deploy`` config gets the same from its import path.)"""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".html")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _versioned(deployment):
+    return deployment.options(version=code_version(), _internal=True)
+
+
 def build_application(model_uri: str, settings: dict, draining: bool = False):
     """The bound application (ingress + model) for ``serve.run``; ``settings`` = the serve config.
 
@@ -637,7 +657,7 @@ def build_application(model_uri: str, settings: dict, draining: bool = False):
     logging_config = {"encoding": s["log_encoding"], "enable_access_log": s["access_log"]}
     # Serve also writes every replica log line to stderr, which Ray forwards to the driver: a second copy of
     # each request line, shipped and printed at the request rate. The files under logs/serve keep them all.
-    quiet = {} if s["log_to_stderr"] else {"runtime_env": {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}}
+    quiet = {"runtime_env": {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "1" if s["log_to_stderr"] else "0"}}}
     graceful = {"graceful_shutdown_timeout_s": float(s["drain_timeout_s"]), "graceful_shutdown_wait_loop_s": 0.5}
     model_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": s["num_cpus"], "num_gpus": s["num_gpus"], **quiet},
@@ -652,9 +672,9 @@ def build_application(model_uri: str, settings: dict, draining: bool = False):
                                                "target_ongoing_requests": s["target_ongoing_requests"]}
     else:
         model_options["num_replicas"] = s["num_replicas"]
-    model = KilmModel.options(**model_options).bind(s)
+    model = _versioned(KilmModel.options(**model_options)).bind(s)
     admission = admission_limit(s)
-    ingress = ProbeAPI.options(
+    ingress = _versioned(ProbeAPI.options(
         ray_actor_options={"num_cpus": s["ingress_cpus"], **quiet},
         num_replicas=s["ingress_replicas"],
         # Our gate answers 503 at `admission`; Serve's own limit sits above it (room for the fast 503s) and
@@ -662,7 +682,7 @@ def build_application(model_uri: str, settings: dict, draining: bool = False):
         max_ongoing_requests=admission + 64 if admission else max(s["max_ongoing_requests"], 2 * s["max_batch_size"]),
         max_queued_requests=-1,
         user_config={"draining": bool(draining)}, logging_config=logging_config, **graceful,
-    )
+    ))
     return ingress.bind(model, s)
 
 
@@ -733,6 +753,7 @@ def drain_and_stop(model_uri: str, settings: dict, signals: StopSignals, owns_ra
 
     started = time.monotonic()
     name = settings["app_name"]
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the redeploy's INFO lines: not the user's news
     ingress = serve.get_app_handle(name)
     in_flight = left = 0
     try:
@@ -746,8 +767,7 @@ def drain_and_stop(model_uri: str, settings: dict, signals: StopSignals, owns_ra
             time.sleep(0.2)
     except Exception as exc:  # noqa: BLE001 - stopping anyway
         log.warning("draining failed (%s: %s); stopping now", type(exc).__name__, exc)
-    if owns_ray:
-        serve.shutdown()
+    if owns_ray:  # the whole local Ray goes (serve.shutdown first leaves task-failure lines on the terminal)
         ray.shutdown()
     else:
         serve.delete(name)
