@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian's chromium and chromedriver, for tests/test_page.py (the page at GET / in a real headless browser).
+# CI runs it (.ci/run); it needs root or sudo and a Debian or Ubuntu apt. Idempotent.
+set -euo pipefail
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+  echo "browser: $(chromium --version 2>/dev/null | head -1) with $(chromedriver --version | head -1)"
+  exit 0
+fi
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO=(sudo)
+fi
+"${SUDO[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends chromium chromium-driver
+echo "browser: $(chromium --version 2>/dev/null | head -1) with $(chromedriver --version | head -1)"
