@@ -10,6 +10,13 @@ SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
   SUDO=(sudo)
 fi
-"${SUDO[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends chromium chromium-driver
+LOG="$(mktemp)"
+# dpkg's lines go to a log, shown only when a step fails.
+if ! { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq \
+       --no-install-recommends chromium chromium-driver; } >"$LOG" 2>&1; then
+  cat "$LOG" >&2
+  echo "browser: apt-get could not install chromium and chromium-driver (log above)" >&2
+  exit 1
+fi
+rm -f "$LOG"
 echo "browser: $(chromium --version 2>/dev/null | head -1) with $(chromedriver --version | head -1)"
