@@ -303,7 +303,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.action == "reference":
+    if args.action == "reference" and args.write:
+        page = Path(args.write)
+        start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+        text = page.read_text()
+        if start not in text or end not in text:
+            raise ConfigError(f"--write: {page} has no {start} ... {end} block to replace")
+        head, rest = text.split(start, 1)
+        page.write_text(f"{head}{start}\n{config_reference_markdown().strip()}\n{end}{rest.split(end, 1)[1]}")
+        print(f"config reference written into {page}")
+    elif args.action == "reference":
         print(config_reference_markdown())
     else:
         print(_config(args).to_yaml(), end="")
@@ -435,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
     p.add_argument("action", choices=["show", "reference"])
+    p.add_argument("--write", metavar="PAGE", help="reference: replace the generated block of PAGE "
+                   "(docs/configuration.md) instead of printing it")
     _common(p, address=False)
     p.set_defaults(func=cmd_config)
 

@@ -1,7 +1,7 @@
 """The knowledge-probe service over real HTTP on 127.0.0.1: every endpoint, streamed answers, answers that
 do not depend on their batch, hostile input (4xx naming the problem, never a 5xx; a property-based fuzz),
 back-pressure (one 503 format), auth before the body (docs and schema included), the published error
-schemas, a model replica killed mid-request, the README's curl lines, metrics, request logs and a rollout
+schemas, a model replica killed mid-request, the documented curl lines, metrics, request logs and a rollout
 of an export with another tokenizer under load. The service (conftest.py) is shared with test_protocols
 and test_page; its main application is built from configs/serve-deploy.yaml, as `serve deploy` builds it."""
 
@@ -20,7 +20,7 @@ import yaml
 
 from kilm_ray.cluster import free_local_port
 
-from conftest import GPT2_BPE, METRICS_PORT, REPO, SERVE_TOKEN, serve_deploy_args
+from conftest import GPT2_BPE, METRICS_PORT, SERVE_TOKEN, serve_deploy_args
 
 pytestmark = pytest.mark.slow
 
@@ -182,15 +182,11 @@ def test_bearer_token_is_checked_before_the_body(service):
     assert post(service, "/v1/describe", body).status_code == 200  # auth is off by default
 
 
-def readme_curl_block() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## HTTP API"):]
-    return section[section.index("```bash") + len("```bash"): section.index("```\n", section.index("```bash") + 7)]
+def test_the_documented_curl_lines_work_as_written(service):
+    """docs/serving.md's curl lines, run by bash exactly as written (only the host changed)."""
+    from test_readme_blocks import doc_block
 
-
-def test_the_readme_curl_lines_work_as_written(service):
-    """The README's curl lines, run by bash exactly as written (only the host changed)."""
-    block = readme_curl_block()
+    block = doc_block("serve-curl")
     host = service.removeprefix("http://")
     assert block.count("curl -s localhost:8000") >= 8
     script = block.replace("localhost:8000", host).replace("curl -s ", "curl -s -w '\\n@@%{http_code}\\n' ")
