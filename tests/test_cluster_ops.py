@@ -138,7 +138,7 @@ def test_readme_and_docs_are_true():
         base = REPO if page == "README.md" else REPO / "docs"
         for link in re.findall(r"\]\(([^)#:]+)(?:#[\w-]+)?\)", text):
             assert (base / link).exists(), f"{page} links {link}, which does not exist"
-        for path in re.findall(r"`((?:configs|jobs|bench|deploy|scripts)/[\w./-]+)`", text):
+        for path in re.findall(r"`((?:configs|jobs|bench|deploy|scripts|kilm_ray|tests)/[\w./-]+)`", text):
             assert (REPO / path).exists(), f"{page} mentions {path}, which does not exist"
     linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", readme))
     assert linked == set(docs), f"pages not linked from README.md: {set(docs) - linked}"
