@@ -205,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kilm_ray import storage
     from kilm_ray.cluster import init_ray
-    from kilm_ray.serve.app import run_service
+    from kilm_ray.serve.app import StopSignals, drain_and_stop, run_service
 
     cfg = _config(args)
     settings = cfg.to_dict()["serve"]
@@ -215,8 +215,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings["host"] = args.host
     if not storage.exists(storage.join(args.model, "config.json")):
         raise storage.InputError(f"model not found: {args.model} has no config.json (a `kilm-ray export` directory)")
+    import ray
+
+    owns_ray = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if owns_ray:  # Serve's controller and proxy log to their files, not to this terminal (forwarded)
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     init_ray(args.address)
-    run_service(args.model, settings, blocking=not args.detach)
+    if args.detach:
+        run_service(args.model, settings)
+        return 0
+    signals = StopSignals().install()  # after Ray's start: ours replace its fatal-signal handlers
+    run_service(args.model, settings)
+    signals.wait()
+    print(drain_and_stop(args.model, settings, signals, owns_ray and ray.is_initialized()), flush=True)
     return 0
 
 
@@ -292,7 +303,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.action == "reference":
+    if args.action == "reference" and args.write:
+        page = Path(args.write)
+        start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+        text = page.read_text()
+        if start not in text or end not in text:
+            raise ConfigError(f"--write: {page} has no {start} ... {end} block to replace")
+        head, rest = text.split(start, 1)
+        page.write_text(f"{head}{start}\n{config_reference_markdown().strip()}\n{end}{rest.split(end, 1)[1]}")
+        print(f"config reference written into {page}")
+    elif args.action == "reference":
         print(config_reference_markdown())
     else:
         print(_config(args).to_yaml(), end="")
@@ -424,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
     p.add_argument("action", choices=["show", "reference"])
+    p.add_argument("--write", metavar="PAGE", help="reference: replace the generated block of PAGE "
+                   "(docs/configuration.md) instead of printing it")
     _common(p, address=False)
     p.set_defaults(func=cmd_config)
 

@@ -508,6 +508,9 @@ class ServeConfig:
     app_name: str = _doc("Serve application name.", default="kilm")
     device: Literal["auto", "cpu", "cuda"] = _doc("Device of a replica.", default="auto")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _doc("Weights dtype of a replica (auto: bf16 on GPU).", default="auto")
+    drain_timeout_s: float = _doc(
+        "Graceful stop (SIGTERM, Ctrl-C, a replica removed): new requests get 503 and those in flight get this "
+        "long to finish.", default=20.0)
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.port", self.port, 1, 65535)
@@ -517,6 +520,7 @@ class ServeConfig:
             _check_min(f"{path}.{name}", getattr(self, name), 1)
         _check_min(f"{path}.max_queued_requests", self.max_queued_requests, -1)
         _check_min(f"{path}.max_candidate_tokens", self.max_candidate_tokens, 3)
+        _check_min(f"{path}.drain_timeout_s", self.drain_timeout_s, 0)
         if self.max_replicas < self.min_replicas:
             raise ConfigError(f"{path}.max_replicas: {self.max_replicas} < min_replicas {self.min_replicas}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

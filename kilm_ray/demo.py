@@ -227,8 +227,9 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
 
     settings = cfg.to_dict()["serve"]
     settings.update(host="127.0.0.1", port=free_local_port(port))
-    _, url = run_service(str(export), settings, blocking=False)
-    print(f"[4/5] serving {url} (POST /v1/describe, /v1/disambiguate, /v1/appositive, /v1/qa, /v1/fill)", flush=True)
+    _, url = run_service(str(export), settings)
+    print(f"[4/5] serving {url} (a page to try probes at {url}/; POST /v1/describe, /v1/disambiguate, /v1/appositive, "
+          "/v1/qa, /v1/fill; TGI's /generate, OpenAI's /v1/completions)", flush=True)
 
     from transformers import AutoTokenizer
 

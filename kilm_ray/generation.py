@@ -4,8 +4,13 @@ KILM probes force a long decoder prefix (``</s><s>{left}<ent>{mention}</ent><ent
 differs in length from request to request. BART's decoder gives every row of a batch the same
 positions (``arange + cache length``), so plain left padding would shift the positions of padded
 rows. ``left_padded_positions`` patches the decoder's position embedding *instance* (no weights
-change, state dict untouched) to subtract each row's padding, which lets Hugging Face ``generate``
-(greedy or beam) run one batch of mixed-length prefixes; results equal generating each alone.
+change, state dict untouched) to subtract each row's padding, which lets one batch hold mixed-length
+prefixes; results equal generating each alone.
+
+Greedy decoding is a step loop of our own (``greedy_steps``): it yields every step's tokens (the Serve
+replica streams them) and keeps only the chosen tokens' log-probabilities. Beam search is Hugging Face's
+``generate`` without ``output_scores``, followed by one teacher-forced pass for the chosen answers'
+log-probabilities. Neither holds a ``rows x vocabulary`` tensor per generated step.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import types
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -50,6 +55,20 @@ def left_padded_positions(model, pads: torch.Tensor) -> Iterator[None]:
         emb._kilm_left_pad = None
 
 
+@contextlib.contextmanager
+def last_position_logits(model) -> Iterator[None]:
+    """Within the block, the LM head projects only the last position of a sequence. BART's generate has no
+    ``logits_to_keep``: its first step projected every position of every forced prefix (128 rows x 16
+    prefix tokens x 50 k: 412 MB, twice with the bias; a 500-token prefix: 13 GB), and used only the last."""
+    head = model.lm_head
+    original = head.forward
+    head.forward = lambda hidden: original(hidden[:, -1:] if hidden.dim() == 3 else hidden)
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -67,16 +86,28 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tupl
 @dataclass
 class Generated:
     tokens: list[int]  # new tokens after the forced prefix
-    score: float  # mean log-probability of the new tokens (HF sequence score for beams)
-    token_logprobs: Optional[list[float]] = None  # greedy only: one per token
+    token_logprobs: list[float]  # log-probability of each new token under the model (greedy and beam alike)
     finish_reason: str = "stop"  # "stop": a stop token ended it; "length": the token budget did
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean log-probability of the new tokens: the same quantity for greedy and beam answers."""
+        return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else 0.0
 
     def truncated(self, n: int) -> "Generated":
         """The first ``n`` tokens (greedy decoding is prefix-consistent, so this equals generating n)."""
-        if len(self.tokens) <= n or self.token_logprobs is None:
+        if len(self.tokens) <= n:
             return self
-        lps = self.token_logprobs[:n]
-        return Generated(self.tokens[:n], sum(lps) / max(len(lps), 1), lps, "length")
+        return Generated(self.tokens[:n], self.token_logprobs[:n], "length")
+
+
+@dataclass
+class Step:
+    """One row's token of one greedy step: the token, its log-probability and, when asked, the most
+    likely alternatives ``[(token, logprob), ...]`` (best first, the chosen one included)."""
+    token: int
+    logprob: float
+    top: Optional[list[tuple[int, float]]] = None
 
 
 def token_budgets(prefix_lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_positions: int) -> list[int]:
@@ -86,16 +117,16 @@ def token_budgets(prefix_lengths: Sequence[int], max_new_tokens: int | Sequence[
     return [max(0, min(int(ask), max_positions - int(n))) for ask, n in zip(asks, prefix_lengths)]
 
 
-def generation_groups(rows: Sequence[tuple[int, int, int, tuple[int, ...]]], max_positions: int) -> list[list[int]]:
+def generation_groups(rows: Sequence[tuple], max_positions: int) -> list[list[int]]:
     """Which requests of a dynamic batch may share one ``generate`` call without changing each other's answer.
 
-    ``rows`` are ``(prefix length, max_new_tokens, num_beams, stop ids)``. All greedy rows share one call:
-    each stops at its own stop tokens and budget (a per-row stopping criterion). Beam search is not
-    prefix-consistent, so beam rows share a call only with the same beam width, stop tokens and effective
-    budget."""
+    ``rows`` are ``(prefix length, max_new_tokens, num_beams, stop ids[, model key])``. All greedy rows of one
+    model share one call: each stops at its own stop tokens and budget. Beam search is not prefix-consistent,
+    so beam rows share a call only with the same beam width, stop tokens and effective budget. Rows of
+    different models (a rollout swapped the model between two requests) never share a call."""
     groups: dict[tuple, list[int]] = {}
-    for i, (prefix_len, max_new, beams, stops) in enumerate(rows):
-        key: tuple = (beams,)
+    for i, (prefix_len, max_new, beams, stops, *model) in enumerate(rows):
+        key: tuple = (tuple(model), beams)
         if beams > 1:
             key += (tuple(stops), token_budgets([prefix_len], max_new, max_positions)[0])
         groups.setdefault(key, []).append(i)
@@ -113,22 +144,121 @@ def _finish(row: Sequence[int], stop_ids: Sequence[int], pad_id: int, budget: in
     return tokens, "length"
 
 
-class _RowStops:
-    """HF stopping criterion (per-row booleans): row i is done at one of its own stop ids or after its own
-    budget, so rows with different stops and lengths share one greedy call and the call ends with its
-    longest *running* row."""
+def _row_stops(stop_ids: Sequence[int] | Sequence[Sequence[int]], rows: int) -> list[list[int]]:
+    if stop_ids and not isinstance(stop_ids[0], int):
+        return [[int(t) for t in s] for s in stop_ids]
+    return [[int(t) for t in stop_ids]] * rows
 
-    def __init__(self, stops: list[set[int]], budgets: list[int], start: int):
-        self.stops, self.budgets, self.start = stops, budgets, start
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        made = input_ids.shape[1] - self.start
-        last = input_ids[:, -1].tolist()
-        return torch.tensor([t in s or made >= b for t, s, b in zip(last, self.stops, self.budgets)],
-                            dtype=torch.bool, device=input_ids.device)
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on the given hidden states only (BART adds ``final_logits_bias``), in float32."""
+    logits = model.lm_head(hidden)
+    bias = getattr(model, "final_logits_bias", None)
+    if bias is not None:
+        logits = logits + bias.view(-1).to(logits.dtype)
+    return logits.float()
 
 
 @torch.no_grad()
+def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
+                 stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
+                 top_n: int = 0, stopped: Optional[Callable[[int], bool]] = None) -> Iterator[list[Optional[Step]]]:
+    """Greedy decoding of a batch, one step at a time: yields, per step, a list with a ``Step`` for each row
+    that made a token and ``None`` for rows already done. Row ``i`` is done after one of its stop ids, after
+    its own budget, or once ``stopped(i)`` is true (its client left, a stop string matched).
+
+    Only each row's chosen token, its log-probability and ``top_n`` alternatives are kept: one step holds
+    one ``rows x vocabulary`` logits tensor, whatever the length (generate's ``output_scores`` held all of
+    them). Rows are independent: a row's tokens equal decoding it alone (left padding with shifted
+    positions, ``left_padded_positions``)."""
+    n = len(prefixes)
+    row_stops = [set(s) for s in _row_stops(stop_ids, n)]
+    device = next(model.parameters()).device
+    budgets = token_budgets([len(p) for p in prefixes], max_new_tokens, model.config.max_position_embeddings)
+    running = [b > 0 for b in budgets]
+    if not any(running):
+        return
+    input_ids, attention = _pad(encoder_ids, pad_id, left=False, device=device)
+    dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
+    pads = (dec_mask == 0).sum(dim=1)
+    encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    made = [0] * n
+    cache = None
+    step_ids, mask = dec_ids, dec_mask
+    with left_padded_positions(model, pads):
+        while any(running):
+            out = model.model(encoder_outputs=(encoded,), attention_mask=attention, decoder_input_ids=step_ids,
+                              decoder_attention_mask=mask, cache=cache, use_cache=True)
+            cache = out.cache
+            logits = _logits(model, out.last_hidden_state[:, -1])
+            chosen = logits.argmax(dim=-1)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            picked = logprobs.gather(1, chosen.view(-1, 1)).view(-1).tolist()
+            top = logprobs.topk(top_n, dim=-1) if top_n else None
+            tokens = chosen.tolist()
+            step: list[Optional[Step]] = [None] * n
+            for i in range(n):
+                if not running[i]:
+                    tokens[i] = pad_id
+                    continue
+                alternatives = None
+                if top is not None:
+                    alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
+                step[i] = Step(tokens[i], float(picked[i]), alternatives)
+                made[i] += 1
+                if tokens[i] in row_stops[i] or made[i] >= budgets[i]:
+                    running[i] = False
+            yield step
+            if stopped is not None:
+                for i in range(n):
+                    if running[i] and stopped(i):
+                        running[i] = False
+            step_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+
+
+def greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens=32) -> list[Generated]:
+    """``greedy_steps`` run to the end: each row's tokens, log-probabilities and finish reason."""
+    n = len(prefixes)
+    row_stops = _row_stops(stop_ids, n)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    for step in greedy_steps(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens):
+        for i, s in enumerate(step):
+            if s is not None:
+                tokens[i].append(s.token)
+                logprobs[i].append(s.logprob)
+    return [Generated(t, lp, "stop" if t and t[-1] in row_stops[i] else "length")
+            for i, (t, lp) in enumerate(zip(tokens, logprobs))]
+
+
+@torch.no_grad()
+def beam_search(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens, num_beams) -> list[Generated]:
+    """Hugging Face beam search without ``output_scores`` (it keeps every step's ``beams x vocabulary``
+    scores: 3.3 GB for 32 requests x 4 beams x 128 tokens at BART's vocabulary); the chosen answers'
+    token log-probabilities come from one teacher-forced pass over them instead."""
+    row_stops = _row_stops(stop_ids, len(prefixes))
+    budgets = token_budgets([len(p) for p in prefixes], max_new_tokens, model.config.max_position_embeddings)
+    if len(set(budgets)) > 1 or any(set(s) != set(row_stops[0]) for s in row_stops):
+        raise ValueError(f"beam search rows need one budget and one stop list, got budgets {sorted(set(budgets))}")
+    if budgets[0] <= 0:
+        return [Generated([], [], "length") for _ in prefixes]
+    device = next(model.parameters()).device
+    input_ids, attention = _pad(encoder_ids, pad_id, left=False, device=device)
+    dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
+    pads = (dec_mask == 0).sum(dim=1)
+    with left_padded_positions(model, pads), last_position_logits(model):
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,
+            max_new_tokens=budgets[0], num_beams=num_beams, do_sample=False, eos_token_id=sorted(row_stops[0]),
+            pad_token_id=pad_id, forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
+            length_penalty=1.0, early_stopping=True, min_length=0, output_scores=False, return_dict_in_generate=False)
+    width = dec_ids.shape[1]
+    rows = [_finish(row, row_stops[0], pad_id, budgets[0]) for row in sequences[:, width:].tolist()]
+    logprobs = token_logprobs(model, [(e, p, t) for e, p, (t, _) in zip(encoder_ids, prefixes, rows)], pad_id)
+    return [Generated(t, lp, reason) for (t, reason), lp in zip(rows, logprobs)]
+
+
 def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
              eos_id: int, stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
              num_beams: int = 1) -> list[Generated]:
@@ -139,70 +269,27 @@ def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Seq
     Greedy rows are independent: each row's tokens equal generating it alone. Beam search is not
     prefix-consistent, so rows of one beam call need one budget and one stop list (the Serve model groups
     them so)."""
-    if stop_ids and not isinstance(stop_ids[0], int):
-        row_stops = [[int(t) for t in s] for s in stop_ids]
-    else:
-        row_stops = [[int(t) for t in stop_ids]] * len(prefixes)
-    common = sorted(set.intersection(*(set(s) for s in row_stops))) if row_stops else []
-    device = next(model.parameters()).device
-    budgets = token_budgets([len(p) for p in prefixes], max_new_tokens, model.config.max_position_embeddings)
-    steps = max(budgets)
-    if num_beams > 1 and (len(set(budgets)) > 1 or len(common) != len(set(row_stops[0]))):
-        raise ValueError(f"beam search rows need one budget and one stop list, got budgets {sorted(set(budgets))}")
-    if not common:
-        raise ValueError("rows must share at least one stop id (e.g. </s>)")
-    if steps <= 0:
-        return [Generated([], 0.0, [], "length") for _ in prefixes]
-    input_ids, attention = _pad(encoder_ids, pad_id, left=False, device=device)
-    dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
-    pads = (dec_mask == 0).sum(dim=1)
-    extra = {}
-    if num_beams == 1 and (len(set(budgets)) > 1 or any(len(set(s)) != len(common) for s in row_stops)):
-        from transformers import StoppingCriteriaList
-
-        extra["stopping_criteria"] = StoppingCriteriaList(
-            [_RowStops([set(s) for s in row_stops], budgets, dec_ids.shape[1])])
-    with left_padded_positions(model, pads):
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,
-            max_new_tokens=steps, num_beams=num_beams, do_sample=False, eos_token_id=common,
-            pad_token_id=pad_id, forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
-            length_penalty=1.0, early_stopping=True if num_beams > 1 else False, min_length=0,
-            return_dict_in_generate=True, output_scores=True, **extra)
-    width = dec_ids.shape[1]
-    new = out.sequences[:, width:].tolist()
-    beam_scores = out.sequences_scores.tolist() if num_beams > 1 and out.sequences_scores is not None else None
-    step_logprobs = None if beam_scores else model.compute_transition_scores(
-        out.sequences, out.scores, normalize_logits=True).float().tolist()
-    results = []
-    for i, (row, budget) in enumerate(zip(new, budgets)):
-        tokens, reason = _finish(row, row_stops[i], pad_id, budget)
-        if beam_scores is not None:
-            results.append(Generated(tokens, float(beam_scores[i]), None, reason))
-        else:
-            lps = [float(x) for x in step_logprobs[i][: len(tokens)]]
-            results.append(Generated(tokens, sum(lps) / max(len(lps), 1), lps, reason))
-    return results
+    if not any(_row_stops(stop_ids, len(prefixes))):
+        raise ValueError("every row needs a stop id (e.g. </s>)")
+    if num_beams > 1:
+        return beam_search(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens, num_beams)
+    return greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens)
 
 
 def _continuation_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                           targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+                           targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """log p(target) at the given (row, position) pairs only: the vocabulary projection and softmax run on
-    the scored positions, in chunks, never on every position of every row."""
+    the scored positions, ``chunk`` at a time (256 x 50 k logits: 51 MB), never on every position."""
     out = []
-    bias = getattr(model, "final_logits_bias", None)
     for a in range(0, len(rows), chunk):
-        h = hidden[rows[a: a + chunk], positions[a: a + chunk]]
-        logits = model.lm_head(h)
-        if bias is not None:
-            logits = logits + bias.view(-1).to(logits.dtype)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(_logits(model, hidden[rows[a: a + chunk], positions[a: a + chunk]]), dim=-1)
         out.append(logprobs.gather(1, targets[a: a + chunk].view(-1, 1)).view(-1))
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def _score_rows(model, encoder_kwargs: dict, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                pad_id: int) -> list[tuple[float, int]]:
+                pad_id: int) -> list[list[float]]:
+    """Each continuation's token log-probabilities after its forced prefix (teacher forcing)."""
     device = next(model.parameters()).device
     dec, dec_mask = _pad([list(p) + list(c) for p, c in zip(prefixes, continuations)], pad_id, left=False,
                          device=device)
@@ -216,22 +303,36 @@ def _score_rows(model, encoder_kwargs: dict, prefixes: Sequence[Sequence[int]], 
         targets += [int(t) for t in cont]
     picked = _continuation_logprobs(model, hidden, torch.tensor(rows, device=device),
                                     torch.tensor(positions, device=device), torch.tensor(targets, device=device))
+    picked = picked.tolist()
     out, at = [], 0
     for cont in continuations:
-        out.append((float(picked[at: at + len(cont)].sum()), len(cont)))
+        out.append(picked[at: at + len(cont)])
         at += len(cont)
     return out
 
 
 @torch.no_grad()
+def token_logprobs(model, items: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                   pad_id: int) -> list[list[float]]:
+    """The log-probability of each token of each ``(encoder_ids, forced prefix, continuation)``, in one
+    teacher-forced batch (right padding: positions are the usual ones)."""
+    nonempty = [i for i, (_, _, c) in enumerate(items) if len(c)]
+    out: list[list[float]] = [[] for _ in items]
+    if not nonempty:
+        return out
+    device = next(model.parameters()).device
+    enc, enc_mask = _pad([items[i][0] for i in nonempty], pad_id, left=False, device=device)
+    scored = _score_rows(model, {"input_ids": enc, "attention_mask": enc_mask}, [items[i][1] for i in nonempty],
+                         [items[i][2] for i in nonempty], pad_id)
+    for i, lps in zip(nonempty, scored):
+        out[i] = lps
+    return out
+
+
 def score_continuations(model, items: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
                         pad_id: int) -> list[tuple[float, int]]:
-    """(sum log-probability, token count) of each ``(encoder_ids, forced prefix, continuation)``, in one
-    teacher-forced batch (right padding: positions are the usual ones)."""
-    device = next(model.parameters()).device
-    enc, enc_mask = _pad([e for e, _, _ in items], pad_id, left=False, device=device)
-    return _score_rows(model, {"input_ids": enc, "attention_mask": enc_mask}, [p for _, p, _ in items],
-                       [c for _, _, c in items], pad_id)
+    """(sum log-probability, token count) of each ``(encoder_ids, forced prefix, continuation)``."""
+    return [(float(sum(lps)), len(lps)) for lps in token_logprobs(model, items, pad_id)]
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -266,7 +367,8 @@ def score_candidates(model, encoder_ids: Sequence[int], prefix: Sequence[int], c
         n = len(group)
         hidden = encoded.last_hidden_state.expand(n, -1, -1)
         kwargs = {"encoder_outputs": (hidden,), "attention_mask": mask.expand(n, -1)}
-        results += _score_rows(model, kwargs, [prefix] * n, [continuations[i] for i in group], pad_id)
+        results += [(float(sum(lps)), len(lps)) for lps in
+                    _score_rows(model, kwargs, [prefix] * n, [continuations[i] for i in group], pad_id)]
     return results
 
 

@@ -7,6 +7,8 @@ shared by the Serve endpoints and the evaluation harness, so both ask the model 
                 the answer is the text after <sep>
     qa:         encoder "Question: {q}? Answer: <mask>", decoder </s><s> Question: {q}? Answer:
     fill:       encoder = the text with <mask>, decoder </s><s>
+    complete:   the text-generation protocols (TGI, OpenAI): a marked mention is a describe probe, a <mask>
+                a fill, any other text is continued (encoder <s>{text}<mask></s>, decoder </s><s>{text})
 
 The data-matched baseline (``masking.knowledge_as_text``) learned knowledge as plain text, so it is asked
 in plain text, with no slot (``text_*`` below)::
@@ -14,6 +16,9 @@ in plain text, with no slot (``text_*`` below)::
     describe:   encoder <s>{left}{mention}, <mask>,{right}</s>, decoder </s><s>{left}{mention},
                 ... -> "{Title}: {description}" up to the ',' that the right context follows
     candidates: "{Title}: {description}," ranked as plain continuations of that decoder prefix
+
+``AnswerStream`` turns generated ids into the answer's fields as they come, one text delta per token,
+whose concatenation is exactly the parsed answer.
 """
 
 from __future__ import annotations
@@ -89,6 +94,19 @@ def describe_prompt(tokenizer, sp: SpecialIds, left: str, mention: str, right: s
     return _slot_prompt(tokenizer, sp, text, len(left), len(left) + len(mention), None)
 
 
+def mention_parts(text: Optional[str], left: Optional[str], mention: Optional[str],
+                  right: Optional[str]) -> tuple[str, str, str]:
+    """The mention and its context, from ``text`` with ``<ent>...</ent>`` or from ``left``/``mention``/``right``."""
+    if text is not None:
+        if left is not None or mention is not None or right is not None:
+            raise ProbeError("give either 'text' with <ent>...</ent> or 'left'/'mention'/'right', not both")
+        return split_marked_text(text)
+    if mention is None:
+        raise ProbeError("missing the mention: give 'text' with <ent>...</ent>, or 'mention' (with optional "
+                         "'left' and 'right')")
+    return left or "", mention, right or ""
+
+
 def split_marked_text(text: str, open_tag: str = "<ent>", close_tag: str = "</ent>") -> tuple[str, str, str]:
     """``"... <ent>Aristotle</ent> ..."`` -> (left, mention, right)."""
     a = text.find(open_tag)
@@ -134,6 +152,119 @@ def fill_prompt(tokenizer, sp: SpecialIds, text: str) -> Prompt:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     _plain(ids, sp, allowed=(sp.mask,))
     return Prompt([sp.bos, *ids, sp.eos], [sp.eos, sp.bos], sp.eos)
+
+
+def continuation_prompt(tokenizer, sp: SpecialIds, text: str) -> Prompt:
+    """Continue ``text``: BART reconstructs it from ``<s>{text}<mask></s>`` with the text forced as the
+    decoder's prefix, so what it generates is what follows (the QA prompt is this with a question stem)."""
+    if not text.strip():
+        raise ProbeError("the prompt is empty")
+    refuse_control_tokens("prompt", text, control_tokens(tokenizer))
+    ids = _encode(tokenizer, text)[0]
+    _plain(ids, sp)
+    return Prompt([sp.bos, *ids, sp.mask, sp.eos], [sp.eos, sp.bos, *ids], sp.eos)
+
+
+COMPLETION_KINDS = ("describe", "fill", "continue")
+
+
+def completion_prompt(tokenizer, sp: SpecialIds, text: str) -> tuple[Prompt, str]:
+    """The prompt of the text-generation protocols (TGI ``inputs``, OpenAI ``prompt``) and its kind: a
+    mention marked ``<ent>...</ent>`` asks for its knowledge (``Title<sep>description``), text with
+    ``<mask>`` is filled (the whole text comes back), any other text is continued."""
+    if "<ent>" in text or "</ent>" in text:
+        left, mention, right = split_marked_text(text)
+        refuse_control_tokens("prompt", left + mention + right, control_tokens(tokenizer))
+        return describe_prompt(tokenizer, sp, left, mention, right), "describe"
+    if "<mask>" in text:
+        return fill_prompt(tokenizer, sp, text), "fill"
+    return continuation_prompt(tokenizer, sp, text), "continue"
+
+
+def build_prompt(tokenizer, sp: SpecialIds, task: str, fields: dict) -> Prompt:
+    """The prompt of a generating probe (``describe``, ``appositive``, ``qa``, ``fill``, ``complete``) from
+    its request fields; a ProbeError names what is wrong with them."""
+    if task == "describe":
+        left, mention, right = mention_parts(fields.get("text"), fields.get("left"), fields.get("mention"),
+                                             fields.get("right"))
+        if fields.get("text") is not None:
+            refuse_control_tokens("text", left + mention + right, control_tokens(tokenizer))
+        return describe_prompt(tokenizer, sp, left, mention, right)
+    if task == "appositive":
+        return appositive_prompt(tokenizer, sp, fields["text"], fields["mention"])
+    if task == "qa":
+        return qa_prompt(tokenizer, sp, fields["question"])
+    if task == "fill":
+        return fill_prompt(tokenizer, sp, fields["text"])
+    if task == "complete":
+        return completion_prompt(tokenizer, sp, fields["prompt"])[0]
+    raise ValueError(f"unknown task {task!r}")
+
+
+# The answer's fields, in the order they are generated, and the token that moves to the next one.
+ANSWER_FIELDS = {"describe": ("title", "description"), "appositive": ("title", "appositive"),
+                 "qa": ("answer",), "fill": ("text",), "complete": ("text",)}
+
+
+class AnswerStream:
+    """Generated ids -> the answer's fields, a text delta per token. The concatenated deltas of a field
+    are exactly what ``parse_knowledge`` / ``parse_text`` give for the same ids (a delta is held back while
+    the text so far ends in whitespace, which the parse strips, or in a partial UTF-8 character).
+
+    ``complete`` (the text-generation protocols) is raw: special tokens such as ``<sep>`` stay in the text,
+    nothing is stripped, and only the stop token (which ends the answer) is left out."""
+
+    def __init__(self, tokenizer, sp: SpecialIds, task: str, stop_ids: Sequence[int] = ()):
+        self.tokenizer, self.sp, self.task = tokenizer, sp, task
+        self.fields = ANSWER_FIELDS[task]
+        self.raw = task == "complete"
+        if self.raw:
+            self.stops = frozenset(int(t) for t in stop_ids)
+        else:
+            self.stops = frozenset((sp.desc_end, sp.eos) if len(self.fields) == 2 else (sp.eos,))
+        self.field = 0
+        self.ids: dict[str, list[int]] = {f: [] for f in self.fields}
+        self.sent: dict[str, str] = {f: "" for f in self.fields}
+        self.done = False
+
+    def _text(self, field: str) -> str:
+        return self.tokenizer.decode(self.ids[field], skip_special_tokens=not self.raw,
+                                     clean_up_tokenization_spaces=False)
+
+    def feed(self, token: int) -> tuple[str, str]:
+        """(field, text delta) for one generated token; after a stop token, nothing more is taken."""
+        name = self.fields[self.field]
+        if self.done:
+            return name, ""
+        if int(token) in self.stops:
+            self.done = True
+            return name, ""
+        if not self.raw and int(token) == self.sp.sep and self.field + 1 < len(self.fields):
+            self.field += 1
+            return self.fields[self.field], ""
+        self.ids[name].append(int(token))
+        text = self._text(name)
+        ready = text if self.raw else text.lstrip().rstrip()
+        ready = ready.rstrip("\ufffd")  # a partial UTF-8 character waits for its next byte
+        return name, self._advance(name, ready)
+
+    def _advance(self, name: str, ready: str) -> str:
+        sent = self.sent[name]
+        if not ready.startswith(sent) or len(ready) <= len(sent):
+            return ""
+        self.sent[name] = ready
+        return ready[len(sent):]
+
+    def finish(self) -> dict[str, tuple[str, str]]:
+        """Each field's whole text and the delta not yet sent (held back until now)."""
+        out = {}
+        for name in self.fields:
+            text = self._text(name)
+            text = text if self.raw else text.strip()
+            sent = self.sent[name]
+            out[name] = (text, text[len(sent):] if text.startswith(sent) else "")
+            self.sent[name] = text
+        return out
 
 
 def candidate_continuation(tokenizer, sp: SpecialIds, title: str, description: str, max_tokens: int,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with PyTorch and kilm_ray (editable, with test extras). Idempotent.
-# TORCH_SPEC picks the torch build (default torch==2.13.0: a CPU build where the machine provides one;
-# on a GPU machine install the CUDA build you need first, then run this).
+# PyTorch: a CPU build on a machine without a GPU, the configured index's build where there is one
+# (scripts/install_torch.sh, which says which it chose; TORCH_SPEC and TORCH_INDEX_URL override).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,8 +9,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-fi
-.venv/bin/python -m pip install -q -e ".[test]"
+bash scripts/install_torch.sh .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -c "import kilm_ray, torch, ray, deepspeed, transformers; print('kilm_ray', kilm_ray.__version__, '| torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

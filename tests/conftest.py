@@ -157,3 +157,44 @@ def head_node(tmp_path_factory):
                 head.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
+
+
+# ----------------------------------------------------------------------------------------------
+# One Serve instance for every serving test (test_serve, test_protocols, test_page): three
+# applications of the trained export on 127.0.0.1 (the main one built from configs/serve-deploy.yaml
+# as `serve deploy` builds it, a tight one for back-pressure, a locked one with a bearer token).
+# ----------------------------------------------------------------------------------------------
+
+SERVE_TEST_LIMITS = {"serve.max_batch_size": 8, "serve.batch_wait_timeout_s": 0.2, "serve.max_input_tokens": 64,
+                     "serve.max_candidates": 4, "serve.max_request_bytes": 4096}
+SERVE_ON_THIS_MACHINE = {"serve.num_gpus": 0, "serve.device": "cpu", "serve.num_cpus": 0.5, "serve.num_replicas": 1,
+                         "serve.ingress_replicas": 1, "serve.ingress_cpus": 0.1}
+SERVE_TOKEN = "s3cret"
+
+
+def serve_deploy_args(model: str) -> dict:
+    """The args of configs/serve-deploy.yaml, with this machine's resources and the tests' limits."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / "serve-deploy.yaml").read_text())
+    return {**raw["applications"][0]["args"], **SERVE_ON_THIS_MACHINE, **SERVE_TEST_LIMITS, "model": model}
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, trained_export, tiny_config):
+    from ray import serve
+
+    from kilm_ray.serve.app import app_builder, build_application
+
+    port = free_local_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(serve_deploy_args(trained_export)), name="kilm", route_prefix="/")
+    settings = tiny_config.to_dict()["serve"]
+    settings.update({k.split(".", 1)[1]: v for k, v in SERVE_TEST_LIMITS.items()}, num_cpus=0.25)
+    tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=1, batch_wait_timeout_s=0.0)
+    serve.run(build_application(trained_export, tight), name="tight", route_prefix="/tight")
+    # The locked app waits up to 1 s to fill a batch: a request is surely inside its replica meanwhile.
+    locked = dict(settings, auth_token=SERVE_TOKEN, batch_wait_timeout_s=1.0)
+    serve.run(build_application(trained_export, locked), name="locked", route_prefix="/locked")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

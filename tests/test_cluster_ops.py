@@ -124,15 +124,26 @@ def test_sample_fetchers_use_package_registries(tmp_path):
         assert len(rows) == len(reference) == 146_312 and rows[:100] == reference[:100]
 
 
-def test_readme_is_true():
+def test_readme_and_docs_are_true():
+    """README.md is what a newcomer reads first (short, the two commands, the picture, links that resolve);
+    the docs pages it links hold the rest, and what they say about the code stays true."""
     readme = (REPO / "README.md").read_text()
+    docs = {p.name: p.read_text() for p in sorted((REPO / "docs").glob("*.md"))}
     ci = (REPO / ".ci" / "run").read_text()
     test_cmd = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
     demo_cmd = "bash scripts/setup.sh && .venv/bin/kilm-ray demo"
     assert test_cmd in readme and demo_cmd in readme and test_cmd in ci
+    assert "```mermaid" in readme and len(readme) < 8000, f"README.md is {len(readme)} characters: keep it short"
+    for page, text in {"README.md": readme, **{f"docs/{k}": v for k, v in docs.items()}}.items():
+        base = REPO if page == "README.md" else REPO / "docs"
+        for link in re.findall(r"\]\(([^)#:]+)(?:#[\w-]+)?\)", text):
+            assert (base / link).exists(), f"{page} links {link}, which does not exist"
+        for path in re.findall(r"`((?:configs|jobs|bench|deploy|scripts|kilm_ray|tests)/[\w./-]+)`", text):
+            assert (REPO / path).exists(), f"{page} mentions {path}, which does not exist"
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", readme))
+    assert linked == set(docs), f"pages not linked from README.md: {set(docs) - linked}"
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-    generated = readme[readme.index(start) + len(start): readme.index(end)].strip()
-    assert generated == config_reference_markdown().strip(), "run: kilm-ray config reference (and paste it)"
-    for path in re.findall(r"`((?:configs|jobs|bench)/[\w./-]+)`", readme):
-        assert (REPO / path).exists(), f"README mentions {path}, which does not exist"
-    assert "```mermaid" in readme
+    reference = docs["configuration.md"]
+    generated = reference[reference.index(start) + len(start): reference.index(end)].strip()
+    assert generated == config_reference_markdown().strip(), \
+        "run: kilm-ray config reference --write docs/configuration.md"

@@ -1,5 +1,7 @@
 """Probe prompts (shared by Serve and eval) and batched prefix-forced generation."""
 
+import json
+
 import pytest
 import torch
 
@@ -72,14 +74,14 @@ def test_batched_prefixes_of_different_lengths_equal_one_by_one(model, beams):
     alone = [generate(model, [e], [p], 1, 2, [2, 299], max_new_tokens=8, num_beams=beams)[0]
              for e, p in zip(encs, prefixes)]
     for b, a in zip(batched, alone):
-        assert b.tokens == a.tokens and b.score == pytest.approx(a.score, abs=1e-5)
+        assert b.tokens == a.tokens and b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-5)
 
 
 def test_truncation_and_position_cap(model):
     encs, prefixes = [[0, 5, 6, 2]], [[2, 0, 5, 6]]
     long = generate(model, encs, prefixes, 1, 2, [299], max_new_tokens=8)[0]
     short = generate(model, encs, prefixes, 1, 2, [299], max_new_tokens=3)[0]
-    assert long.truncated(3).tokens == short.tokens and long.truncated(3).score == pytest.approx(short.score)
+    assert long.truncated(3).tokens == short.tokens and long.truncated(3).mean_logprob == pytest.approx(short.mean_logprob)
     # 40 learned positions: a 36-token prefix leaves room for 4 new tokens, not the 20 asked for.
     capped = generate(model, encs, [[2, 0] + [7] * 34], 1, 2, [299], max_new_tokens=20)[0]
     assert len(capped.tokens) <= 4
@@ -164,3 +166,124 @@ def test_generation_groups_keep_answers_independent_of_neighbours():
     # all greedy rows share a call; beam rows need the same width, stops and effective budget
     # (max 40 positions: a 36-token prefix leaves 4, a 38-token prefix 2)
     assert generation_groups(rows, 40) == [[0, 1, 5], [2, 4], [3], [6], [7]]
+
+
+def test_greedy_steps_equal_hugging_face_greedy_and_its_scores(model):
+    """Our step loop picks the tokens HF's greedy generate picks, with the log-probabilities HF's
+    output_scores + compute_transition_scores gave (which held every step's full scores)."""
+    encs, prefixes = [[0, 5, 6, 7, 8, 2], [0, 9, 10, 2]], [[2, 0, 5, 6], [2, 0, 9]]
+    ours = generate(model, encs, prefixes, 1, 2, [299], max_new_tokens=10)
+    for e, p, g in zip(encs, prefixes, ours):
+        out = model.generate(input_ids=torch.tensor([e]), decoder_input_ids=torch.tensor([p]), max_new_tokens=10,
+                             num_beams=1, do_sample=False, eos_token_id=[299], pad_token_id=1, forced_bos_token_id=None,
+                             forced_eos_token_id=None, no_repeat_ngram_size=0, min_length=0,
+                             return_dict_in_generate=True, output_scores=True)
+        reference = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0].tolist()
+        assert g.tokens == out.sequences[0, len(p):].tolist()
+        assert g.token_logprobs == pytest.approx(reference[: len(g.tokens)], abs=1e-5)
+
+
+def test_beam_answers_carry_the_same_mean_logprob_as_greedy_ones(model):
+    """Beam answers' token log-probabilities come from a teacher-forced pass: their mean is the quantity a
+    greedy answer reports, and with length_penalty 1 it equals HF's own beam score."""
+    encs, prefixes = [[0, 5, 6, 7, 8, 2], [0, 9, 10, 2]], [[2, 0, 5, 6], [2, 0, 9]]
+    beams = generate(model, encs, prefixes, 1, 2, [2, 299], max_new_tokens=6, num_beams=3)
+    for e, p, g in zip(encs, prefixes, beams):
+        out = model.generate(input_ids=torch.tensor([e]), decoder_input_ids=torch.tensor([p]), max_new_tokens=6,
+                             num_beams=3, do_sample=False, eos_token_id=[2, 299], pad_token_id=1, length_penalty=1.0,
+                             early_stopping=True, forced_bos_token_id=None, forced_eos_token_id=None,
+                             no_repeat_ngram_size=0, min_length=0, return_dict_in_generate=True, output_scores=True)
+        assert g.tokens == [t for t in out.sequences[0, len(p):].tolist() if t != 1]
+        assert len(g.token_logprobs) == len(g.tokens)
+        assert g.mean_logprob == pytest.approx(float(out.sequences_scores[0]), abs=1e-4)
+        forced = score_continuations(model, [(e, p, g.tokens)], 1)[0]
+        assert g.mean_logprob == pytest.approx(forced[0] / forced[1], abs=1e-6)
+
+
+def test_greedy_steps_stream_each_token_and_stop_rows_on_request(model):
+    from kilm_ray.generation import greedy_steps
+
+    encs, prefixes = [[0, 5, 6, 2], [0, 9, 10, 2]], [[2, 0, 5], [2, 0, 9]]
+    whole = generate(model, encs, prefixes, 1, 2, [299], max_new_tokens=8)
+    seen: list[list[int]] = [[], []]
+    steps = 0
+    for step in greedy_steps(model, encs, prefixes, 1, [299], 8, top_n=3, stopped=lambda i: i == 1 and len(seen[1]) >= 2):
+        steps += 1
+        for i, s in enumerate(step):
+            if s is not None:
+                seen[i].append(s.token)
+                assert s.top[0] == (s.token, pytest.approx(s.logprob)) and len(s.top) == 3
+    assert seen[0] == whole[0].tokens and steps == len(whole[0].tokens)
+    assert seen[1] == whole[1].tokens[:2]  # stopped from outside after its second token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beams, bound_mb", [(4, 400), (1, 150)])
+def test_one_batch_at_the_real_vocabulary_stays_bounded(beams, bound_mb):
+    """32 requests x 128 new tokens at BART's 50 k vocabulary, as a replica runs them (fresh process, a tiny
+    model so the rows x vocabulary tensors dominate): the peak RSS grows by less than ``bound_mb``. Before
+    (output_scores, transition scores, the first step's logits at every prefix position) it grew by 5.5 GB
+    with 4 beams and 3.2 GB greedy (BENCHMARKS.md, bench/generation_memory.py)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "generation_memory.py"), "--one", "--requests", "32",
+                           "--beams", str(beams), "--new-tokens", "128"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["vocab"] == 50265 and result["peak_growth_mb"] < bound_mb, result
+
+
+def test_answer_stream_deltas_add_up_to_the_parsed_answer(tok):
+    """Property: for any generated ids (special tokens, partial UTF-8 characters, spaces), each field's
+    streamed deltas concatenate to exactly what parse_knowledge / parse_text give."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kilm_ray.probes import AnswerStream, parse_text
+
+    sp = special_ids(tok)
+    pieces = [tok(w, add_special_tokens=False).input_ids for w in
+              (" Aristotle", " a", " Greek", "  ", " philosopher", "é", "中文", "\U0001f600", "\n", ".")]
+    byte_ids = tok.convert_tokens_to_ids(["Ã", "©", "ä", "¸", "Ń"])  # lone bytes of multi-byte characters
+    token = st.one_of(st.sampled_from([t for p in pieces for t in p] + byte_ids),
+                      st.sampled_from([sp.sep, sp.desc_end, sp.eos, sp.ent, sp.mask, sp.bos]))
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.lists(token, max_size=14), st.sampled_from(["describe", "appositive", "qa", "fill"]))
+    def check(ids, task):
+        stream = AnswerStream(tok, sp, task)
+        got: dict[str, str] = {}
+        for t in ids:
+            field, delta = stream.feed(t)
+            got[field] = got.get(field, "") + delta
+        for field, (text, rest) in stream.finish().items():
+            got[field] = got.get(field, "") + rest
+            assert got[field] == text
+        if task in ("describe", "appositive"):
+            title, description = parse_knowledge(tok, sp, ids)
+            assert (got["title"], got[stream.fields[1]]) == (title, description)
+        else:
+            assert got[stream.fields[0]] == parse_text(tok, sp, ids)
+
+    check()
+
+
+def test_completion_prompts_by_kind(tok):
+    from kilm_ray.probes import completion_prompt
+
+    sp = special_ids(tok)
+    p, kind = completion_prompt(tok, sp, "Aristotle was a Greek <ent>philosopher</ent>.")
+    assert kind == "describe" and p == describe_prompt(tok, sp, "Aristotle was a Greek ", "philosopher", ".")
+    p, kind = completion_prompt(tok, sp, "Aristotle was a Greek <mask>.")
+    assert kind == "fill" and p == fill_prompt(tok, sp, "Aristotle was a Greek <mask>.")
+    p, kind = completion_prompt(tok, sp, "Question: Who taught Alexander? Answer:")
+    assert kind == "continue" and tok.decode(p.encoder_ids) == "<s>Question: Who taught Alexander? Answer:<mask></s>"
+    assert tok.decode(p.decoder_prefix) == "</s><s>Question: Who taught Alexander? Answer:"
+    for bad, message in (("a <sep> b", "prompt: contains the reserved token <sep>"), ("  ", "empty"),
+                         ("<ent>a</ent> <ent>b</ent>", "more than one mention"),
+                         ("x <ent>a</ent> <mask>", "contains the reserved token <mask>")):
+        with pytest.raises(ProbeError, match=message):
+            completion_prompt(tok, sp, bad)

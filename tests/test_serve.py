@@ -1,7 +1,9 @@
-"""The knowledge-probe service over real HTTP on 127.0.0.1: every endpoint, answers that do not depend on
-their batch, hostile input (4xx naming the problem, never a 5xx; a property-based fuzz), back-pressure
-(one 503 format), auth before the body, the README's curl lines, metrics, request logs and a rollout
-under load. The main application is built from configs/serve-deploy.yaml, as `serve deploy` builds it."""
+"""The knowledge-probe service over real HTTP on 127.0.0.1: every endpoint, streamed answers, answers that
+do not depend on their batch, hostile input (4xx naming the problem, never a 5xx; a property-based fuzz),
+back-pressure (one 503 format), auth before the body (docs and schema included), the published error
+schemas, a model replica killed mid-request, the documented curl lines, metrics, request logs and a rollout
+of an export with another tokenizer under load. The service (conftest.py) is shared with test_protocols
+and test_page; its main application is built from configs/serve-deploy.yaml, as `serve deploy` builds it."""
 
 import concurrent.futures as cf
 import json
@@ -18,40 +20,9 @@ import yaml
 
 from kilm_ray.cluster import free_local_port
 
-from conftest import METRICS_PORT, REPO
+from conftest import GPT2_BPE, METRICS_PORT, SERVE_TOKEN, serve_deploy_args
 
 pytestmark = pytest.mark.slow
-
-TEST_LIMITS = {"serve.max_batch_size": 8, "serve.batch_wait_timeout_s": 0.2, "serve.max_input_tokens": 64,
-               "serve.max_candidates": 4, "serve.max_request_bytes": 4096}
-ON_THIS_MACHINE = {"serve.num_gpus": 0, "serve.device": "cpu", "serve.num_cpus": 0.5, "serve.num_replicas": 1,
-                   "serve.ingress_replicas": 1, "serve.ingress_cpus": 0.1}
-
-
-def deploy_args(model: str) -> dict:
-    """The args of configs/serve-deploy.yaml, with this machine's resources and the tests' limits."""
-    raw = yaml.safe_load((REPO / "configs" / "serve-deploy.yaml").read_text())
-    return {**raw["applications"][0]["args"], **ON_THIS_MACHINE, **TEST_LIMITS, "model": model}
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster, trained_export, tiny_config):
-    from ray import serve
-
-    from kilm_ray.serve.app import app_builder, build_application
-
-    port = free_local_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(deploy_args(trained_export)), name="kilm", route_prefix="/")
-    settings = tiny_config.to_dict()["serve"]
-    settings.update({k.split(".", 1)[1]: v for k, v in TEST_LIMITS.items()}, num_cpus=0.25)
-    tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=1, batch_wait_timeout_s=0.0)
-    serve.run(build_application(trained_export, tight), name="tight", route_prefix="/tight")
-    serve.run(build_application(trained_export, dict(settings, auth_token="s3cret")), name="locked",
-              route_prefix="/locked")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
 
 def post(url, path, body, **kw):
     return httpx.post(f"{url}{path}", json=body, timeout=120, **kw)
@@ -73,13 +44,13 @@ def test_every_endpoint_answers(service):
                                         "right": " and polymath."})
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert a.json() == b.json()
-    assert set(a.json()) == {"title", "description", "score", "finish_reason"} and a.json()["score"] <= 0
+    assert set(a.json()) == {"title", "description", "mean_logprob", "finish_reason"} and a.json()["mean_logprob"] <= 0
     r = post(service, "/v1/disambiguate", {"text": TEXT, "candidates": CANDIDATES})
     ranking = r.json()["ranking"]
     assert r.status_code == 200 and [c["rank"] for c in ranking] == [1, 2, 3]
-    assert ranking[0]["score"] >= ranking[1]["score"] >= ranking[2]["score"]
+    assert ranking[0]["mean_logprob"] >= ranking[1]["mean_logprob"] >= ranking[2]["mean_logprob"]
     r = post(service, "/v1/appositive", {"text": "Aristotle, <appos>, taught Alexander.", "mention": "Aristotle"})
-    assert r.status_code == 200 and set(r.json()) == {"appositive", "title", "score", "finish_reason"}
+    assert r.status_code == 200 and set(r.json()) == {"appositive", "title", "mean_logprob", "finish_reason"}
     r = post(service, "/v1/qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": 3})
     assert r.status_code == 200 and isinstance(r.json()["answer"], str)
     assert r.json()["finish_reason"] in ("stop", "length")
@@ -113,8 +84,8 @@ def same_answer(alone: dict, together: dict) -> None:
     """Texts, titles, rankings and finish reasons identical; scores equal up to float rounding."""
     def split(d):
         if "ranking" in d:
-            return [c["title"] for c in d["ranking"]], [c["score"] for c in d["ranking"]]
-        return {k: v for k, v in d.items() if k != "score"}, [d["score"]]
+            return [c["title"] for c in d["ranking"]], [c["mean_logprob"] for c in d["ranking"]]
+        return {k: v for k, v in d.items() if k != "mean_logprob"}, [d["mean_logprob"]]
     (exact_a, scores_a), (exact_t, scores_t) = split(alone), split(together)
     assert exact_a == exact_t
     assert scores_a == pytest.approx(scores_t, abs=1e-4)
@@ -200,26 +171,22 @@ def test_bearer_token_is_checked_before_the_body(service):
     r = post(service, "/locked/v1/describe", body)
     assert r.status_code == 401 and "bearer token" in r.json()["error"]
     assert post(service, "/locked/v1/describe", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert post(service, "/locked/v1/describe", body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert post(service, "/locked/v1/describe", body, headers={"Authorization": f"Bearer {SERVE_TOKEN}"}).status_code == 200
     # Without the token, a malformed or oversized body is not even read: 401, not 400 / 413.
     for content in (b'{"text": "bro', b"x" * 100_000):
         assert httpx.post(f"{service}/locked/v1/describe", content=content).status_code == 401
     assert httpx.post(f"{service}/locked/v1/describe", content=b'{"text": "bro',
-                      headers={"Authorization": "Bearer s3cret"}).status_code == 400
+                      headers={"Authorization": f"Bearer {SERVE_TOKEN}"}).status_code == 400
     assert httpx.get(f"{service}/locked/v1/model").status_code == 401
     assert httpx.get(f"{service}/locked/healthz").status_code == 200  # health checks stay open
     assert post(service, "/v1/describe", body).status_code == 200  # auth is off by default
 
 
-def readme_curl_block() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## HTTP API"):]
-    return section[section.index("```bash") + len("```bash"): section.index("```\n", section.index("```bash") + 7)]
+def test_the_documented_curl_lines_work_as_written(service):
+    """docs/serving.md's curl lines, run by bash exactly as written (only the host changed)."""
+    from test_readme_blocks import doc_block
 
-
-def test_the_readme_curl_lines_work_as_written(service):
-    """The README's curl lines, run by bash exactly as written (only the host changed)."""
-    block = readme_curl_block()
+    block = doc_block("serve-curl")
     host = service.removeprefix("http://")
     assert block.count("curl -s localhost:8000") >= 8
     script = block.replace("localhost:8000", host).replace("curl -s ", "curl -s -w '\\n@@%{http_code}\\n' ")
@@ -329,48 +296,190 @@ def test_prometheus_metrics_of_our_own(service):
     assert refused, "4xx answers from the app's exception handlers are counted too"
 
 
-def test_a_new_export_rolls_out_under_load_without_a_failed_request(service, trained_export, tmp_path):
-    """Deploying the same application with another export changes only user_config: the replicas load it
-    in the background while requests keep being answered."""
-    from ray import serve
-
-    from kilm_ray.model import EXPORT_META
-    from kilm_ray.serve.app import app_builder
-
-    v2 = tmp_path / "export-v2"
-    shutil.copytree(trained_export, v2)
-    meta = json.loads((v2 / EXPORT_META).read_text())
-    (v2 / EXPORT_META).write_text(json.dumps({**meta, "step": 31}))
-    codes: list[int] = []
-    stop = threading.Event()
-
-    def load():
-        with httpx.Client(timeout=120) as client:
-            while not stop.is_set():
-                codes.append(client.post(f"{service}/v1/describe", json={"text": TEXT, "max_new_tokens": 8}).status_code)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    serve.run(app_builder(deploy_args(str(v2))), name="kilm", route_prefix="/")
-    deadline = time.time() + 60
-    while httpx.get(f"{service}/v1/model").json()["step"] != 31 and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join()
-    info = httpx.get(f"{service}/v1/model").json()
-    assert info["step"] == 31 and info["model"] == str(v2)
-    assert len(codes) > 10 and set(codes) == {200}, sorted(set(codes))
-
-
 def test_probe_command_line_client(service, capsys):
     from kilm_ray.cli import main
 
     assert main(["probe", "describe", "Aristotle was a <ent>philosopher</ent>.", "--url", service]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"title", "description", "score", "finish_reason"}
+    assert set(out) == {"title", "description", "mean_logprob", "finish_reason"}
     assert main(["probe", "fill", "no mask", "--url", service]) == 1
     assert "HTTP 422" in capsys.readouterr().err
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event, data) of each server-sent event in a body."""
+    events = []
+    for frame in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines())
+        events.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return events
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/describe", {"text": TEXT, "max_new_tokens": 12}),
+    ("/v1/describe", {"text": TEXT, "max_new_tokens": 6, "num_beams": 2}),
+    ("/v1/appositive", {"text": "Aristotle, <appos>, taught Alexander.", "mention": "Aristotle", "max_new_tokens": 6}),
+    ("/v1/qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": 6}),
+    ("/v1/fill", {"text": "Aristotle was a Greek <mask> and polymath.", "max_new_tokens": 6}),
+])
+def test_generating_probes_stream_the_answer_they_give_whole(service, path, body):
+    """"stream": true: 'delta' events per field as tokens come (beam search: at the end), then 'done' with
+    exactly the object the same request gets without streaming."""
+    whole = post(service, path, body).json()
+    with httpx.stream("POST", f"{service}{path}", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.read().decode())
+    assert events[-1][0] == "done" and [e for e, _ in events[:-1]] == ["delta"] * (len(events) - 1)
+    done = events[-1][1]
+    assert {k: v for k, v in done.items() if k != "mean_logprob"} == {k: v for k, v in whole.items() if k != "mean_logprob"}
+    assert done["mean_logprob"] == pytest.approx(whole["mean_logprob"], abs=1e-4)
+    streamed: dict[str, str] = {}
+    for _, delta in events[:-1]:
+        for field, text in delta.items():
+            streamed[field] = streamed.get(field, "") + text
+    assert all(streamed.get(f, "") == done[f] for f in done if f not in ("mean_logprob", "finish_reason"))
+    if body.get("num_beams", 1) == 1 and any(done[f] for f in streamed):
+        assert len(events) > 2  # greedy answers come token by token
+    bad = post(service, path, {**body, "stream": True, "max_new_tokens": 10_000})
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/json"  # refused before streaming
+
+
+def test_docs_and_schema_are_behind_the_gate(service):
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(f"{service}/locked{path}").status_code == 401
+        r = httpx.get(f"{service}/locked{path}", headers={"Authorization": f"Bearer {SERVE_TOKEN}"})
+        assert r.status_code == 200
+    assert r.json()["info"]["title"] == "kilm_ray knowledge probes"
+    docs = httpx.get(f"{service}/locked/docs", headers={"Authorization": f"Bearer {SERVE_TOKEN}"}).text
+    assert "swagger" in docs.lower() and "/locked/openapi.json" in docs
+    assert httpx.get(f"{service}/locked/").status_code == 200  # the page itself holds no data: open
+
+
+BAD_BODIES = {"/v1/describe": {"txt": "x"}, "/v1/disambiguate": {"text": "a <ent>b</ent>"},
+              "/v1/appositive": {"text": 3}, "/v1/qa": {}, "/v1/fill": {"text": "x", "num_beams": "2"},
+              "/generate": {"input": "x"}, "/generate_stream": {"inputs": "x", "parameters": {"top_k": 5}},
+              "/": {"inputs": 7}, "/v1/completions": {"model": "kilm", "prompt": "x", "temperature": 0.9}}
+
+
+def test_published_error_schemas_are_the_real_bodies(service):
+    """Every POST route's published 4xx schema (422, or 400 for OpenAI's protocol) validates the body the
+    route really answers a bad request with, and no route publishes FastAPI's {"detail"} shape."""
+    import jsonschema
+
+    spec = httpx.get(f"{service}/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(spec) and '"detail"' not in json.dumps(spec["components"])
+    posts = {path for path, ops in spec["paths"].items() if "post" in ops}
+    assert posts == set(BAD_BODIES)
+    for path, body in BAD_BODIES.items():
+        r = post(service, path, body)
+        responses = spec["paths"][path]["post"]["responses"]
+        assert str(r.status_code) in responses and r.status_code in (400, 422), (path, r.status_code, r.text)
+        schema = responses[str(r.status_code)]["content"]["application/json"]["schema"]
+        jsonschema.validate(r.json(), {**schema, "components": spec["components"]})
+        ref = schema["$ref"].rsplit("/", 1)[1]
+        assert set(r.json()) == set(spec["components"]["schemas"][ref]["properties"]), (path, r.json())
+    busy = spec["components"]["schemas"]["BusyErrorBody"]
+    assert set(busy["required"]) == {"error", "retry_after_s"}
+
+
+def test_a_model_replica_killed_mid_request_answers_json_and_comes_back(service):
+    """SIGKILL the model replica (an OOM kill looks the same to the ingress) while a request waits in its
+    batch: the client gets a JSON 503 with Retry-After, not Starlette's plain-text 500; Serve restarts the
+    replica and the application answers again."""
+    import os
+    import signal
+
+    auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+    pid = httpx.get(f"{service}/locked/v1/model", headers=auth, timeout=60).json()["pid"]
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, service, "/locked/v1/describe", {"text": TEXT}, headers=auth)
+        time.sleep(0.5)  # the request waits up to 1 s in the replica for its batch to fill
+        os.kill(pid, signal.SIGKILL)
+        r = pending.result()
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert "model replica stopped" in r.json()["error"] and r.headers["retry-after"] == "1"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        again = post(service, "/locked/v1/describe", {"text": TEXT}, headers=auth)
+        if again.status_code == 200:
+            break
+        assert again.status_code == 503 and again.json()["error"], again.text
+        time.sleep(1)
+    assert again.status_code == 200
+    assert httpx.get(f"{service}/locked/v1/model", headers=auth).json()["pid"] != pid
+
+
+def other_tokenizer_export(path) -> str:
+    """An export whose tokenizer is the real GPT-2 BPE (50 k ids) instead of the tiny trained one (4 k):
+    ids of either tokenizer mean nothing, or do not exist, in the other's model."""
+    from kilm_ray.config import ModelConfig
+    from kilm_ray.model import build_model, export_hf
+    from kilm_ray.tokenizer import load_tokenizer, special_ids
+
+    import torch
+
+    torch.manual_seed(7)
+    tokenizer = load_tokenizer(f"gpt2-bpe:{GPT2_BPE}")
+    model = build_model(ModelConfig(preset="tiny", dropout=0.0), len(tokenizer), special_ids(tokenizer), 256)
+    return str(export_hf(model.eval(), tokenizer, path, {"step": 99}))
+
+
+def test_an_export_with_another_tokenizer_rolls_out_under_load(service, tmp_path):
+    """Deploying the application with an export whose tokenizer differs: the model replica loads it in the
+    background while the load goes on. Every answer under load is the one the old export or the new one
+    gives (each request runs on the export that tokenized it), and nothing fails but the documented 503.
+    (Last in the module: the main application keeps the new export.)"""
+    from ray import serve
+
+    from kilm_ray.serve.app import app_builder
+
+    bodies = [("/v1/describe", {"text": TEXT, "max_new_tokens": 6}),
+              ("/v1/describe", {"text": "Paris is the capital of <ent>France</ent>.", "max_new_tokens": 6, "num_beams": 2}),
+              ("/v1/qa", {"question": "Who taught Alexander the Great?", "max_new_tokens": 6}),
+              ("/generate", {"inputs": "Aristotle was a Greek", "parameters": {"max_new_tokens": 6}})]
+    before = [post(service, p, b).json() for p, b in bodies]
+    v2 = other_tokenizer_export(tmp_path / "export-v2")
+    seen: list[tuple[int, int, dict]] = []
+    stop = threading.Event()
+
+    def load(k: int):
+        with httpx.Client(timeout=120) as client:
+            i = k
+            while not stop.is_set():
+                path, body = bodies[i % len(bodies)]
+                r = client.post(f"{service}{path}", json=body)
+                seen.append((i % len(bodies), r.status_code, r.json()))
+                i += 1
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    serve.run(app_builder(serve_deploy_args(v2)), name="kilm", route_prefix="/")
+    deadline = time.time() + 90
+    while httpx.get(f"{service}/v1/model").json()["step"] != 99 and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    after = [post(service, p, b).json() for p, b in bodies]
+    assert httpx.get(f"{service}/v1/model").json()["model"] == v2
+
+    def key(answer: dict):
+        return json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in answer.items()
+                           if k not in ("details",)}, sort_keys=True)
+
+    assert any(key(a) != key(b) for a, b in zip(before, after)), "the two exports answer alike: nothing is tested"
+    codes = [code for _, code, _ in seen]
+    assert len(seen) > 12 and set(codes) <= {200, 503}, sorted(set(codes))
+    for _, code, body in seen:
+        if code == 503:
+            assert "retry later" in body["error"]
+    olds = news = 0
+    for i, code, body in seen:
+        if code == 200:
+            assert key(body) in (key(before[i]), key(after[i])), (bodies[i], body, before[i], after[i])
+            olds += key(body) == key(before[i])
+            news += key(body) == key(after[i])
+    assert olds and news, (olds, news)  # the load spanned the rollout

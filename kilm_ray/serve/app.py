@@ -1,237 +1,149 @@
-"""The Ray Serve application: a FastAPI ingress that checks and reads requests, builds prompts, and a
-model deployment that answers them in dynamic batches (``@serve.batch``).
+"""The Ray Serve application: a thin FastAPI ingress and one model deployment.
 
-    HTTP --> gate (auth, admission, streamed body limit) --> ProbeAPI (FastAPI, CPU, tokenizes, builds prompts)
-         --handle--> KilmModel (batched generate / score, CPU or GPU)
+    HTTP --> gate (auth, draining, admission, streamed body limit) --> ProbeAPI (FastAPI, CPU: validates,
+         translates the protocols, streams) --handle--> KilmModel (tokenizes, batches, generates, decodes)
 
-The export to serve is the deployments' ``user_config`` (``{"model": uri}``): a new export is rolled out
-by ``reconfigure`` while the old one keeps answering (no restart, no failed request). Prompts and parsing
-come from ``kilm_ray.probes``, generation and scoring from ``kilm_ray.generation``: the evaluation harness
-uses the same functions.
+Routes: the probe API (``/v1/describe``, ``/v1/disambiguate``, ``/v1/appositive``, ``/v1/qa``, ``/v1/fill``,
+streaming with ``"stream": true``), Hugging Face TGI (``POST /generate``, ``/generate_stream``, ``/``),
+OpenAI completions (``POST /v1/completions``, ``GET /v1/models``), a page to try probes (``GET /``), and
+``/docs`` + ``/openapi.json``. Every route passes the gate and is counted in the metrics; errors are
+JSON in the route's protocol (``protocols.error_body``).
+
+The export is the model deployment's ``user_config`` (``{"model": uri}``): a new export is rolled out by
+``reconfigure`` while the old one keeps answering; each request runs on the export that tokenized it
+(``replica.py``). The ingress's ``user_config`` is ``{"draining": bool}``: a graceful stop sets it, and
+from then on new requests get 503 while those in flight finish.
 
 Metrics (``ray.serve.metrics``, on Ray's Prometheus endpoint, tagged with deployment and replica):
-``kilm_http_requests`` (endpoint, status), ``kilm_http_request_latency_ms`` (endpoint), ``kilm_http_in_flight``,
-``kilm_model_batch_size`` (method), ``kilm_model_waiting_requests``, ``kilm_generated_tokens`` (endpoint).
-Each request is logged once by the ingress on the ``ray.serve`` logger (structured, with Serve's request id).
+``kilm_http_requests`` (endpoint, status), ``kilm_http_request_latency_ms`` (endpoint; streams: to their
+last byte), ``kilm_http_in_flight``, ``kilm_model_batch_size`` (method), ``kilm_model_waiting_requests``,
+``kilm_generated_tokens`` (endpoint). Each request is logged once by the ingress on the ``ray.serve``
+logger (structured, with Serve's request id).
 """
 
 # No "from __future__ import annotations": FastAPI must see real types on the ingress methods.
 
 import asyncio
+import functools
+import hashlib
 import hmac
 import importlib
-import json
 import logging
 import os
-import resource
+import signal
+import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kilm_ray.serve import protocols as proto
+from kilm_ray.serve.protocols import (
+    BusyErrorBody, CompletionRequest, ErrorBody, OpenAIErrorBody, TgiErrorBody, TgiRequest, ValidationErrorBody,
+)
+from kilm_ray.serve.replica import KilmModel
 from kilm_ray.serve.schemas import (
     AppositiveRequest, AppositiveResponse, DescribeRequest, DescribeResponse, DisambiguateRequest,
-    DisambiguateResponse, FillRequest, FillResponse, MentionInContext, QARequest, QAResponse, RankedCandidate,
+    DisambiguateResponse, FillRequest, FillResponse, QARequest, QAResponse,
 )
 
 log = logging.getLogger("kilm_ray.serve")
 request_log = logging.getLogger("ray.serve")  # Serve formats it (JSON with logging_config) and adds the request id
 API_VERSION = "v1"
-OPEN_PATHS = ("/healthz",)  # no bearer token needed (load balancer health checks)
+OPEN_ROUTES = {("GET", "/"), ("GET", "/healthz")}  # no bearer token: the page (static) and health checks
 RETRY_AFTER_S = 1
+PAGE = Path(__file__).with_name("static") / "index.html"
+GENERATING_PROBES = ("/v1/describe", "/v1/appositive", "/v1/qa", "/v1/fill")
 
 
-def busy_response(reason: str) -> JSONResponse:
-    """The one 503 the service gives, whether the ingress or the model queue is full."""
-    return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
-                        content={"error": f"{reason}; retry later", "retry_after_s": RETRY_AFTER_S})
+class ApiError(Exception):
+    """An answer other than 2xx; written as JSON in the route's protocol by the gate."""
+
+    def __init__(self, status: int, message: str, problems: Optional[list[str]] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.problems, self.code = status, message, problems, code
 
 
-# ----------------------------------------------------------------------------------------------
-# The model deployment
-# ----------------------------------------------------------------------------------------------
+def protocol_of(method: str, path: str) -> str:
+    if path in ("/generate", "/generate_stream") or (path == "/" and method == "POST"):
+        return "tgi"
+    if path in ("/v1/completions", "/v1/models"):
+        return "openai"
+    return "kilm"
 
 
-class BatchStats:
-    def __init__(self) -> None:
-        self.batches = 0
-        self.requests = 0
-        self.largest = 0
-        self.histogram: dict[int, int] = defaultdict(int)
-
-    def record(self, size: int) -> None:
-        self.batches += 1
-        self.requests += size
-        self.largest = max(self.largest, size)
-        self.histogram[size] += 1
-
-    def summary(self) -> dict:
-        return {"batches": self.batches, "requests": self.requests, "largest_batch": self.largest,
-                "mean_batch": self.requests / self.batches if self.batches else 0.0,
-                "histogram": dict(sorted(self.histogram.items()))}
+def error_response(protocol: str, status: int, message: str, problems: Optional[list[str]] = None,
+                   code: Optional[str] = None) -> JSONResponse:
+    if protocol == "openai" and status == 422:
+        status = 400  # OpenAI answers a request it cannot take with 400 invalid_request_error
+    headers = {}
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+        message = message if message.endswith("retry later") else f"{message}; retry later"
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    body = proto.error_body(protocol, status, message, problems, RETRY_AFTER_S if status == 503 else None, code)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-@dataclass
-class LoadedModel:
-    uri: str
-    model: Any
-    tokenizer: Any
-    sp: Any
-    meta: dict
-    vocab: str  # tokenizer fingerprint
-
-    @classmethod
-    def load(cls, uri: str, device: str, dtype: str) -> "LoadedModel":
-        from kilm_ray import storage
-        from kilm_ray.model import load_export
-        from kilm_ray.tokenizer import special_ids, tokenizer_fingerprint
-
-        with storage.materialized(uri) as local:  # a download is removed once the weights are in memory
-            model, tokenizer, meta = load_export(local, device=device, dtype=dtype)
-        return cls(uri, model, tokenizer, special_ids(tokenizer), meta, tokenizer_fingerprint(tokenizer))
+def validation_error(exc: RequestValidationError) -> ApiError:
+    problems = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return ApiError(400, f"request body is not valid JSON: {err.get('msg')}")
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        problems.append(f"{where}: {err.get('msg')}")
+    return ApiError(422, "; ".join(problems), problems)
 
 
-STALE_VOCAB = {"stale_vocab": True}
+def ray_failure(exc: BaseException) -> ApiError:
+    """A failed call to the model deployment, as the answer the client gets (JSON, never a plain 500)."""
+    from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, TaskCancelledError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-
-@serve.deployment(name="KilmModel")
-class KilmModel:
-    """Holds one copy of the exported model; ``generate`` and ``score`` are batched across requests."""
-
-    def __init__(self, settings: dict):
-        import torch
-        from ray.serve.metrics import Counter, Gauge, Histogram
-
-        from kilm_ray.generation import default_device
-
-        self.settings = settings
-        self.device = default_device(settings.get("device", "auto"))
-        dtype = settings.get("dtype", "auto")
-        if dtype == "auto":  # V100 has no bf16: fp16 there
-            dtype = "fp32" if self.device != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-        self.dtype = dtype
-        self.loaded: Optional[LoadedModel] = None
-        self.stats = BatchStats()
-        self.waiting = 0
-        torch.set_grad_enabled(False)
-        for handler in (self.generate_batch, self.score_batch):
-            handler.set_max_batch_size(int(settings["max_batch_size"]))
-            handler.set_batch_wait_timeout_s(float(settings["batch_wait_timeout_s"]))
-        self.m_batch = Histogram("kilm_model_batch_size", description="requests per model call",
-                                 boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("method",))
-        self.m_waiting = Gauge("kilm_model_waiting_requests", description="requests queued or running in this replica")
-        self.m_tokens = Counter("kilm_generated_tokens", description="tokens generated", tag_keys=("endpoint",))
-
-    async def reconfigure(self, config: dict) -> None:
-        """A new export (``user_config.model``): loaded in a thread while the current one keeps answering,
-        then swapped in between two batches."""
-        uri = str(config["model"])
-        if self.loaded is not None and self.loaded.uri == uri:
-            return
-        self.loaded = await asyncio.to_thread(LoadedModel.load, uri, self.device, self.dtype)
-        log.info("model replica now serves %s", uri)
-
-    async def _queued(self, handler, request: dict) -> dict:
-        if request.get("vocab") != self.loaded.vocab:
-            return STALE_VOCAB  # the ingress tokenized with another export's tokenizer (mid-rollout)
-        self.waiting += 1
-        self.m_waiting.set(self.waiting)
-        try:
-            return await handler(request)
-        finally:
-            self.waiting -= 1
-            self.m_waiting.set(self.waiting)
-
-    async def generate(self, request: dict) -> dict:
-        return await self._queued(self.generate_batch, request)
-
-    async def score(self, request: dict) -> dict:
-        return await self._queued(self.score_batch, request)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, requests: list[dict]) -> list[dict]:
-        self.stats.record(len(requests))
-        self.m_batch.observe(len(requests), tags={"method": "generate"})
-        # The model runs on this (user-code) event loop, not in a worker thread: Serve keeps health checks
-        # on its own loop, requests queue up while a batch runs, and the next batch takes them all. A thread
-        # here fought the loop for the GIL and starved batching (mean batch 1.3 vs 14, bench/serve_load.py).
-        return self._generate(self.loaded, requests)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score_batch(self, requests: list[dict]) -> list[dict]:
-        self.stats.record(len(requests))
-        self.m_batch.observe(len(requests), tags={"method": "score"})
-        return self._score(self.loaded, requests)
-
-    def _generate(self, m: LoadedModel, requests: list[dict]) -> list[dict]:
-        from kilm_ray.generation import generate, generation_groups
-
-        rows = [(len(r["decoder_prefix"]), r["max_new_tokens"], r["num_beams"], tuple(r["stop_ids"])) for r in requests]
-        results: list[Optional[dict]] = [None] * len(requests)
-        for index in generation_groups(rows, m.model.config.max_position_embeddings):
-            outs = generate(m.model, [requests[i]["encoder_ids"] for i in index],
-                            [requests[i]["decoder_prefix"] for i in index], m.sp.pad, m.sp.eos,
-                            [requests[i]["stop_ids"] for i in index], [requests[i]["max_new_tokens"] for i in index],
-                            requests[index[0]]["num_beams"])
-            for i, out in zip(index, outs):
-                results[i] = {"tokens": out.tokens, "score": out.score, "finish_reason": out.finish_reason,
-                              "batch_size": len(requests)}
-                self.m_tokens.inc(len(out.tokens), tags={"endpoint": requests[i].get("endpoint", "")})
-        return results
-
-    def _score(self, m: LoadedModel, requests: list[dict]) -> list[dict]:
-        from kilm_ray.generation import score_candidates
-
-        # Each request is scored on its own (one encoder pass, candidates in token-budget sub-batches): its
-        # scores never depend on which requests shared the batch, and memory is bounded per forward.
-        budget = int(self.settings["score_token_budget"])
-        return [{"scores": [list(s) for s in score_candidates(m.model, r["encoder_ids"], r["decoder_prefix"],
-                                                              r["continuations"], m.sp.pad, budget)],
-                 "batch_size": len(requests)} for r in requests]
-
-    def info(self) -> dict:
-        m = self.loaded
-        return {"model": m.uri, "meta": m.meta, "device": self.device, "dtype": self.dtype,
-                "parameters": sum(p.numel() for p in m.model.parameters()), "batching": self.stats.summary(),
-                "pid": os.getpid(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if isinstance(exc, BackPressureError):
+        return ApiError(503, "the model is at capacity (queue full)")
+    if isinstance(exc, OutOfMemoryError):
+        return ApiError(503, "the model replica ran out of memory and is being restarted")
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        return ApiError(503, "the model replica stopped (it is being restarted)")
+    if isinstance(exc, (RequestCancelledError, TaskCancelledError, asyncio.CancelledError)):
+        return ApiError(503, "the request was cancelled")
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        return ApiError(500, f"the model failed on this request: {type(cause).__name__}: {str(cause)[:300]}")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 # ----------------------------------------------------------------------------------------------
-# The HTTP ingress
+# The gate: what every request passes before its body is read
 # ----------------------------------------------------------------------------------------------
-
-
-def admission_limit(settings: dict) -> int:
-    """Requests one ingress replica holds at once before answering 503: what the model replicas can run
-    and queue (0 = unlimited when the model queue is)."""
-    queued = int(settings["max_queued_requests"])
-    if queued < 0:
-        return 0
-    replicas = int(settings["max_replicas"] if settings["autoscaling"] else settings["num_replicas"])
-    return max(1, (int(settings["max_ongoing_requests"]) + queued) * replicas // max(1, int(settings["ingress_replicas"])))
 
 
 @dataclass
 class Gate:
-    """What every request passes before its body is read: the bearer token, admission (so the ingress
-    answers 503 in our format before Serve's own queue would), and the body limit counted on the bytes
-    actually received (a chunked body has no Content-Length)."""
+    """The bearer token, draining (a graceful stop in progress), admission (so the ingress answers 503 in
+    our format before Serve's own queue would), and the body limit counted on the bytes actually received
+    (a chunked body has no Content-Length)."""
 
     max_request_bytes: int = 65536
     token: Optional[str] = None
     max_in_flight: int = 0  # 0: no limit
     in_flight: int = 0
+    draining: bool = False
     metrics: dict = field(default_factory=dict)
 
-    def unauthorized(self, path: str, authorization: Optional[str]) -> bool:
-        if self.token is None or path in OPEN_PATHS:
+    def unauthorized(self, method: str, path: str, authorization: Optional[str]) -> bool:
+        if self.token is None or (method, path) in OPEN_ROUTES:
             return False
         expected = f"Bearer {self.token}".encode()
         return not authorization or not hmac.compare_digest(authorization.encode(), expected)
@@ -280,8 +192,10 @@ def _as_json_request(request: Request, body: bytes) -> Request:
 
 
 class _GatedRoute(APIRoute):
-    """Auth, admission and the streamed body limit run here, before FastAPI reads and validates the body.
-    (A route class rather than a middleware: Serve's class-based ingress keeps the routes it is given.)"""
+    """Auth, draining, admission and the streamed body limit run here, before FastAPI reads and validates
+    the body; every error becomes JSON in the route's protocol; a streamed answer stays counted in flight
+    until its last byte. (A route class rather than a middleware: Serve's class-based ingress keeps the
+    routes it is given.)"""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -290,38 +204,67 @@ class _GatedRoute(APIRoute):
         async def gated(request: Request):
             gate = _gate()
             started = time.perf_counter()
-            response = None
-            if gate.unauthorized(path, request.headers.get("authorization")):
-                response = JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
-                    "error": "missing or wrong bearer token (Authorization: Bearer <token>)"})
+            protocol = protocol_of(request.method, path)
+            if gate.unauthorized(request.method, path, request.headers.get("authorization")):
+                response = error_response(protocol, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            elif gate.draining:
+                response = error_response(protocol, 503, "the service is stopping")
             elif gate.max_in_flight and gate.in_flight >= gate.max_in_flight:
-                response = busy_response(f"the service is at capacity ({gate.in_flight} requests in flight)")
-            if response is None:
+                response = error_response(protocol, 503, f"the service is at capacity ({gate.in_flight} requests in flight)")
+            else:
                 gate.in_flight += 1
                 _observe(gate, "in_flight", gate.in_flight)
+                response = None
                 try:
-                    if request.method in ("POST", "PUT", "PATCH"):
-                        request = _as_json_request(request, await _read_limited(request, gate.max_request_bytes))
-                    response = await handler(request)
-                except _TooLarge as exc:
-                    response = JSONResponse(status_code=413, content={"error": str(exc)})
-                except Exception as exc:  # answered by the app's exception handlers; counted and logged here
-                    _record(gate, request.method, path, _status_of(exc), time.perf_counter() - started)
-                    raise
+                    response = await _answer(handler, request, protocol, gate)
                 finally:
-                    gate.in_flight -= 1
-                    _observe(gate, "in_flight", gate.in_flight)
+                    if isinstance(response, StreamingResponse):
+                        response.body_iterator = _counted(response.body_iterator, gate, request.method, path, started)
+                    else:
+                        _release(gate)
+                if isinstance(response, StreamingResponse):
+                    return response
             _record(gate, request.method, path, response.status_code, time.perf_counter() - started)
             return response
 
         return gated
 
 
-def _status_of(exc: Exception) -> int:
-    """The status the app's exception handlers answer ``exc`` with."""
-    if isinstance(exc, RequestValidationError):
-        return 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
-    return int(getattr(exc, "status_code", 500))
+async def _answer(handler, request: Request, protocol: str, gate: Gate):
+    try:
+        if request.method in ("POST", "PUT", "PATCH"):
+            request = _as_json_request(request, await _read_limited(request, gate.max_request_bytes))
+        return await handler(request)
+    except _TooLarge as exc:
+        return error_response(protocol, 413, str(exc))
+    except ApiError as exc:
+        return error_response(protocol, exc.status, exc.message, exc.problems, exc.code)
+    except RequestValidationError as exc:
+        e = validation_error(exc)
+        return error_response(protocol, e.status, e.message, e.problems)
+    except StarletteHTTPException as exc:  # FastAPI's own, e.g. "There was an error parsing the body"
+        detail = exc.detail
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "request body is not valid JSON (or not UTF-8 text)"
+        return error_response(protocol, exc.status_code, str(detail))
+    except Exception as exc:  # noqa: BLE001 - a bug or a failed call: still JSON, and logged
+        log.exception("%s %s failed", request.method, request.url.path)
+        e = ray_failure(exc)
+        return error_response(protocol, e.status, e.message)
+
+
+def _release(gate: Gate) -> None:
+    gate.in_flight -= 1
+    _observe(gate, "in_flight", gate.in_flight)
+
+
+async def _counted(body: AsyncIterator[bytes], gate: Gate, method: str, path: str, started: float):
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        _release(gate)
+        _record(gate, method, path, 200, time.perf_counter() - started)
 
 
 def _observe(gate: Gate, name: str, value: float) -> None:
@@ -334,69 +277,85 @@ def _record(gate: Gate, method: str, path: str, status: int, seconds: float) -> 
     if gate.metrics:
         gate.metrics["requests"].inc(tags={"endpoint": path, "status": str(status)})
         gate.metrics["latency"].observe(latency_ms, tags={"endpoint": path})
-    if path not in OPEN_PATHS:
+    if (method, path) not in OPEN_ROUTES:
         request_log.info("%s %s %d %.1fms", method, path, status, latency_ms,
                          extra={"endpoint": path, "status_code": status, "latency_ms": latency_ms})
 
 
-app = FastAPI(title="kilm_ray knowledge probes", version=API_VERSION,
-              description="Probe the entity knowledge injected into BART by KILM.")
+# ----------------------------------------------------------------------------------------------
+# The FastAPI application and its published schema
+# ----------------------------------------------------------------------------------------------
+
+app = FastAPI(title="kilm_ray knowledge probes", version=API_VERSION, docs_url=None, redoc_url=None,
+              openapi_url=None, description="Probe the entity knowledge injected into BART by KILM; or call the "
+                                            "model through TGI's or OpenAI's text-generation protocol.")
 app.router.route_class = _GatedRoute
+
+
+def _errors(model, codes, validation=None) -> dict:
+    out = {code: {"model": model, "description": "error"} for code in codes}
+    if validation is not None:
+        out[422] = {"model": validation, "description": "the request does not fit the endpoint"}
+    return out
+
+
+KILM_ERRORS = {**_errors(ErrorBody, (400, 401, 413, 500), ValidationErrorBody),
+               503: {"model": BusyErrorBody, "description": "full, stopping, or a replica restarting: retry later"}}
+TGI_ERRORS = _errors(TgiErrorBody, (400, 401, 413, 500, 503), TgiErrorBody)
+OPENAI_ERRORS = _errors(OpenAIErrorBody, (400, 401, 404, 413, 500, 503))
+SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+def openapi_schema() -> dict:
+    """FastAPI's schema with each route's real error bodies (no default ``{"detail"}`` 422 anywhere)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if protocol_of(method.upper(), path) == "openai":
+                operation["responses"].pop("422", None)  # OpenAI's clients get 400 for an invalid request
+    components = schema.get("components", {}).get("schemas", {})
+    import json
+
+    for name in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{name}" not in json.dumps(schema["paths"]) and name in components:
+            del components[name]
+    app.openapi_schema = schema
+    return schema
+
+
+@app.exception_handler(StarletteHTTPException)  # 404 / 405 from routing (no route, so no gate)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
+    return error_response(protocol_of(request.method, path), exc.status_code, str(exc.detail))
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    problems = []
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            return JSONResponse(status_code=400, content={"error": f"request body is not valid JSON: {err.get('msg')}"})
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        problems.append(f"{where}: {err.get('msg')}")
-    return JSONResponse(status_code=422, content={"error": "; ".join(problems), "problems": problems})
+    e = validation_error(exc)
+    return error_response("kilm", e.status, e.message, e.problems)
 
 
-@app.exception_handler(StarletteHTTPException)  # also FastAPI's own (e.g. "error parsing the body")
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    if exc.status_code == 503:
-        return busy_response(str(exc.detail))
-    detail = exc.detail
-    if exc.status_code == 400 and detail == "There was an error parsing the body":
-        detail = "request body is not valid JSON (or not UTF-8 text)"
-    return JSONResponse(status_code=exc.status_code, content={"error": detail}, headers=exc.headers)
+def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-INLINE_TOKENIZE_CHARS = 2048  # about 0.2 ms of tokenizing: cheaper inline than a thread hand-off
+def _done(out: dict) -> dict:
+    if "done" not in out:
+        raise ApiError(int(out.get("status", 500)), str(out.get("error", "no answer")))
+    return out["done"]
 
 
-def _text_chars(req) -> int:
-    """Characters of text in a request (strings and candidates' strings)."""
-    total = 0
-    for value in req.__dict__.values():
-        if isinstance(value, str):
-            total += len(value)
-        elif isinstance(value, list):
-            total += sum(len(c.title) + len(c.description) for c in value)
-    return total
-
-
-@dataclass
-class IngressTokenizer:
-    uri: str
-    tokenizer: Any
-    sp: Any
-    vocab: str
-    max_positions: int
-
-    @classmethod
-    def load(cls, uri: str) -> "IngressTokenizer":
-        from kilm_ray import storage
-        from kilm_ray.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
-
-        # Only the tokenizer and config: no copy of the weights per ingress replica.
-        with storage.materialized(uri, skip_suffixes=storage.WEIGHT_SUFFIXES) as local:
-            tokenizer = load_tokenizer(str(local))
-            max_positions = int(json.loads((local / "config.json").read_text()).get("max_position_embeddings", 10**9))
-        return cls(uri, tokenizer, special_ids(tokenizer), tokenizer_fingerprint(tokenizer), max_positions)
+def admission_limit(settings: dict) -> int:
+    """Requests one ingress replica holds at once before answering 503: what the model replicas can run
+    and queue (0 = unlimited when the model queue is)."""
+    queued = int(settings["max_queued_requests"])
+    if queued < 0:
+        return 0
+    replicas = int(settings["max_replicas"] if settings["autoscaling"] else settings["num_replicas"])
+    return max(1, (int(settings["max_ongoing_requests"]) + queued) * replicas // max(1, int(settings["ingress_replicas"])))
 
 
 @serve.deployment(name="ProbeAPI")
@@ -407,7 +366,8 @@ class ProbeAPI:
 
         self.model = model
         self.settings = settings
-        self.tok: Optional[IngressTokenizer] = None
+        self.model_id = str(settings["app_name"])
+        self.created = int(time.time())
         gate = _gate()
         gate.max_request_bytes = int(settings["max_request_bytes"])
         gate.token = settings.get("auth_token") or os.environ.get("KILM_SERVE_TOKEN") or None
@@ -422,159 +382,246 @@ class ProbeAPI:
         }
 
     async def reconfigure(self, config: dict) -> None:
-        uri = str(config["model"])
-        if self.tok is None or self.tok.uri != uri:
-            self.tok = await asyncio.to_thread(IngressTokenizer.load, uri)
+        _gate().draining = bool(config.get("draining", False))
 
-    # -- helpers ---------------------------------------------------------------------------------
+    async def in_flight(self) -> int:
+        """Requests this ingress replica is answering (a graceful stop waits for 0)."""
+        return _gate().in_flight
+
+    # -- calling the model ------------------------------------------------------------------------
+
+    def _limit(self, value: Optional[int], field: str, default: int, setting: str) -> int:
+        value = value or default
+        if value > int(self.settings[setting]):
+            raise ApiError(422, f"{field}: {value} is above the server limit {self.settings[setting]}")
+        return value
 
     def _options(self, req) -> tuple[int, int]:
-        s = self.settings
-        max_new = req.max_new_tokens or int(s["default_max_new_tokens"])
-        beams = req.num_beams or 1
-        if max_new > int(s["max_new_tokens_limit"]):
-            raise HTTPException(422, f"max_new_tokens: {max_new} is above the server limit {s['max_new_tokens_limit']}")
-        if beams > int(s["max_beams"]):
-            raise HTTPException(422, f"num_beams: {beams} is above the server limit {s['max_beams']}")
+        max_new = self._limit(req.max_new_tokens, "max_new_tokens", int(self.settings["default_max_new_tokens"]),
+                              "max_new_tokens_limit")
+        beams = self._limit(req.num_beams, "num_beams", 1, "max_beams")
         return max_new, beams
 
-    def _check_length(self, tok: IngressTokenizer, encoder_ids: list[int]) -> None:
-        limit = min(int(self.settings["max_input_tokens"]), tok.max_positions)
-        if len(encoder_ids) > limit:
-            raise HTTPException(413, f"the input is {len(encoder_ids)} tokens; the limit is {limit}")
-
-    @staticmethod
-    def _mention(tok: IngressTokenizer, req: MentionInContext) -> tuple[str, str, str]:
-        from kilm_ray.probes import control_tokens, refuse_control_tokens, split_marked_text
-
-        if req.text is not None:
-            if req.left is not None or req.mention is not None or req.right is not None:
-                raise HTTPException(422, "give either 'text' with <ent>...</ent> or 'left'/'mention'/'right', not both")
-            left, mention, right = split_marked_text(req.text)
-            refuse_control_tokens("text", left + mention + right, control_tokens(tok.tokenizer))
-            return left, mention, right
-        if req.mention is None:
-            raise HTTPException(422, "missing the mention: give 'text' with <ent>...</ent>, or 'mention' "
-                                     "(with optional 'left' and 'right')")
-        return req.left or "", req.mention, req.right or ""
-
-    async def _prepare(self, req, work):
-        """Tokenize and build the prompt; a ProbeError (bad input) becomes a 422 naming the problem. Long
-        inputs are tokenized in a thread so the event loop keeps accepting requests meanwhile; short ones
-        inline, where a thread hand-off costs more than the work (it cut batched throughput by a quarter)."""
-        from kilm_ray.probes import ProbeError
-
-        tok = self.tok
+    async def _call(self, method: str, job: dict) -> dict:
         try:
-            if _text_chars(req) <= INLINE_TOKENIZE_CHARS:
-                return tok, work(tok)
-            return tok, await asyncio.to_thread(work, tok)
-        except ProbeError as exc:
-            raise HTTPException(422, str(exc)) from None
-
-    def _prompt(self, tok: IngressTokenizer, build, *args):
-        prompt = build(tok.tokenizer, tok.sp, *args)
-        self._check_length(tok, prompt.encoder_ids)
-        return prompt
-
-    async def _call(self, method: str, payload: dict) -> dict:
-        from ray.serve.exceptions import BackPressureError
-
-        try:
-            out = await getattr(self.model, method).remote(payload)
-        except BackPressureError:
-            raise HTTPException(503, "the model is at capacity (queue full)") from None
-        if out.get("stale_vocab"):
-            raise HTTPException(503, "a new model is being rolled out")
+            out = await getattr(self.model, method).remote(job)
+        except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
+            raise ray_failure(exc) from None
+        if out.get("type") == "error":
+            raise ApiError(int(out["status"]), out["error"])
         return out
 
-    async def _generate(self, endpoint: str, tok: IngressTokenizer, prompt, req) -> dict:
-        max_new, beams = self._options(req)
-        return await self._call("generate", {
-            "encoder_ids": prompt.encoder_ids, "decoder_prefix": prompt.decoder_prefix, "vocab": tok.vocab,
-            "stop_ids": sorted({prompt.stop_id, tok.sp.eos}), "max_new_tokens": max_new, "num_beams": beams,
-            "endpoint": endpoint})
+    async def _open(self, job: dict):
+        """Start a streamed answer; its first event is checked first, so a bad request is still a 4xx."""
+        try:
+            stream = self.model.options(stream=True).stream.remote(job)
+            first = await stream.__anext__()
+        except Exception as exc:  # noqa: BLE001
+            raise ray_failure(exc) from None
+        if first["type"] == "error":
+            raise ApiError(int(first["status"]), first["error"])
+        return first, stream
 
-    # -- endpoints -------------------------------------------------------------------------------
+    @staticmethod
+    async def _events(stream) -> AsyncIterator[dict]:
+        """The rest of a streamed answer; a failure midway becomes a last ``error`` event."""
+        try:
+            async for event in stream:
+                yield event
+        except Exception as exc:  # noqa: BLE001
+            e = ray_failure(exc)
+            yield {"type": "error", "status": e.status, "error": e.message}
+
+    async def _probe(self, endpoint: str, task: str, req, fields: dict):
+        max_new, beams = self._options(req)
+        job = {"task": task, "fields": fields, "max_new_tokens": max_new, "num_beams": beams, "endpoint": endpoint}
+        if not req.stream:
+            return proto.probe_response(_done(await self._call("answer", job)))
+        _, stream = await self._open(job)
+
+        async def frames():
+            async for event in self._events(stream):
+                for frame in proto.probe_frames(event):
+                    yield frame
+
+        return _sse(frames())
+
+    # -- the page, health, schema -----------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get(f"/{API_VERSION}/model")
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self):
+        return JSONResponse(openapi_schema())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                                   title=f"{app.title} - docs")
+
+    @app.get(f"/{API_VERSION}/model", responses=_errors(ErrorBody, (401, 500)))
     async def model_info(self) -> dict:
         from kilm_ray.tokenizer import KILM_TOKENS
 
-        info = await self.model.info.remote()
+        try:
+            info = await self.model.info.remote()
+        except Exception as exc:  # noqa: BLE001
+            raise ray_failure(exc) from None
         s = self.settings
-        return {**info, "api_version": API_VERSION, "special_tokens": KILM_TOKENS,
+        return {**info, "api_version": API_VERSION, "special_tokens": KILM_TOKENS, "id": self.model_id,
                 "checkpoint": info["meta"].get("checkpoint"), "step": info["meta"].get("step"),
                 "generation_defaults": {"max_new_tokens": s["default_max_new_tokens"], "num_beams": 1},
                 "limits": {k: s[k] for k in ("max_new_tokens_limit", "max_beams", "max_input_tokens",
                                              "max_candidates", "max_candidate_tokens", "max_request_bytes",
                                              "max_batch_size")}}
 
-    @app.post(f"/{API_VERSION}/describe", response_model=DescribeResponse)
+    # -- the probe API ----------------------------------------------------------------------------
+
+    @app.post(f"/{API_VERSION}/describe", response_model=DescribeResponse,
+              responses={**KILM_ERRORS, 200: {"content": SSE_CONTENT}})
     async def describe(self, req: DescribeRequest):
-        from kilm_ray.probes import describe_prompt, parse_knowledge
+        return await self._probe("/v1/describe", "describe", req,
+                                 {"text": req.text, "left": req.left, "mention": req.mention, "right": req.right})
 
-        tok, prompt = await self._prepare(req, lambda t: self._prompt(t, describe_prompt, *self._mention(t, req)))
-        out = await self._generate("describe", tok, prompt, req)
-        title, description = parse_knowledge(tok.tokenizer, tok.sp, out["tokens"])
-        return DescribeResponse(title=title, description=description, score=out["score"],
-                                finish_reason=out["finish_reason"])
-
-    @app.post(f"/{API_VERSION}/disambiguate", response_model=DisambiguateResponse)
+    @app.post(f"/{API_VERSION}/disambiguate", response_model=DisambiguateResponse, responses=KILM_ERRORS)
     async def disambiguate(self, req: DisambiguateRequest):
-        from kilm_ray.probes import candidate_continuation, describe_prompt
-
         limit = int(self.settings["max_candidates"])
         if len(req.candidates) > limit:
-            raise HTTPException(422, f"candidates: {len(req.candidates)} given; the limit is {limit}")
+            raise ApiError(422, f"candidates: {len(req.candidates)} given; the limit is {limit}")
+        return await self._call("disambiguate", {"fields": {
+            "text": req.text, "left": req.left, "mention": req.mention, "right": req.right,
+            "candidates": [c.model_dump() for c in req.candidates]}})
 
-        def prepare(t: IngressTokenizer):
-            prompt = self._prompt(t, describe_prompt, *self._mention(t, req))
-            # Each candidate is cut to fit: the server's cap and the positions left after the prefix.
-            room = min(int(self.settings["max_candidate_tokens"]), t.max_positions - len(prompt.decoder_prefix))
-            return prompt, [candidate_continuation(t.tokenizer, t.sp, c.title, c.description, room, f"candidates.{i}")
-                            for i, c in enumerate(req.candidates)]
-
-        tok, (prompt, continuations) = await self._prepare(req, prepare)
-        out = await self._call("score", {"encoder_ids": prompt.encoder_ids, "decoder_prefix": prompt.decoder_prefix,
-                                         "continuations": continuations, "vocab": tok.vocab})
-        scored = [(lp / max(n, 1), lp, c) for (lp, n), c in zip(out["scores"], req.candidates)]
-        scored.sort(key=lambda t: -t[0])
-        return DisambiguateResponse(ranking=[
-            RankedCandidate(title=c.title, description=c.description, score=mean, logprob=lp, rank=i + 1)
-            for i, (mean, lp, c) in enumerate(scored)])
-
-    @app.post(f"/{API_VERSION}/appositive", response_model=AppositiveResponse)
+    @app.post(f"/{API_VERSION}/appositive", response_model=AppositiveResponse,
+              responses={**KILM_ERRORS, 200: {"content": SSE_CONTENT}})
     async def appositive(self, req: AppositiveRequest):
-        from kilm_ray.probes import appositive_prompt, parse_knowledge
+        return await self._probe("/v1/appositive", "appositive", req, {"text": req.text, "mention": req.mention})
 
-        tok, prompt = await self._prepare(req, lambda t: self._prompt(t, appositive_prompt, req.text, req.mention))
-        out = await self._generate("appositive", tok, prompt, req)
-        title, description = parse_knowledge(tok.tokenizer, tok.sp, out["tokens"])
-        return AppositiveResponse(appositive=description, title=title, score=out["score"],
-                                  finish_reason=out["finish_reason"])
-
-    @app.post(f"/{API_VERSION}/qa", response_model=QAResponse)
+    @app.post(f"/{API_VERSION}/qa", response_model=QAResponse, responses={**KILM_ERRORS, 200: {"content": SSE_CONTENT}})
     async def qa(self, req: QARequest):
-        from kilm_ray.probes import parse_text, qa_prompt
+        return await self._probe("/v1/qa", "qa", req, {"question": req.question})
 
-        tok, prompt = await self._prepare(req, lambda t: self._prompt(t, qa_prompt, req.question))
-        out = await self._generate("qa", tok, prompt, req)
-        return QAResponse(answer=parse_text(tok.tokenizer, tok.sp, out["tokens"]), score=out["score"],
-                          finish_reason=out["finish_reason"])
-
-    @app.post(f"/{API_VERSION}/fill", response_model=FillResponse)
+    @app.post(f"/{API_VERSION}/fill", response_model=FillResponse, responses={**KILM_ERRORS, 200: {"content": SSE_CONTENT}})
     async def fill(self, req: FillRequest):
-        from kilm_ray.probes import fill_prompt, parse_text
+        return await self._probe("/v1/fill", "fill", req, {"text": req.text})
 
-        tok, prompt = await self._prepare(req, lambda t: self._prompt(t, fill_prompt, req.text))
-        out = await self._generate("fill", tok, prompt, req)
-        return FillResponse(text=parse_text(tok.tokenizer, tok.sp, prompt.decoder_prefix[2:] + out["tokens"]),
-                            score=out["score"], finish_reason=out["finish_reason"])
+    # -- Hugging Face TGI -------------------------------------------------------------------------
+
+    async def _tgi(self, req: TgiRequest, stream: bool, endpoint: str):
+        try:
+            job = proto.tgi_job(req, int(self.settings["default_max_new_tokens"]))
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        job["max_new_tokens"] = self._limit(job["max_new_tokens"], "parameters.max_new_tokens", 1, "max_new_tokens_limit")
+        job["endpoint"] = endpoint
+        if not stream:
+            out = await self._call("answer", job)
+            done = _done(out)
+            return proto.tgi_response(req, out["tokens"], done, done["stop"])
+        _, events = await self._open(job)
+
+        async def frames():
+            pending, index = None, 0  # each token goes out once the next one (or the end) is known
+            async for event in self._events(events):
+                if event["type"] == "token":
+                    if pending is not None:
+                        index += 1
+                        yield proto.sse(proto.tgi_stream_event(req, index, pending))
+                    pending = event
+                elif event["type"] == "done":
+                    last = pending or {"id": -1, "text": "", "logprob": 0.0, "special": True}
+                    index += 1
+                    last = {**last, "text": last["text"] + event["tail"]["text"]}
+                    yield proto.sse(proto.tgi_stream_event(req, index, last, event, event["stop"]))
+                elif event["type"] == "error":
+                    yield proto.sse(proto.error_body("tgi", event["status"], event["error"]))
+
+        return _sse(frames())
+
+    @app.post("/generate", responses={**TGI_ERRORS, 200: {"content": SSE_CONTENT}})
+    async def tgi_generate(self, req: TgiRequest):
+        """TGI's generate: ``{generated_text, details}`` (server-sent events when the body says stream)."""
+        return await self._tgi(req, req.stream, "/generate")
+
+    @app.post("/generate_stream", responses={**TGI_ERRORS, 200: {"content": SSE_CONTENT}})
+    async def tgi_generate_stream(self, req: TgiRequest):
+        """TGI's generate_stream: one server-sent event per token; the last adds generated_text and details."""
+        return await self._tgi(req, True, "/generate_stream")
+
+    @app.post("/", responses={**TGI_ERRORS, 200: {"content": SSE_CONTENT}})
+    async def tgi_root(self, req: TgiRequest):
+        """TGI's root route (what ``InferenceClient(url).text_generation`` posts to)."""
+        return await self._tgi(req, req.stream, "/")
+
+    # -- OpenAI completions -----------------------------------------------------------------------
+
+    @app.get("/v1/models", responses=_errors(OpenAIErrorBody, (401,)))
+    async def openai_models(self):
+        return proto.openai_models(self.model_id, self.created)
+
+    @app.post("/v1/completions", responses={**OPENAI_ERRORS, 200: {"content": SSE_CONTENT}})
+    async def completions(self, req: CompletionRequest):
+        if req.model != self.model_id:
+            raise ApiError(404, f"model: '{req.model}' is not served here; this service serves '{self.model_id}' "
+                                "(GET /v1/models)", code="model_not_found")
+        try:
+            jobs = proto.openai_jobs(req, int(self.settings["max_batch_size"]))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        for job in jobs:
+            job["max_new_tokens"] = self._limit(job["max_new_tokens"], "max_tokens", 16, "max_new_tokens_limit")
+            job["endpoint"] = "/v1/completions"
+        cid, created = proto.completion_id(), int(time.time())
+        if not req.stream:
+            outs = await asyncio.gather(*(self._call("answer", job) for job in jobs))
+            dones = [_done(o) for o in outs]
+            choices = [proto.openai_choice(i, o["tokens"], d, req.logprobs) for i, (o, d) in enumerate(zip(outs, dones))]
+            return proto.openai_completion(cid, self.model_id, choices, dones, created)
+        opened = await asyncio.gather(*(self._open(job) for job in jobs))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse(self._openai_frames(req, [s for _, s in opened], cid, created, usage))
+
+    async def _openai_frames(self, req: CompletionRequest, streams: list, cid: str, created: int, usage: bool):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream) -> None:
+            async for event in self._events(stream):
+                await queue.put((index, event))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        offsets, dones, running = [0] * len(streams), [], len(streams)
+        want_logprobs = req.logprobs is not None
+        try:
+            while running:
+                index, event = await queue.get()
+                if event is None:
+                    running -= 1
+                elif event["type"] == "token":
+                    if event["stop"] or not (event["text"] or want_logprobs):
+                        continue
+                    yield proto.sse(proto.openai_chunk(cid, self.model_id, created, index, event["text"], None,
+                                                       [event] if want_logprobs else None, offsets[index]))
+                    offsets[index] += len(event["text"])
+                elif event["type"] == "done":
+                    dones.append(event)
+                    yield proto.sse(proto.openai_chunk(cid, self.model_id, created, index, event["tail"]["text"],
+                                                       event["finish_reason"]))
+                elif event["type"] == "error":
+                    yield proto.sse(proto.error_body("openai", event["status"], event["error"]))
+            if usage:
+                yield proto.sse({"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
+                                 "choices": [], "usage": proto.openai_usage(dones)})
+            yield proto.SSE_DONE
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,40 +629,60 @@ class ProbeAPI:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_application(model_uri: str, settings: dict):
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The deployments' version: a hash of kilm_ray's source. Serve restarts replicas whose version changed
+    and only reconfigures those whose ``user_config`` did, so a new export or draining reconfigures the
+    running replicas in place, while new code restarts them. (Ray 2.60 gives every ``serve.run`` a random
+    version otherwise: each redeploy was a full rolling restart, model load included. Setting it takes
+    Serve's internal flag; a ``serve deploy`` config gets the same from its import path.)"""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".html")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _versioned(deployment):
+    return deployment.options(version=code_version(), _internal=True)
+
+
+def build_application(model_uri: str, settings: dict, draining: bool = False):
     """The bound application (ingress + model) for ``serve.run``; ``settings`` = the serve config.
 
-    The export is each deployment's ``user_config``: running this again with another ``model_uri`` under
-    the same application name rolls the new export out in place (``reconfigure``), without new replicas."""
+    The export is the model deployment's ``user_config``: running this again with another ``model_uri``
+    under the same application name rolls the new export out in place (``reconfigure``), without new
+    replicas. ``draining=True`` (the ingress's ``user_config``) refuses new requests with 503."""
     s = settings
-    user_config = {"model": str(model_uri)}
     logging_config = {"encoding": s["log_encoding"], "enable_access_log": s["access_log"]}
     # Serve also writes every replica log line to stderr, which Ray forwards to the driver: a second copy of
     # each request line, shipped and printed at the request rate. The files under logs/serve keep them all.
-    quiet = {} if s["log_to_stderr"] else {"runtime_env": {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}}
+    quiet = {"runtime_env": {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "1" if s["log_to_stderr"] else "0"}}}
+    graceful = {"graceful_shutdown_timeout_s": float(s["drain_timeout_s"]), "graceful_shutdown_wait_loop_s": 0.5}
     model_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": s["num_cpus"], "num_gpus": s["num_gpus"], **quiet},
         "max_ongoing_requests": s["max_ongoing_requests"],
         "max_queued_requests": s["max_queued_requests"],
         # The ingress logs each HTTP request; a second line per internal call would cost the busiest process.
-        "user_config": user_config, "logging_config": dict(logging_config, enable_access_log=False),
+        "user_config": {"model": str(model_uri)}, "logging_config": dict(logging_config, enable_access_log=False),
+        **graceful,
     }
     if s["autoscaling"]:
         model_options["autoscaling_config"] = {"min_replicas": s["min_replicas"], "max_replicas": s["max_replicas"],
                                                "target_ongoing_requests": s["target_ongoing_requests"]}
     else:
         model_options["num_replicas"] = s["num_replicas"]
-    model = KilmModel.options(**model_options).bind(s)
+    model = _versioned(KilmModel.options(**model_options)).bind(s)
     admission = admission_limit(s)
-    ingress = ProbeAPI.options(
+    ingress = _versioned(ProbeAPI.options(
         ray_actor_options={"num_cpus": s["ingress_cpus"], **quiet},
         num_replicas=s["ingress_replicas"],
         # Our gate answers 503 at `admission`; Serve's own limit sits above it (room for the fast 503s) and
         # Serve never queues for the ingress, so every 503 a client sees has the same JSON body.
         max_ongoing_requests=admission + 64 if admission else max(s["max_ongoing_requests"], 2 * s["max_batch_size"]),
         max_queued_requests=-1,
-        user_config=user_config, logging_config=logging_config,
-    )
+        user_config={"draining": bool(draining)}, logging_config=logging_config, **graceful,
+    ))
     return ingress.bind(model, s)
 
 
@@ -638,17 +705,73 @@ def app_builder(args: dict):
     return build_application(model, cfg.to_dict()["serve"])
 
 
-def run_service(model_uri: str, serve_settings: dict, blocking: bool = True):
-    """Start Serve's HTTP proxy on host:port and deploy the application."""
+ROUTES_LINE = ("probes POST /v1/describe /v1/disambiguate /v1/appositive /v1/qa /v1/fill; TGI POST /generate "
+               "/generate_stream; OpenAI POST /v1/completions; a page at /; schema at /docs")
+
+
+def run_service(model_uri: str, serve_settings: dict):
+    """Start Serve's HTTP proxy on host:port and deploy the application; returns (handle, url)."""
     serve.start(http_options={"host": serve_settings["host"], "port": serve_settings["port"]})
     handle = serve.run(build_application(model_uri, serve_settings), name=serve_settings["app_name"],
                        route_prefix="/", blocking=False)
     url = f"http://{serve_settings['host']}:{serve_settings['port']}"
-    log.info("kilm probes served at %s (POST /v1/describe, /v1/disambiguate, /v1/appositive, /v1/qa, /v1/fill)", url)
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.delete(serve_settings["app_name"])
+    log.info("kilm probes served at %s (%s)", url, ROUTES_LINE)
     return handle, url
+
+
+class StopSignals:
+    """SIGTERM (what systemd and Kubernetes send) and SIGINT (Ctrl-C) as a request to stop gracefully,
+    instead of Ray's fatal-signal handler and its stack dump; a second signal cuts the wait short."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.received: list[str] = []
+
+    def install(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signal.Signals(signum).name)
+        self.event.set()
+
+    def wait(self) -> str:
+        while not self.event.wait(0.5):
+            pass
+        return self.received[0]
+
+    @property
+    def forced(self) -> bool:
+        return len(self.received) > 1
+
+
+def drain_and_stop(model_uri: str, settings: dict, signals: StopSignals, owns_ray: bool) -> str:
+    """Refuse new requests (503), let those in flight finish for at most ``serve.drain_timeout_s``, stop
+    Serve (and the local Ray this process started); returns the one line to print."""
+    import ray
+
+    started = time.monotonic()
+    name = settings["app_name"]
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the redeploy's INFO lines: not the user's news
+    ingress = serve.get_app_handle(name)
+    in_flight = left = 0
+    try:
+        in_flight = ingress.in_flight.remote().result(timeout_s=10)
+        serve.run(build_application(model_uri, settings, draining=True), name=name, route_prefix="/", blocking=False)
+        deadline = started + float(settings["drain_timeout_s"])
+        while not signals.forced:
+            left = ingress.in_flight.remote().result(timeout_s=10)
+            if left == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    except Exception as exc:  # noqa: BLE001 - stopping anyway
+        log.warning("draining failed (%s: %s); stopping now", type(exc).__name__, exc)
+    if owns_ray:  # the whole local Ray goes (serve.shutdown first leaves task-failure lines on the terminal)
+        ray.shutdown()
+    else:
+        serve.delete(name)
+    took = time.monotonic() - started
+    cut = f", {left} cut off at the {settings['drain_timeout_s']} s limit" if left else ""
+    return (f"kilm-ray serve: stopped on {signals.received[0]} in {took:.1f} s: {in_flight} request(s) in flight "
+            f"finished{cut}; new requests got 503 meanwhile")

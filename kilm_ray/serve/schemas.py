@@ -16,6 +16,9 @@ class _Strict(BaseModel):
 class GenerationOptions(_Strict):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate (server limit applies)")
     num_beams: Optional[int] = Field(None, ge=1, description="beam search width (server limit applies)")
+    stream: bool = Field(False, description="answer as server-sent events: 'delta' events ({field: text}) as "
+                                            "tokens come (beam search: at the end), then 'done' with the whole "
+                                            "answer, or 'error'")
 
 
 class MentionInContext(_Strict):
@@ -30,13 +33,15 @@ class DescribeRequest(MentionInContext, GenerationOptions):
 
 
 FinishReason = Literal["stop", "length"]
+MEAN_LOGPROB = Field(description="mean log-probability of the generated tokens (the same quantity for greedy "
+                                 "and beam search)")
 FINISH = Field(description="'stop': the answer ended itself; 'length': max_new_tokens (or the model's positions) cut it")
 
 
 class DescribeResponse(BaseModel):
     title: str
     description: str
-    score: float = Field(description="mean log-probability of the generated tokens")
+    mean_logprob: float = MEAN_LOGPROB
     finish_reason: FinishReason = FINISH
 
 
@@ -52,7 +57,7 @@ class DisambiguateRequest(MentionInContext):
 class RankedCandidate(BaseModel):
     title: str
     description: str
-    score: float = Field(description="mean log-probability per token of 'Title<sep>description</ent_desc>'")
+    mean_logprob: float = Field(description="mean log-probability per token of 'Title<sep>description</ent_desc>'")
     logprob: float = Field(description="total log-probability")
     rank: int
 
@@ -69,7 +74,7 @@ class AppositiveRequest(GenerationOptions):
 class AppositiveResponse(BaseModel):
     appositive: str
     title: str
-    score: float
+    mean_logprob: float = MEAN_LOGPROB
     finish_reason: FinishReason = FINISH
 
 
@@ -79,7 +84,7 @@ class QARequest(GenerationOptions):
 
 class QAResponse(BaseModel):
     answer: str
-    score: float
+    mean_logprob: float = MEAN_LOGPROB
     finish_reason: FinishReason = FINISH
 
 
@@ -89,5 +94,5 @@ class FillRequest(GenerationOptions):
 
 class FillResponse(BaseModel):
     text: str
-    score: float
+    mean_logprob: float = MEAN_LOGPROB
     finish_reason: FinishReason = FINISH

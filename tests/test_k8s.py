@@ -1,0 +1,207 @@
+"""deploy/k8s/ against KubeRay's published CRD schemas (v1.7.0, tests/data/kuberay), unknown fields refused
+as the API server's strict field validation refuses them; and what a schema cannot say: images, the
+PyTorch build, dependencies and entry points are cluster.yaml's, pyproject's and the documented
+`ray job submit` lines', the RayService runs configs/serve-deploy.yaml's application, spot workers drain
+on eviction. (KubeRay's CEL rules, `x-kubernetes-validations`, are not evaluated.)"""
+
+import copy
+import gzip
+import json
+import re
+import shlex
+from functools import lru_cache
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+K8S = REPO / "deploy" / "k8s"
+CRDS = {"RayJob": "rayjobs", "RayService": "rayservices", "RayCluster": "rayclusters"}
+
+
+@lru_cache(maxsize=None)
+def crd(kind: str) -> dict:
+    with gzip.open(REPO / "tests" / "data" / "kuberay" / f"ray.io_{CRDS[kind]}.v1.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def strict(schema):
+    """The schema with every object closed to fields it does not declare (a Kubernetes structural schema
+    prunes them, and kubectl's default strict field validation refuses them), unless it says to keep them."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) if k in ("items", "additionalProperties", "anyOf", "allOf", "oneOf", "not") else v
+           for k, v in schema.items() if k != "properties"}
+    if "properties" in schema:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+def problems(doc: dict) -> list[str]:
+    import jsonschema
+
+    spec = crd(doc["kind"])
+    assert doc["apiVersion"] == f"{spec['group']}/{spec['version']}"
+    validator = jsonschema.Draft7Validator(strict(spec["openAPIV3Schema"]))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(doc)]
+
+
+def manifests() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+def cluster_specs(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]["rayClusterConfig"]
+
+
+def runtime_env(doc: dict) -> dict:
+    if doc["kind"] == "RayJob":
+        return yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["runtime_env"]
+
+
+def test_every_manifest_fits_kuberays_crd_schemas():
+    docs = manifests()
+    assert {d["kind"] for d in docs.values()} == {"RayJob", "RayService"} and len(docs) == 3
+    cluster = crd("RayCluster")["openAPIV3Schema"]["properties"]["spec"]
+    import jsonschema
+
+    for name, doc in docs.items():
+        assert problems(doc) == [], name
+        # The embedded cluster is a RayCluster spec: the RayCluster CRD's own schema agrees.
+        assert list(jsonschema.Draft7Validator(strict(cluster)).iter_errors(cluster_specs(doc))) == [], name
+
+
+def test_the_schema_check_catches_mistakes():
+    doc = manifests()["rayjob-train.yaml:RayJob/kilm-train"]
+    for path, value, found in (
+        (("spec", "rayClusterSpec", "workerGroupSpec"), [], "Additional properties are not allowed ('workerGroupSpec'"),
+        (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "maxReplicas"), "four", "'four' is not of type 'integer'"),
+        (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "imagePullPolicy2"),
+         "Always", "('imagePullPolicy2' was unexpected)"),
+        (("spec", "shutdownAfterJobFinishes"), "yes", "'yes' is not of type 'boolean'"),
+    ):
+        bad = copy.deepcopy(doc)
+        target = bad
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert any(found in p for p in problems(bad)), (path, problems(bad))
+
+
+def _cluster_yaml() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_images_pytorch_build_and_dependencies_are_cluster_yamls():
+    import ray
+    from ray.runtime_env import RuntimeEnv
+
+    raw = _cluster_yaml()
+    cpu_image, gpu_image = raw["docker"]["head_image"], raw["available_node_types"]["v100_spot"]["docker"]["worker_image"]
+    assert raw["docker"]["worker_image"] == cpu_image
+    torch_line = next(c for c in raw["setup_commands"] if "torch==" in c)
+    torch_spec = re.search(r'"?(torch==[\w.+]+)"?', torch_line).group(1)
+    index = re.search(r"--index-url\s+(\S+)", torch_line).group(1)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    deps = re.findall(r'^  "([^"]+)",$', pyproject.split("dependencies = [", 1)[1].split("]\n", 1)[0], re.M)
+    wanted = [torch_spec] + [d for d in deps if not d.startswith(("ray[", "torch"))]
+    for name, doc in manifests().items():
+        spec = cluster_specs(doc)
+        assert spec["rayVersion"] == ray.__version__, name
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert head["image"] == cpu_image, name
+        for group in spec["workerGroupSpecs"]:
+            container = group["template"]["spec"]["containers"][0]
+            gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+            assert container["image"] == (gpu_image if gpus else cpu_image), (name, group["groupName"])
+        env = runtime_env(doc)
+        RuntimeEnv(**env)  # Ray's own validation of the runtime_env
+        assert env["pip"]["packages"] == wanted, name
+        options = env["pip"]["pip_install_options"]
+        assert options[options.index("--index-url") + 1] == index, name
+        assert env["working_dir"].startswith("s3://") and env["working_dir"].endswith(".zip")
+
+
+def test_job_entry_points_are_the_documented_ray_job_submit_lines():
+    from kilm_ray.cli import build_parser
+
+    documented = " ".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    documented = re.sub(r"\s*\\\n\s*", " ", documented)
+    jobs = {name: doc for name, doc in manifests().items() if doc["kind"] == "RayJob"}
+    assert {shlex.split(d["spec"]["entrypoint"])[1] for d in jobs.values()} == {"jobs/preprocess.py", "jobs/pretrain.py"}
+    for name, doc in jobs.items():
+        argv = shlex.split(doc["spec"]["entrypoint"])
+        assert argv[0] == "python" and (REPO / argv[1]).is_file(), name
+        command = re.search(r'run_job\("(\w+)"', (REPO / argv[1]).read_text()).group(1)  # what the script runs
+        args = build_parser().parse_args([command, *argv[2:]])  # the job's own argument parser takes them
+        assert (REPO / args.config).is_file()
+        assert f"-- python {' '.join(argv[1:4])}" in documented, f"{name}: not a documented `ray job submit` line"
+
+
+def test_worker_groups_are_cluster_yamls_node_types_and_spot_ones_drain():
+    from ray.scripts.scripts import drain_node
+
+    types = _cluster_yaml()["available_node_types"]
+    expected = {"cpu-spot": "cpu_spot", "v100-spot": "v100_spot"}
+    seen = set()
+    for name, doc in manifests().items():
+        for group in cluster_specs(doc)["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            container = pod["containers"][0]
+            command = container["lifecycle"]["preStop"]["exec"]["command"]
+            drain = shlex.split(command[-1].split("&&")[0])
+            assert drain[:2] == ["ray", "drain-node"], (name, command)
+            params = drain_node.make_context("drain-node", drain[2:]).params  # Ray's own CLI parses the flags
+            assert params["reason"] == "DRAIN_NODE_REASON_PREEMPTION"
+            assert pod["terminationGracePeriodSeconds"] > params["deadline_remaining_seconds"]
+            if group["groupName"] not in expected:
+                continue
+            seen.add(group["groupName"])
+            node = types[expected[group["groupName"]]]
+            assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == node["node_config"]["InstanceType"]
+            assert node["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+            assert pod["nodeSelector"]["eks.amazonaws.com/capacityType"] == "SPOT"
+            assert any(t["key"] == "spot" for t in pod["tolerations"])
+            assert json.loads(json.loads(group["rayStartParams"]["resources"])) == node["resources"]
+            assert group["maxReplicas"] == node["max_workers"] and pod["terminationGracePeriodSeconds"] >= 120
+            gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+            assert gpus == node["resources"].get("trainer", 0)  # one `trainer` per GPU, as on cluster.yaml
+    assert seen == set(expected)
+
+
+def test_the_rayservice_runs_serve_deploy_yamls_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_deploy = yaml.safe_load((REPO / "configs" / "serve-deploy.yaml").read_text())
+    (doc,) = [d for d in manifests().values() if d["kind"] == "RayService"]
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.parse_obj(config)
+    assert config["http_options"] == serve_deploy["http_options"]
+    assert config["proxy_location"] == serve_deploy["proxy_location"]
+    (app,), (reference,) = config["applications"], serve_deploy["applications"]
+    assert {k: v for k, v in app.items() if k != "runtime_env"} == {k: v for k, v in reference.items() if k != "runtime_env"}
+    assert app["runtime_env"]["env_vars"] == reference["runtime_env"]["env_vars"]
+    ports = {p["name"]: p["containerPort"] for c in [doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+                                                      ["containers"][0]] for p in c["ports"]}
+    assert ports["serve"] == serve_deploy["http_options"]["port"]
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+               for g in workers)
+    assert gpus >= reference["args"]["serve.num_replicas"] * reference["args"]["serve.num_gpus"]
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_kept_schemas_say_where_they_come_from(kind):
+    source = crd(kind)["source"]
+    assert source["repository"] == "https://github.com/ray-project/kuberay" and source["tag"] == "v1.7.0"
+    assert len(source["commit"]) == 40 and source["path"].endswith(f"ray.io_{CRDS[kind]}.yaml")
