@@ -101,7 +101,7 @@ def _ray_child(mode: str, cpus: int, dumps: list[str], queue) -> None:
 
     logging.getLogger("ray").setLevel(logging.ERROR)
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.ERROR,
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.ERROR,
              object_store_memory=1024**3)
     from kilm_ray.data import preprocess
 
@@ -137,7 +137,7 @@ def loader_throughput(seconds: float = 10.0) -> dict:
 
     cfg = config("article").with_overrides({"data.max_source_tokens": 512, "data.max_knowledge_tokens": 128})
     with tempfile.TemporaryDirectory() as out:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=1024**3)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=1024**3)
         preprocess(cfg, [str(DUMP)], out, [str(WORDNET)])
         ray.shutdown()
         store = SampleStore.load(out, "train")

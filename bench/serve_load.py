@@ -127,7 +127,7 @@ def main() -> None:
     from kilm_ray.serve.app import build_application
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     cfg = load_config(args.config, args.overrides)
     port = free_local_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -61,7 +61,7 @@ def run_ray(cfg, data: str, warmup: int) -> dict:
     from kilm_ray.train.ray_trainer import run_training
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=1024**3)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=1024**3)
     with tempfile.TemporaryDirectory() as runs:
         run_training(cfg, data, runs, "bench")
         metrics = [json.loads(line) for line in (Path(runs) / "bench" / "metrics.jsonl").read_text().splitlines()]
