@@ -917,7 +917,7 @@ def job_generation(p: dict) -> dict:
 
     from kilm_ray.config import ModelConfig
     from kilm_ray.generation import generate, score_candidates, score_continuations
-    from kilm_ray.loader import SampleStore, eval_example_list, special_ids_of
+    from kilm_ray.loader import SampleStore, eval_example_list, special_ids_of, verify_tokenizer
     from kilm_ray.model import build_model
     from kilm_ray.probes import prompt_from_example
 
@@ -926,7 +926,7 @@ def job_generation(p: dict) -> dict:
     n_single_greedy, n_single_beam, n_cands, n_single_cands = (2, 1, 8, 2) if smoke else (8, 4, 64, 16)
     data = p["data"]
     sp = special_ids_of(data)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(data) / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(verify_tokenizer(data))  # datasets/<run key>/tokenizer
     settings = _data_settings(data)
     max_positions = 1024  # room for the longest prompt + 128 new tokens
     torch.manual_seed(0)

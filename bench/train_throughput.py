@@ -90,7 +90,7 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
     from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
     from kilm_ray.masking import MaskingParams
     from kilm_ray.model import build_model
-    from kilm_ray.pipeline.commit import verify_tokenizer
+    from kilm_ray.loader import verify_tokenizer
     from kilm_ray.train.metrics import BartDims, bart_train_flops, mfu, peak_tflops, token_losses
 
     sp = special_ids_of(data)

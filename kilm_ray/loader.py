@@ -12,6 +12,7 @@ No Ray in this module: the same loader feeds the worker loop with and without Ra
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,25 @@ def read_meta(data_dir: str) -> dict:
     if manifest.get("format") != 1:
         raise DataError(f"{path}: manifest format {manifest.get('format')!r} is not one this kilm_ray reads (1)")
     return manifest
+
+
+def verify_tokenizer(data_dir: str) -> str:
+    """The dataset's tokenizer directory, after checking that its ``tokenizer.json`` is the one the
+    shards were tokenized with (the manifest's ``tokenizer_sha256``). Train, tune and eval call it before
+    they start: ids read with another tokenizer would silently mean other tokens."""
+    manifest = read_meta(data_dir)
+    directory = storage.join(data_dir, manifest.get("tokenizer", "tokenizer"))
+    path = storage.join(directory, "tokenizer.json")
+    if not storage.exists(path):
+        raise DataError(f"{path} is missing: the dataset's tokenizer (its manifest lists it); rerun kilm-ray "
+                        "preprocess")
+    found = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    expected = manifest.get("tokenizer_sha256")
+    if found != expected:
+        raise DataError(f"{path} is not the tokenizer this dataset was made with: its sha256 is {found[:16]}..., "
+                        f"the manifest's tokenizer_sha256 is {str(expected)[:16]}... The shards' token ids would "
+                        "mean other tokens; restore the file or rerun kilm-ray preprocess.")
+    return directory
 
 
 def check_dataset(train_cfg, data_dir: str) -> dict:

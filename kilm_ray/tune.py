@@ -148,7 +148,7 @@ def run_tune(cfg: KilmConfig, data_dir: str, run_dir: str, name: str) -> dict[st
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from kilm_ray.pipeline.commit import verify_tokenizer
+    from kilm_ray.loader import verify_tokenizer
 
     verify_tokenizer(data_dir)  # the trials' ids must mean the tokens of the dataset's tokenizer
     user_cfg, cfg = cfg, trial_config(cfg)

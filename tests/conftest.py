@@ -180,21 +180,59 @@ def serve_deploy_args(model: str) -> dict:
     return {**raw["applications"][0]["args"], **SERVE_ON_THIS_MACHINE, **SERVE_TEST_LIMITS, "model": model}
 
 
+class ServeInstance:
+    """The serving tests' Serve, started on first use and released on demand: it holds about 1.3 of the
+    session cluster's 4 logical CPUs, which a test that needs them free (test_tune) asks back with
+    ``no_serve``; a later serving test starts it again."""
+
+    def __init__(self, trained_export: str, tiny_config):
+        self.trained_export, self.tiny_config, self.url = trained_export, tiny_config, None
+
+    def ensure(self) -> str:
+        if self.url is None:
+            self.url = self._start()
+        return self.url
+
+    def release(self) -> None:
+        if self.url is not None:
+            from ray import serve
+
+            serve.shutdown()
+            self.url = None
+
+    def _start(self) -> str:
+        from ray import serve
+
+        from kilm_ray.serve.app import app_builder, build_application
+
+        trained_export = self.trained_export
+        port = free_local_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app_builder(serve_deploy_args(trained_export)), name="kilm", route_prefix="/")
+        settings = self.tiny_config.to_dict()["serve"]
+        settings.update({k.split(".", 1)[1]: v for k, v in SERVE_TEST_LIMITS.items()}, num_cpus=0.25)
+        tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=1,
+                     batch_wait_timeout_s=0.0)
+        serve.run(build_application(trained_export, tight), name="tight", route_prefix="/tight")
+        # The locked app waits up to 1 s to fill a batch: a request is surely inside its replica meanwhile.
+        locked = dict(settings, auth_token=SERVE_TOKEN, batch_wait_timeout_s=1.0)
+        serve.run(build_application(trained_export, locked), name="locked", route_prefix="/locked")
+        return f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
-def service(ray_cluster, trained_export, tiny_config):
-    from ray import serve
+def serve_instance(ray_cluster, trained_export, tiny_config):
+    instance = ServeInstance(trained_export, tiny_config)
+    yield instance
+    instance.release()
 
-    from kilm_ray.serve.app import app_builder, build_application
 
-    port = free_local_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(serve_deploy_args(trained_export)), name="kilm", route_prefix="/")
-    settings = tiny_config.to_dict()["serve"]
-    settings.update({k.split(".", 1)[1]: v for k, v in SERVE_TEST_LIMITS.items()}, num_cpus=0.25)
-    tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=1, batch_wait_timeout_s=0.0)
-    serve.run(build_application(trained_export, tight), name="tight", route_prefix="/tight")
-    # The locked app waits up to 1 s to fill a batch: a request is surely inside its replica meanwhile.
-    locked = dict(settings, auth_token=SERVE_TOKEN, batch_wait_timeout_s=1.0)
-    serve.run(build_application(trained_export, locked), name="locked", route_prefix="/locked")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+@pytest.fixture
+def service(serve_instance) -> str:
+    return serve_instance.ensure()
+
+
+@pytest.fixture
+def no_serve(serve_instance) -> None:
+    """The session cluster's CPUs without the serving tests' Serve on them."""
+    serve_instance.release()

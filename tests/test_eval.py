@@ -141,7 +141,7 @@ def test_usage_examples_stay_out_of_training_data(tiny_data, shared_data):
     assert len(items) > 8_000
     sample = seeded_sample(items, 300, 0)
     assert sample == seeded_sample(items, 300, 0) and len({i.context for i in sample}) > 290
-    from kilm_ray.pipeline.commit import verify_tokenizer
+    from kilm_ray.loader import verify_tokenizer
 
     tokenizer = load_tokenizer(verify_tokenizer(tiny_data))
     train = SampleStore.load(tiny_data, "train")

@@ -203,7 +203,10 @@ def test_request_logs_are_structured_with_the_request_id(service):
     rid = f"kilm-test-{time.time_ns()}"
     r = post(service, "/v1/describe", {"text": TEXT}, headers={"X-Request-ID": rid})
     assert r.status_code == 200 and r.headers["x-request-id"] == rid
-    logs = Path("/tmp/ray/session_latest/logs/serve")
+    # This session's Ray, not /tmp/ray/session_latest: another test's `ray start` or local run moves that link.
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     deadline = time.time() + 20
     while time.time() < deadline:
         for f in logs.glob("replica_kilm_ProbeAPI_*.log"):

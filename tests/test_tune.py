@@ -109,7 +109,7 @@ def _wait_until(predicate, timeout_s: float) -> bool:
     return predicate()
 
 
-def test_more_trials_than_fit_release_every_worker_group(ray_cluster, tiny_data, tmp_path):
+def test_more_trials_than_fit_release_every_worker_group(ray_cluster, no_serve, tiny_data, tmp_path):
     """4 trials of the default 2-worker shape on 4 logical CPUs: 3 fit at once, ASHA stops the hopeless
     ones, and every stopped trial's worker group is released before a later trial needs it (Ray 2.60 left
     it reserved: the 4th trial used to wait forever). Nothing stays reserved afterwards."""

@@ -309,7 +309,7 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
              qa_file: Optional[str] = None, device: str = "auto", run_dir: Optional[str] = None) -> dict[str, Any]:
     from kilm_ray.eval.probing import form_of
     from kilm_ray.eval.provenance import data_summary, record_test_evaluation, source_commit, training_summary
-    from kilm_ray.pipeline.commit import verify_tokenizer
+    from kilm_ray.loader import verify_tokenizer
 
     verify_tokenizer(data_dir)  # the stored ids must mean the tokens of the dataset's tokenizer
     check_tokenizers(model_dir, data_dir)

@@ -28,6 +28,7 @@ from typing import Optional
 from kilm_ray import __version__, storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.corpus.articles import SPLITS
+from kilm_ray.loader import verify_tokenizer  # noqa: F401  (readers' check; lives beside read_meta)
 from kilm_ray.pipeline.stages import write_bytes_atomic
 
 log = logging.getLogger("kilm_ray.pipeline")
@@ -105,22 +106,3 @@ def dataset_path(data_dir: str, field: str) -> str:
     return storage.join(data_dir, read_meta(data_dir).get(field, defaults[field]))
 
 
-def verify_tokenizer(data_dir: str) -> str:
-    """The dataset's tokenizer directory, after checking that its ``tokenizer.json`` is the one the
-    shards were tokenized with (the manifest's ``tokenizer_sha256``). Train, tune and eval call it before
-    they start: ids read with another tokenizer would silently mean other tokens."""
-    from kilm_ray.loader import DataError, read_meta
-
-    manifest = read_meta(data_dir)
-    directory = storage.join(data_dir, manifest.get("tokenizer", "tokenizer"))
-    path = storage.join(directory, "tokenizer.json")
-    if not storage.exists(path):
-        raise DataError(f"{path} is missing: the dataset's tokenizer (its manifest lists it); rerun kilm-ray "
-                        "preprocess")
-    found = hashlib.sha256(storage.read_bytes(path)).hexdigest()
-    expected = manifest.get("tokenizer_sha256")
-    if found != expected:
-        raise DataError(f"{path} is not the tokenizer this dataset was made with: its sha256 is {found[:16]}..., "
-                        f"the manifest's tokenizer_sha256 is {str(expected)[:16]}... The shards' token ids would "
-                        "mean other tokens; restore the file or rerun kilm-ray preprocess.")
-    return directory

@@ -112,7 +112,7 @@ class Recipe:
         before any collective."""
         from transformers import AutoTokenizer
 
-        from kilm_ray.pipeline.commit import verify_tokenizer
+        from kilm_ray.loader import verify_tokenizer
 
         t, data_dir = self.t, self.data_dir
         self.meta = read_meta(data_dir)
