@@ -20,13 +20,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, SHARED_DATA, machine, save  # noqa: E402
-from bench.preprocess_scale import Watcher, run_once  # noqa: E402
+from bench.preprocess_scale import run_once, run_watched  # noqa: E402
 from bench.synthetic_enwiki import write_dump, write_kb  # noqa: E402
 
 EXPORT = """
@@ -77,15 +76,7 @@ def evaluate(model: Path, data: Path, config: str, overrides: list[str], report:
     cmd = [kilm, "eval", "--model", str(model), "--data", str(data), "--report", str(report), "--config", config,
            *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watcher = Watcher(proc.pid)
-    watcher.start()
-    lines = list(proc.stdout)
-    proc.wait()
-    wall = time.perf_counter() - started
-    watcher.stop.set()
-    watcher.join()
+    proc, lines, wall, watcher = run_watched(cmd, env)
     if proc.returncode:
         raise RuntimeError("eval failed:\n" + "".join(lines[-40:]))
     metrics = json.loads((report / "metrics.json").read_text())

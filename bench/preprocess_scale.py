@@ -135,6 +135,25 @@ def pages_passes(trace: Path) -> dict:
     return {table: round(len(paths) / len(set(paths)), 2) for table, paths in sorted(opened.items())}
 
 
+def run_watched(cmd: list[str], env: dict, cwd=None, on_line=None):
+    """Run ``cmd`` to its end under a :class:`Watcher`; its output lines (``on_line(line, watcher)`` sees each
+    as it comes), wall seconds and the stopped watcher."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    watcher = Watcher(proc.pid)
+    watcher.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if on_line is not None:
+            on_line(line, watcher)
+    proc.wait()
+    wall = time.perf_counter() - started
+    watcher.stop.set()
+    watcher.join()
+    return proc, lines, wall, watcher
+
+
 def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: Path,
              pythonpath: str | None = None, keep_out: str | None = None) -> dict:
     out = keep_out or tempfile.mkdtemp(dir=work, prefix="out-")  # keep_out: the dataset stays there
@@ -143,22 +162,15 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
             "overrides": [f"tokenizer.source=gpt2-bpe:{SHARED_DATA / 'gpt2-bpe'}", *overrides]}
     env = {**os.environ, "PYTHONPATH": pythonpath or str(REPO), "PYTHONUNBUFFERED": "1",
            "KILM_RAY_TRACE_READS": str(trace)}
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=work)  # cwd: not this checkout
-    watcher = Watcher(proc.pid)
-    watcher.start()
-    lines = []
     stage_names = list(STAGES)
-    for line in proc.stdout:
-        lines.append(line)
+
+    def next_stage(line: str, watcher: Watcher) -> None:
         for i, name in enumerate(stage_names[:-1]):
             if STAGES[name] in line:
                 watcher.stage = stage_names[i + 1]
-    proc.wait()
-    wall = time.perf_counter() - started
-    watcher.stop.set()
-    watcher.join()
+
+    proc, lines, wall, watcher = run_watched([sys.executable, "-c", CHILD, json.dumps(args)], env, cwd=work,
+                                             on_line=next_stage)  # cwd: not this checkout
     result = next((json.loads(l.split("RESULT ", 1)[1]) for l in lines if l.startswith("RESULT ")), None)
     if proc.returncode or result is None:
         raise RuntimeError("preprocess failed:\n" + "".join(lines[-40:]))

@@ -14,7 +14,6 @@ Goals (issue 2): Ray Data 2 CPUs / 1 CPU >= 1.7x; masking loader >= 3x one worke
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, save  # noqa: E402
-from bench.preprocess_scale import Watcher  # noqa: E402
+from bench.preprocess_scale import run_watched  # noqa: E402
 
 WORDS = ("river city county village school war party church battle house district railway station football "
          "club album song film series novel island mountain lake bridge road company king queen bishop army "
@@ -141,17 +141,8 @@ def main() -> None:
 
     out = tempfile.mkdtemp(dir=args.work, prefix="kb-")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"cpus": args.cpus, "dump": str(dump), "out": out,
-                                                                      "overrides": args.overrides})],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watcher = Watcher(proc.pid)
-    watcher.start()
-    lines = list(proc.stdout)
-    proc.wait()
-    wall = time.perf_counter() - started
-    watcher.stop.set()
-    watcher.join()
+    child = json.dumps({"cpus": args.cpus, "dump": str(dump), "out": out, "overrides": args.overrides})
+    proc, lines, wall, watcher = run_watched([sys.executable, "-c", CHILD, child], env)
     record = next((json.loads(l.split("RESULT ", 1)[1]) for l in lines if l.startswith("RESULT ")), None)
     if proc.returncode or record is None:
         raise RuntimeError("import failed:\n" + "".join(lines[-40:]))

@@ -8,7 +8,6 @@ and test_page; its main application is built from configs/serve-deploy.yaml, as 
 import concurrent.futures as cf
 import json
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -16,9 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from kilm_ray.cluster import free_local_port
 
 from conftest import GPT2_BPE, METRICS_PORT, SERVE_TOKEN, serve_deploy_args
 
