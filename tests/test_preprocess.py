@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from kilm_ray.corpus.articles import SPLITS
-from kilm_ray.loader import DataError, SampleStore, read_meta, special_ids_of, split_files
+from kilm_ray.loader import DataError, SampleStore, read_meta, special_ids_of, split_files, verify_tokenizer
 from kilm_ray.masked_dataset import collate_fn, masked_dataset
 from kilm_ray.masking import MaskingParams
 from kilm_ray.pipeline import preprocess
-from kilm_ray.pipeline.commit import dataset_path, verify_tokenizer
+from kilm_ray.pipeline.commit import dataset_path
 
 from conftest import DUMP, REPO, WORDNET
 

@@ -8,7 +8,8 @@
     vocab.py       stage tokenizer: trained on a seeded paragraph sample (or loaded), saved with its hash
     resolution.py  stage links: links through redirects to their entity's knowledge (or the lookup path)
     shards.py      chunks -> parquet shards per split, in the dataset's directory
-    commit.py      the dataset commit (manifest), reruns of a committed key, the tokenizer check
+    commit.py      the dataset commit (manifest), reruns of a committed key; readers check its
+                   tokenizer with kilm_ray.loader.verify_tokenizer
     stages.py      saved stages: Datasink writers that report their files; records; the work directory
     shuffle.py     task shapes, bucketed group-bys, shuffle sizes planned for the cluster's maximum
     rows.py        the tables and every row conversion between them (pure pyarrow, no Ray)

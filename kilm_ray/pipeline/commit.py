@@ -28,7 +28,6 @@ from typing import Optional
 from kilm_ray import __version__, storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.corpus.articles import SPLITS
-from kilm_ray.loader import verify_tokenizer  # noqa: F401  (readers' check; lives beside read_meta)
 from kilm_ray.pipeline.stages import write_bytes_atomic
 
 log = logging.getLogger("kilm_ray.pipeline")
