@@ -245,13 +245,18 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     items = mention_items(Context(str(export), str(data), cfg, "auto"), rule.split, chosen[: rule.examples])
     answers = []
-    for example in probe_requests(items, tokenizer):
+    scored_answers = figures.get("answers", {})
+    for mention, example in zip(chosen, probe_requests(items, tokenizer)):
         reply = client.post("describe", example["request"])
         answers.append({**example, "answer": reply})
         context = (example["request"]["left"][-60:] + "<ent>" + example["request"]["mention"] + "</ent>" +
                    example["request"]["right"][:40]).replace("\n", " ")
         print(f"  ...{context}...\n    gold:  {example['gold'][:120]}\n    model: {reply['title']} | "
               f"{reply['description'][:100]}", flush=True)
+        scored_title = scored_answers.get(f"{mention['sample_id']}:{mention['entity']}", "").split(" <sep> ")[0]
+        if scored_title and scored_title.strip() != reply["title"].strip():
+            print(f"    scored title: {scored_title} (the mention as written: the model scores it above its decoded "
+                  "title; eval.title_candidates)", flush=True)
     summary = {"data": str(data), "stats": dataset_path(str(data), "stats"), "run": str(runs / "demo"),
                "checkpoints": sorted(str(p) for p in (runs / "demo").glob("checkpoint_0*")),
                "tensorboard": str(runs / "demo" / "tensorboard"), "export": str(export), "url": url,
@@ -261,6 +266,10 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     (out / "demo.json").write_text(json.dumps({"summary": summary, "answers": answers, "knowledge": figures,
                                                "knowledge_line": line, "rule": cfg.to_dict()["demo"]}, indent=2))
     print("\nWhere everything is:\n" + "\n".join(f"  {k:12s} {v}" for k, v in summary.items()), flush=True)
+    if "title_exact_match_generated" in figures:
+        print(f"titles: decoded, or the mention as written where the model scores it higher "
+              f"({figures.get('titles_from_mention', 0)} of {figures['mentions']}; eval.title_candidates); decoded "
+              f"titles alone: exact match {figures['title_exact_match_generated']:.2f}", flush=True)
     print(line, flush=True)
     if keep_serving:
         print(f"\nServing {url} until Ctrl-C. Try:\n  kilm-ray probe describe "

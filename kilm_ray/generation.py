@@ -159,10 +159,19 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def repeated_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
+    """The tokens that, appended to ``tokens``, would make an n-gram that already occurs in them."""
+    if n <= 0 or len(tokens) < n:
+        return []
+    context = tuple(tokens[len(tokens) - n + 1:])
+    return sorted({tokens[j + n - 1] for j in range(len(tokens) - n + 1) if tuple(tokens[j:j + n - 1]) == context})
+
+
 @torch.no_grad()
 def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
                  stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
-                 top_n: int = 0, stopped: Optional[Callable[[int], bool]] = None) -> Iterator[list[Optional[Step]]]:
+                 top_n: int = 0, stopped: Optional[Callable[[int], bool]] = None,
+                 no_repeat_ngram_size: int = 0) -> Iterator[list[Optional[Step]]]:
     """Greedy decoding of a batch, one step at a time: yields, per step, a list with a ``Step`` for each row
     that made a token and ``None`` for rows already done. Row ``i`` is done after one of its stop ids, after
     its own budget, or once ``stopped(i)`` is true (its client left, a stop string matched).
@@ -170,7 +179,11 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     Only each row's chosen token, its log-probability and ``top_n`` alternatives are kept: one step holds
     one ``rows x vocabulary`` logits tensor, whatever the length (generate's ``output_scores`` held all of
     them). Rows are independent: a row's tokens equal decoding it alone (left padding with shifted
-    positions, ``left_padded_positions``)."""
+    positions, ``left_padded_positions``).
+
+    ``no_repeat_ngram_size`` n > 0: a token that would repeat an n-gram of the row's own continuation is
+    never chosen (the prefix is not counted: a title copied from the mention before the slot is no
+    repeat). The reported log-probabilities stay the model's."""
     n = len(prefixes)
     row_stops = [set(s) for s in _row_stops(stop_ids, n)]
     device = next(model.parameters()).device
@@ -183,6 +196,7 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     pads = (dec_mask == 0).sum(dim=1)
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
     made = [0] * n
+    made_tokens: list[list[int]] = [[] for _ in range(n)]
     cache = None
     step_ids, mask = dec_ids, dec_mask
     with left_padded_positions(model, pads):
@@ -191,8 +205,15 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
                               decoder_attention_mask=mask, cache=cache, use_cache=True)
             cache = out.cache
             logits = _logits(model, out.last_hidden_state[:, -1])
-            chosen = logits.argmax(dim=-1)
             logprobs = torch.log_softmax(logits, dim=-1)
+            if no_repeat_ngram_size > 0:
+                logits = logits.clone()
+                for i in range(n):
+                    if running[i]:
+                        banned = repeated_ngram_tokens(made_tokens[i], no_repeat_ngram_size)
+                        if banned:
+                            logits[i, banned] = float("-inf")
+            chosen = logits.argmax(dim=-1)
             picked = logprobs.gather(1, chosen.view(-1, 1)).view(-1).tolist()
             top = logprobs.topk(top_n, dim=-1) if top_n else None
             tokens = chosen.tolist()
@@ -206,6 +227,7 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
                     alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
                 step[i] = Step(tokens[i], float(picked[i]), alternatives)
                 made[i] += 1
+                made_tokens[i].append(tokens[i])
                 if tokens[i] in row_stops[i] or made[i] >= budgets[i]:
                     running[i] = False
             yield step
@@ -217,13 +239,15 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
 
 
-def greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens=32) -> list[Generated]:
+def greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens=32,
+           no_repeat_ngram_size: int = 0) -> list[Generated]:
     """``greedy_steps`` run to the end: each row's tokens, log-probabilities and finish reason."""
     n = len(prefixes)
     row_stops = _row_stops(stop_ids, n)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
-    for step in greedy_steps(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens):
+    for step in greedy_steps(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens,
+                             no_repeat_ngram_size=no_repeat_ngram_size):
         for i, s in enumerate(step):
             if s is not None:
                 tokens[i].append(s.token)
@@ -261,7 +285,7 @@ def beam_search(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens, 
 
 def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
              eos_id: int, stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
-             num_beams: int = 1) -> list[Generated]:
+             num_beams: int = 1, no_repeat_ngram_size: int = 0) -> list[Generated]:
     """Continue each forced decoder prefix; stop at any of ``stop_ids`` (one list for all, or one per row)
     or after the row's own budget (``max_new_tokens``, one for all or one per row, within the learned
     positions after its prefix).
@@ -273,7 +297,7 @@ def generate(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Seq
         raise ValueError("every row needs a stop id (e.g. </s>)")
     if num_beams > 1:
         return beam_search(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens, num_beams)
-    return greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens)
+    return greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens, no_repeat_ngram_size)
 
 
 def _continuation_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
@@ -384,11 +408,11 @@ def default_device(requested: str = "auto") -> str:
 
 
 def greedy_describe(model, prompts: Sequence, sp, max_new_tokens: int, batch_size: int,
-                    num_beams: int = 1) -> list[Generated]:
+                    num_beams: int = 1, no_repeat_ngram_size: int = 0) -> list[Generated]:
     """Generate the knowledge of many describe prompts, in batches."""
     results: list[Generated] = []
     for chunk in batched(list(prompts), batch_size):
         results += generate(model, [p.encoder_ids for p in chunk], [p.decoder_prefix for p in chunk], sp.pad,
-                            sp.eos, [sp.desc_end, sp.eos], max_new_tokens, num_beams)
+                            sp.eos, [sp.desc_end, sp.eos], max_new_tokens, num_beams, no_repeat_ngram_size)
     return results
 

@@ -233,3 +233,51 @@ def test_probe_functions_on_a_model(probe_model):
     losses = probing.retention(pm, [{"ids": it["ids"], "sample_id": k} for k, it in enumerate(items)],
                                MaskingParams(0.3, 3.0, 0.0), 0)
     assert [r["tokens"] for r in losses] == [len(it["ids"]) + 2 for it in items] and all(r["loss_sum"] > 0 for r in losses)
+
+
+def test_mention_as_a_title_candidate_is_kept_only_where_the_model_scores_it_higher(probe_model):
+    """eval.title_candidates=generated_or_mention: a title is replaced by the mention exactly where the
+    model's summed log-probability of mention+<sep> beats its decoded title+<sep>; the description is then
+    decoded after the mention; the decoded title's own score is kept beside."""
+    import dataclasses
+
+    from kilm_ray.eval import probing
+    from kilm_ray.eval.summary import knowledge_summary
+    from kilm_ray.generation import generate, score_continuations
+
+    base = probe_model("slot")
+    pm = dataclasses.replace(base, title_candidates="generated_or_mention")
+    tok, sp = pm.tokenizer, pm.sp
+    items = [_mention_item(tok, sp, "The Greek ", "philosophers", " taught in Athens.", "Philosopher", "a lover", 1),
+             _mention_item(tok, sp, "He wrote in ", "Hebrew", ".", "Hebrew alphabet", "the script", 2),
+             _mention_item(tok, sp, "A ", "dog", " barked.", "Dog", "a domestic animal", 3)]
+    plain = probing.describe(base, items)
+    ranked = probing.describe(pm, items)
+    prompts = [probing.describe_prompt_of(pm, it) for it in items]
+    sources = []
+    for it, p, a, b in zip(items, prompts, plain, ranked):
+        greedy = generate(pm.model, [p.encoder_ids], [p.decoder_prefix], sp.pad, sp.eos, [p.stop_id, sp.eos],
+                          pm.max_new_tokens)[0]
+        title = probing.title_part(greedy.tokens, sp)
+        mention = it["ids"][it["start"]:it["end"]]
+        (s_mention, _), (s_title, _) = score_continuations(
+            pm.model, [(p.encoder_ids, p.decoder_prefix, mention + [sp.sep]),
+                       (p.encoder_ids, p.decoder_prefix, title + [sp.sep])], sp.pad)
+        wins = mention != title and s_mention > s_title
+        sources.append(b["title_source"])
+        assert b["title_source"] == ("mention" if wins else "generated")
+        assert b["title_exact_match_generated"] == a["title_exact_match"]
+        if wins:
+            rest = generate(pm.model, [p.encoder_ids], [p.decoder_prefix + mention + [sp.sep]], sp.pad, sp.eos,
+                            [p.stop_id, sp.eos], pm.max_new_tokens - len(mention) - 1)[0]
+            assert b["generated"].split(" <sep> ")[0] == it["surface"]
+            assert b["generated"] == "{} <sep> {}".format(*probing.parse_knowledge(
+                tok, sp, mention + [sp.sep] + list(rest.tokens)))
+        else:
+            assert b["generated"] == a["generated"]
+    assert "mention" in sources  # the untrained model's long decoded titles lose to short mentions
+    summary = knowledge_summary(
+        [{"id": it["id"], "group": "seen", "copy_rule": 0.0, "title_differs": True, "describe": r}
+         for it, r in zip(items, ranked)], "describe")
+    assert summary["all"]["titles_from_mention"] == sources.count("mention")
+    assert "title_exact_match_generated" in summary["all"]["intervals"]

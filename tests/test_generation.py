@@ -287,3 +287,33 @@ def test_completion_prompts_by_kind(tok):
                          ("x <ent>a</ent> <mask>", "contains the reserved token <mask>")):
         with pytest.raises(ProbeError, match=message):
             completion_prompt(tok, sp, bad)
+
+
+def test_no_repeat_ngram_bans_only_repeats_of_the_answer_itself(model):
+    """eval/serve no_repeat_ngram_size: no n-gram occurs twice in an answer; the answer equals plain greedy up
+    to where plain greedy first repeats one. Only the answer's own tokens count (a title copied from the
+    mention in the prompt is no repeat)."""
+    from kilm_ray.generation import greedy, repeated_ngram_tokens
+
+    assert repeated_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]
+    assert repeated_ngram_tokens([1, 2, 1, 2, 1], 2) == [2]
+    assert repeated_ngram_tokens([7], 2) == [] and repeated_ngram_tokens([4, 5, 4], 1) == [4, 5]
+    enc = [[0, 5, 6, 7, 8, 2], [0, 9, 9, 9, 2]]
+    prefixes = [[2, 0, 11, 12], [2, 0]]
+    plain = greedy(model, enc, prefixes, 1, [2], max_new_tokens=30)
+    banned = greedy(model, enc, prefixes, 1, [2], max_new_tokens=30, no_repeat_ngram_size=2)
+
+    def first_repeat(tokens):
+        seen = set()
+        for i in range(len(tokens) - 1):
+            if tuple(tokens[i:i + 2]) in seen:
+                return i + 1
+            seen.add(tuple(tokens[i:i + 2]))
+        return None
+
+    assert any(first_repeat(p.tokens) is not None for p in plain)  # the untrained model loops
+    for p, b in zip(plain, banned):
+        assert first_repeat(b.tokens) is None
+        cut = first_repeat(p.tokens)
+        assert b.tokens[:cut] == p.tokens[:cut] and (cut is None or b.tokens[cut] != p.tokens[cut])
+        assert all(lp <= 0 for lp in b.token_logprobs)

@@ -205,8 +205,10 @@ def mention_metrics(rows: list[dict], seed: int) -> dict[str, Any]:
     return out
 
 
-def describe_part(ctx: Context, name: str, split: str, chosen: list[dict], group: Optional[str] = None) -> Part:
-    """Describe alone on chosen mentions (training recall; the demo's rule); ``group`` labels them all."""
+def describe_part(ctx: Context, name: str, split: str, chosen: list[dict], group: Optional[str] = None,
+                  keep_answers: bool = False) -> Part:
+    """Describe alone on chosen mentions (training recall; the demo's rule); ``group`` labels them all;
+    ``keep_answers``: the summary's ``answers`` holds each mention's generated knowledge by item id."""
     from kilm_ray.eval.stages import read_items
     from kilm_ray.eval.summary import knowledge_summary
 
@@ -216,7 +218,11 @@ def describe_part(ctx: Context, name: str, split: str, chosen: list[dict], group
     def finish(rows: list[dict]) -> dict[str, Any]:
         for r in rows:
             r["group"] = group or "seen"
-        return knowledge_summary(rows, "describe", ctx.cfg.eval.seed)
+        summary = knowledge_summary(rows, "describe", ctx.cfg.eval.seed)
+        if keep_answers:
+            summary["answers"] = {r["id"]: r["describe"]["generated"] for r in rows
+                                  if "generated" in (r.get("describe") or {})}
+        return summary
 
     ds = read_items(ctx.files(split, set(wanted)), wanted, "mentions", extras, tag={"probe": "describe", "part": name})
     return Part(name, ds, finish)
@@ -415,11 +421,12 @@ def mention_items(ctx: Context, split: str, chosen: list[dict]) -> list[dict]:
 def rule_knowledge(model_dir: str, data_dir: str, cfg: KilmConfig, split: str, min_train_mentions: int,
                    device: str = "auto") -> tuple[dict[str, Any], list[dict]]:
     """Describe on the rule's mentions (:func:`rule_mentions`): the summary over them (title exact match,
-    copy rule, description F1, with intervals) and the chosen mentions in order."""
+    copy rule, description F1, with intervals; ``answers``: each mention's answer by item id) and the
+    chosen mentions in order."""
     ctx = Context(model_dir, data_dir, cfg, device)
     chosen = rule_mentions(ctx, split, min_train_mentions)
-    summary = run_parts(ctx, [describe_part(ctx, "rule", split, chosen)])["rule"]
-    return summary["all"], chosen
+    summary = run_parts(ctx, [describe_part(ctx, "rule", split, chosen, keep_answers=True)])["rule"]
+    return {**summary["all"], "answers": summary.get("answers", {})}, chosen
 
 
 def knowledge_line(summary: dict[str, Any]) -> str:

@@ -38,6 +38,8 @@ class ProbeModel:
     batch_size: int = 16
     num_beams: int = 1
     max_knowledge_tokens: int = 128
+    no_repeat_ngram_size: int = 0  # greedy: no n-gram repeated within an answer (eval.no_repeat_ngram_size)
+    title_candidates: str = "generated"  # or "generated_or_mention" (eval.title_candidates; slot form only)
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -70,13 +72,19 @@ def mention_facts(pm: ProbeModel, item: dict) -> dict[str, Any]:
             "title_differs": not same_up_to_inflection(item["surface"], gold_title)}
 
 
-def _generate(pm: ProbeModel, prompts: Sequence[Prompt], max_new_tokens: int):
-    from kilm_ray.generation import batched, generate
+def _generate(pm: ProbeModel, prompts: Sequence[Prompt], max_new_tokens: int | Sequence[int]):
+    """Greedy (or beam) continuations of the prompts, in batches; one budget for all or one per prompt."""
+    from kilm_ray.generation import generate
 
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     outs = []
-    for chunk in batched(list(prompts), pm.batch_size):
+    for start in range(0, len(prompts), pm.batch_size):
+        chunk = prompts[start: start + pm.batch_size]
+        chunk_budgets = budgets[start: start + pm.batch_size]
         outs += generate(pm.model, [p.encoder_ids for p in chunk], [p.decoder_prefix for p in chunk], pm.sp.pad,
-                         pm.sp.eos, [[p.stop_id, pm.sp.eos] for p in chunk], max_new_tokens, pm.num_beams)
+                         pm.sp.eos, [[p.stop_id, pm.sp.eos] for p in chunk],
+                         max(chunk_budgets) if pm.num_beams > 1 else chunk_budgets, pm.num_beams,
+                         pm.no_repeat_ngram_size)
     return outs
 
 
@@ -95,17 +103,64 @@ def describe_prompt_of(pm: ProbeModel, item: dict) -> Prompt:
     return prompt_from_example(source, target, pm.sp)
 
 
+def title_part(tokens: Sequence[int], sp) -> list[int]:
+    """The title of a generated slot: its tokens before ``<sep>`` (or the slot's end)."""
+    ends = {sp.sep, sp.desc_end, sp.eos}
+    out = []
+    for t in tokens:
+        if int(t) in ends:
+            break
+        out.append(int(t))
+    return out
+
+
+def mention_titled(pm: ProbeModel, items: Sequence[dict], prompts: Sequence[Prompt], outs: Sequence,
+                   budget: int) -> dict[int, list[int]]:
+    """``eval.title_candidates=generated_or_mention``: for each mention whose decoded title is not the
+    mention's own tokens, both titles (with ``<sep>``) are scored by the model; where the mention scores
+    higher, the slot is decoded again after it. Returns the replaced slots' tokens by item index."""
+    from kilm_ray.generation import batched, score_continuations
+
+    pairs = []
+    for k, (item, out) in enumerate(zip(items, outs)):
+        mention = [int(t) for t in list(item["ids"])[int(item["start"]):int(item["end"])]]
+        generated = title_part(out.tokens, pm.sp)
+        if mention and mention != generated:
+            pairs.append((k, mention, generated))
+    rows = [(prompts[k].encoder_ids, prompts[k].decoder_prefix, title + [pm.sp.sep])
+            for k, mention, generated in pairs for title in (mention, generated)]
+    scores = [s for chunk in batched(rows, pm.batch_size) for s, _ in score_continuations(pm.model, chunk, pm.sp.pad)]
+    chosen = [(k, mention) for i, (k, mention, _) in enumerate(pairs) if scores[2 * i] > scores[2 * i + 1]]
+    again = [Prompt(prompts[k].encoder_ids, list(prompts[k].decoder_prefix) + mention + [pm.sp.sep], prompts[k].stop_id)
+             for k, mention in chosen]
+    rest = [max(1, budget - len(mention) - 1) for _, mention in chosen]
+    replaced = {}
+    for (k, mention), out in zip(chosen, _generate(pm, again, rest)):
+        replaced[k] = mention + [pm.sp.sep] + list(out.tokens)
+    return replaced
+
+
 def describe(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
-    """Description generation on mentions: the generated title and description against the gold."""
+    """Description generation on mentions: the generated title and description against the gold. With
+    ``title_candidates=generated_or_mention`` (slot form) each result also says where its title came from
+    and scores the decoded title alone (``title_exact_match_generated``)."""
     if not items:
         return []
     budget = pm.max_new_tokens if pm.form == "slot" else pm.max_knowledge_tokens + 4
-    outs = _generate(pm, [describe_prompt_of(pm, it) for it in items], budget)
+    prompts = [describe_prompt_of(pm, it) for it in items]
+    outs = _generate(pm, prompts, budget)
+    rerank = pm.title_candidates == "generated_or_mention" and pm.form == "slot"
+    replaced = mention_titled(pm, items, prompts, outs, budget) if rerank else {}
     results = []
-    for item, out in zip(items, outs):
-        title, desc = _read_knowledge(pm, out.tokens, list(item["ids"])[int(item["end"]):])
+    for k, (item, out) in enumerate(zip(items, outs)):
+        right = list(item["ids"])[int(item["end"]):]
+        title, desc = _read_knowledge(pm, replaced.get(k, out.tokens), right)
         gold_title, gold_desc = gold_of(pm, item)
-        results.append({**knowledge_scores(title, desc, gold_title, gold_desc), "generated": f"{title} <sep> {desc}"})
+        result = {**knowledge_scores(title, desc, gold_title, gold_desc), "generated": f"{title} <sep> {desc}"}
+        if rerank:
+            result["title_source"] = "mention" if k in replaced else "generated"
+            result["title_exact_match_generated"] = exact_match(_read_knowledge(pm, out.tokens, right)[0], gold_title)
+        results.append(result)
     return results
 
 

@@ -100,7 +100,8 @@ class ProbeActor:
         model, tokenizer, _ = load_export(storage.local_copy(model_dir), device=device)
         e = cfg.eval
         self.pm = ProbeModel(model, tokenizer, special_ids(tokenizer), form_of(cfg.masking), e.max_new_tokens,
-                             e.batch_size, e.num_beams, cfg.data.max_knowledge_tokens)
+                             e.batch_size, e.num_beams, cfg.data.max_knowledge_tokens, e.no_repeat_ngram_size,
+                             e.title_candidates)
         self.cfg, self.probe = cfg, probe
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -37,6 +37,10 @@ def knowledge_summary(rows: Sequence[dict], probe: str, seed: int = 0) -> dict[s
         if sel:
             for key in KNOWLEDGE_KEYS:
                 _mean_with_interval(summary, key, [r[probe][key] for r in sel], seed)
+            if all("title_exact_match_generated" in r[probe] for r in sel):  # eval.title_candidates
+                _mean_with_interval(summary, "title_exact_match_generated",
+                                    [r[probe]["title_exact_match_generated"] for r in sel], seed)
+                summary["titles_from_mention"] = sum(r[probe]["title_source"] == "mention" for r in sel)
             _mean_with_interval(summary, "copy_rule_title_exact_match", [r["copy_rule"] for r in sel], seed)
             differs = [r for r in sel if r["title_differs"]]
             summary["title_not_mention"] = len(differs)

@@ -476,7 +476,8 @@ class ProbeAPI:
         s = self.settings
         return {**info, "api_version": API_VERSION, "special_tokens": KILM_TOKENS, "id": self.model_id,
                 "checkpoint": info["meta"].get("checkpoint"), "step": info["meta"].get("step"),
-                "generation_defaults": {"max_new_tokens": s["default_max_new_tokens"], "num_beams": 1},
+                "generation_defaults": {"max_new_tokens": s["default_max_new_tokens"], "num_beams": 1,
+                                        "no_repeat_ngram_size": s.get("no_repeat_ngram_size", 0)},
                 "limits": {k: s[k] for k in ("max_new_tokens_limit", "max_beams", "max_input_tokens",
                                              "max_candidates", "max_candidate_tokens", "max_request_bytes",
                                              "max_batch_size")}}

@@ -276,7 +276,8 @@ class KilmModel:
                 else:
                     top_n = max(rows[i].top_n for i in group)
                     for step in greedy_steps(m.model, encs, prefixes, m.sp.pad, stops, budgets, top_n,
-                                             stopped=lambda j: rows[group[j]].cancelled):
+                                             stopped=lambda j: rows[group[j]].cancelled,
+                                             no_repeat_ngram_size=int(self.settings.get("no_repeat_ngram_size", 0))):
                         out = list(waiting)
                         for i, s in zip(group, step):
                             if s is not None:
