@@ -290,7 +290,7 @@ def prompt_from_example(input_ids: Sequence[int], labels: Sequence[int], sp: Spe
 
 def parse_knowledge(tokenizer, sp: SpecialIds, generated: Sequence[int]) -> tuple[str, str]:
     """Generated tokens after ``<ent_desc>`` -> (title, description), cut at ``</ent_desc>``."""
-    ids = _until(generated, (sp.desc_end, sp.eos))
+    ids = until(generated, (sp.desc_end, sp.eos))
     if sp.sep in ids:
         cut = ids.index(sp.sep)
         title_ids, desc_ids = ids[:cut], ids[cut + 1:]
@@ -300,7 +300,7 @@ def parse_knowledge(tokenizer, sp: SpecialIds, generated: Sequence[int]) -> tupl
 
 
 def parse_text(tokenizer, sp: SpecialIds, generated: Sequence[int]) -> str:
-    return _decode(tokenizer, _until(generated, (sp.eos,)))
+    return _decode(tokenizer, until(generated, (sp.eos,)))
 
 
 def gold_knowledge(tokenizer, sp: SpecialIds, labels: Sequence[int]) -> tuple[str, str]:
@@ -308,7 +308,8 @@ def gold_knowledge(tokenizer, sp: SpecialIds, labels: Sequence[int]) -> tuple[st
     return parse_knowledge(tokenizer, sp, labels[labels.index(sp.desc) + 1:])
 
 
-def _until(ids: Sequence[int], stops: tuple[int, ...]) -> list[int]:
+def until(ids: Sequence[int], stops: tuple[int, ...]) -> list[int]:
+    """The tokens before the first of ``stops``."""
     out = []
     for t in ids:
         if int(t) in stops:

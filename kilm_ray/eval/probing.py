@@ -23,7 +23,7 @@ from kilm_ray.masking import MaskingParams, SpecialIds, build_retention_example,
 from kilm_ray.probes import (Prompt, ProbeError, appositive_prompt, candidate_continuation, cut_text_knowledge,
                              describe_prompt, parse_knowledge, parse_text_knowledge, prompt_from_example,
                              qa_prompt, text_candidate_continuation, text_describe_prompt, text_prompt_from_ids,
-                             _encode)
+                             until, _encode)
 
 FORMS = ("slot", "text")
 
@@ -105,13 +105,7 @@ def describe_prompt_of(pm: ProbeModel, item: dict) -> Prompt:
 
 def title_part(tokens: Sequence[int], sp) -> list[int]:
     """The title of a generated slot: its tokens before ``<sep>`` (or the slot's end)."""
-    ends = {sp.sep, sp.desc_end, sp.eos}
-    out = []
-    for t in tokens:
-        if int(t) in ends:
-            break
-        out.append(int(t))
-    return out
+    return until(tokens, (sp.sep, sp.desc_end, sp.eos))
 
 
 def mention_titled(pm: ProbeModel, items: Sequence[dict], prompts: Sequence[Prompt], outs: Sequence,
