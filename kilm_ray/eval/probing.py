@@ -158,6 +158,21 @@ def describe(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
     return results
 
 
+def build_or_refuse(items: Sequence[dict], build) -> tuple[list[dict], list[int], list]:
+    """``build(item)`` for each item: (a result per item, ``{"refused": reason}`` where building raised
+    ProbeError and ``{}`` elsewhere; the indices built; what was built, in their order)."""
+    results: list[dict] = [{} for _ in items]
+    kept, built = [], []
+    for k, item in enumerate(items):
+        try:
+            built.append(build(item))
+        except ProbeError as exc:
+            results[k] = {"refused": str(exc)[:80]}
+            continue
+        kept.append(k)
+    return results, kept, built
+
+
 def appositive_text(left: str, mention: str, right: str) -> tuple[str, str]:
     """(text with an ``<appos>`` slot at the end of the mention's sentence, the mention): the probe asks
     for the description away from the mention, where an appositive would stand."""
@@ -187,17 +202,8 @@ def appositive_prompt_of(pm: ProbeModel, item: dict) -> tuple[Prompt, list[int]]
 def appositive(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
     """Appositive generation: the knowledge slot at the end of the mention's sentence; the description
     against the gold (and the title). A mention whose prompt cannot be built is refused (counted)."""
-    prompts, rights, kept = [], [], []
-    results: list[dict] = [{} for _ in items]
-    for k, item in enumerate(items):
-        try:
-            prompt, right = appositive_prompt_of(pm, item)
-        except ProbeError as exc:
-            results[k] = {"refused": str(exc)[:80]}
-            continue
-        prompts.append(prompt)
-        rights.append(right)
-        kept.append(k)
+    results, kept, built = build_or_refuse(items, lambda item: appositive_prompt_of(pm, item))
+    prompts, rights = [p for p, _ in built], [r for _, r in built]
     budget = pm.max_new_tokens if pm.form == "slot" else pm.max_knowledge_tokens + 4
     for k, out, right in zip(kept, _generate(pm, prompts, budget), rights):
         title, desc = _read_knowledge(pm, out.tokens, right)
@@ -264,25 +270,17 @@ def mentions(pm: ProbeModel, items: Sequence[dict], appositives: bool = True) ->
 
 def senses(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
     """Word senses: the usage example as a describe prompt, each sense's definition a candidate."""
-    prompts, conts, kept = [], [], []
-    results: list[dict] = [{"refused": "prompt"} for _ in items]
-    for k, it in enumerate(items):
+    text = pm.form == "text"
+    prompt_of = text_describe_prompt if text else describe_prompt
+    candidate_of = text_candidate_continuation if text else candidate_continuation
+
+    def build(it: dict):
         title = it["word"][:1].upper() + it["word"][1:]
-        try:
-            if pm.form == "text":
-                prompt = text_describe_prompt(pm.tokenizer, pm.sp, it["left"], it["mention"], it["right"])
-                cands = [text_candidate_continuation(pm.tokenizer, pm.sp, title, d, pm.max_knowledge_tokens + 1)
-                         for d in it["senses"]]
-            else:
-                prompt = describe_prompt(pm.tokenizer, pm.sp, it["left"], it["mention"], it["right"])
-                cands = [candidate_continuation(pm.tokenizer, pm.sp, title, d, pm.max_knowledge_tokens + 1)
-                         for d in it["senses"]]
-        except ProbeError as exc:
-            results[k] = {"refused": str(exc)[:80]}
-            continue
-        prompts.append(prompt)
-        conts.append(cands)
-        kept.append(k)
+        return (prompt_of(pm.tokenizer, pm.sp, it["left"], it["mention"], it["right"]),
+                [candidate_of(pm.tokenizer, pm.sp, title, d, pm.max_knowledge_tokens + 1) for d in it["senses"]])
+
+    results, kept, built = build_or_refuse(items, build)
+    prompts, conts = [p for p, _ in built], [c for _, c in built]
     for k, p in zip(kept, rank(pm, prompts, conts)):
         results[k] = {"predicted": p, "correct": float(p == items[k]["gold"])}
     return results
@@ -292,15 +290,11 @@ def qa(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
     """Zero-shot QA: the answer generated after ``Question: {q}? Answer:``, cut as the official KILM code
     cuts it, scored by exact match and token F1 (best over the gold answers). A question the prompt
     refuses (a control token in it) is skipped with its reason, never an error of the run."""
-    prompts, kept = [], []
-    results: list[dict] = [{} for _ in items]
-    for k, it in enumerate(items):
-        try:
-            prompts.append(qa_prompt(pm.tokenizer, pm.sp, it["question"]))
-            kept.append(k)
-        except ProbeError as exc:
-            reason = "a control token in the question" if "reserved token" in str(exc) else str(exc)[:80]
-            results[k] = {"skipped": reason}
+    results, kept, prompts = build_or_refuse(items, lambda it: qa_prompt(pm.tokenizer, pm.sp, it["question"]))
+    for r in results:
+        if "refused" in r:
+            reason = r.pop("refused")
+            r["skipped"] = "a control token in the question" if "reserved token" in reason else reason
     for k, out in zip(kept, _generate(pm, prompts, pm.max_new_tokens)):
         answer = cut_answer(pm.tokenizer.decode([int(t) for t in out.tokens if int(t) != pm.sp.eos],
                                                 skip_special_tokens=True, clean_up_tokenization_spaces=True))

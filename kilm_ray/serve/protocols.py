@@ -223,6 +223,18 @@ class TgiRequest(BaseModel):
 TGI_NEUTRAL = {"do_sample": False, "decoder_input_details": False, "best_of": 1, "watermark": False}
 
 
+def _stops_or_refuse(stop, field: str, problems: list[str]) -> list[str]:
+    """The request's stop strings; ValueError naming every problem found so far (and the stop's own)."""
+    stops: list[str] = []
+    try:
+        stops = stop_list(stop, field)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return stops
+
+
 def tgi_job(req: TgiRequest, default_max_new_tokens: int) -> dict:
     """The replica job of a TGI request; ValueError lists every unsupported or wrong parameter."""
     p = req.parameters
@@ -230,12 +242,7 @@ def tgi_job(req: TgiRequest, default_max_new_tokens: int) -> dict:
                                                      "top_k", "top_p", "typical_p", "repetition_penalty",
                                                      "frequency_penalty", "truncate", "watermark", "grammar",
                                                      "adapter_id")}, TGI_NEUTRAL, "parameters.")
-    try:
-        stops = stop_list(p.stop, "parameters.stop")
-    except ValueError as exc:
-        problems.append(str(exc))
-    if problems:
-        raise ValueError("; ".join(problems))
+    stops = _stops_or_refuse(p.stop, "parameters.stop", problems)
     return {"task": "complete", "fields": {"prompt": req.inputs}, "stop": stops,
             "max_new_tokens": p.max_new_tokens or default_max_new_tokens, "num_beams": 1,
             "top_n": p.top_n_tokens or 0}
@@ -328,12 +335,7 @@ def openai_jobs(req: CompletionRequest, max_prompts: int) -> list[dict]:
         problems.append("prompt: the list is empty")
     if len(prompts) > max_prompts:
         problems.append(f"prompt: {len(prompts)} prompts; the limit is {max_prompts}")
-    try:
-        stops = stop_list(req.stop, "stop")
-    except ValueError as exc:
-        problems.append(str(exc))
-    if problems:
-        raise ValueError("; ".join(problems))
+    stops = _stops_or_refuse(req.stop, "stop", problems)
     return [{"task": "complete", "fields": {"prompt": p}, "stop": stops, "max_new_tokens": req.max_tokens or 16,
              "num_beams": 1, "top_n": req.logprobs or 0} for p in prompts]
 
