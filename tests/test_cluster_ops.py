@@ -100,6 +100,9 @@ def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
     assert re.fullmatch(r"held-out knowledge: \d+ mentions, title exact match \d\.\d\d \(copy rule \d\.\d\d\), "
                         r"description F1 \d\.\d\d", result["knowledge_line"])
     assert figures["mentions"] >= 50 and 0.5 < figures["copy_rule_title_exact_match"] < 1
+    # configs/demo.yaml's title candidates: the decoded titles' own figure beside, every answer kept.
+    assert len(figures["answers"]) == figures["mentions"] and 0 <= figures["title_exact_match_generated"] <= 1
+    assert f"of {figures['mentions']}; eval.title_candidates); decoded titles alone: exact match" in own[-2]
     assert Path(summary["export"], "model.safetensors").is_file() and summary["checkpoints"]
 
 
