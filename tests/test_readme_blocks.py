@@ -81,9 +81,9 @@ def test_step_by_step_block_runs_as_written(workspace):
     manifest = json.loads((runs / "data" / "manifest.json").read_text())
     assert manifest["samples"]["train"] > 0
     # 2. train: max_steps wins over epochs, says so at the start, and the README's checkpoint exists
-    assert "train.max_steps=200 wins over train.epochs=2" in err
-    state = json.loads((runs / "tiny" / "checkpoint_00000200" / "trainer_state.json").read_text())
-    assert state["step"] == 200
+    assert "train.max_steps=100 wins over train.epochs=2" in err
+    state = json.loads((runs / "tiny" / "checkpoint_00000100" / "trainer_state.json").read_text())
+    assert state["step"] == 100
     # 3. tune: the best config
     assert (runs / "search" / "best.yaml").is_file()
     # 4. export of the README's checkpoint
