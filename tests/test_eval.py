@@ -190,6 +190,10 @@ def test_compare_report_side_by_side(tmp_path):
     # The paired test on the same mentions: KILM right on 36 of 60 where the other is right on none.
     assert "| seen: title exact match | +0.600 [" in report and ": higher |" in report
     assert "| seen: description token F1 | +0.000 [+0.000, +0.000], p 1.0000, n 30: no difference claimed |" in report
+    # The model as a fraction of the memory ceiling: seen entities only (no memory of training names an
+    # unseen one: a ratio to ~0 means nothing).
+    assert "| seen: title exact match as a fraction of the ceiling's |" in report
+    assert "unseen: title exact match as a fraction" not in report
     first = doc.read_text()
     assert first.startswith("# Experiments\n\nNarrative stays.") and "| seen: title exact match | 0.600" in first
     assert main(args) == 0 and doc.read_text() == first  # regenerated in place, not appended twice
