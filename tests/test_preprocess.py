@@ -176,6 +176,7 @@ def test_readers_refuse_what_is_not_committed_and_a_changed_tokenizer(tmp_path, 
     assert "tokenizer_sha256" in last
 
 
+@pytest.mark.slow
 def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_data, tiny_config, caplog):
     """The excerpt rewritten as a multistream dump (20 pages per bz2 stream) with its index: the index
     cuts it into several read tasks. Resolved the way a full dump is (link_resolution auto with the

@@ -76,6 +76,7 @@ def test_resume_on_another_zero_stage(local_cfg, tiny_data, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_without_ray(local_cfg, tiny_data, tmp_path):
     """``kilm-ray train --no-ray`` under torchrun: 2 processes, gloo, the same loop and checkpoints.
     The mini preset's embedding fits in rank 0's ZeRO-2 partition alone: checkpointing must not let
