@@ -489,8 +489,9 @@ class ServeConfig:
     max_new_tokens_limit: int = _doc("Largest max_new_tokens a request may ask for.", default=128)
     max_beams: int = _doc("Largest num_beams a request may ask for.", default=4)
     no_repeat_ngram_size: int = _doc(
-        "Greedy answers never repeat an n-gram of their own (the prompt is not counted; beam answers are not "
-        "affected). 0 = off.", default=0)
+        "Greedy describe, appositive and QA answers never repeat an n-gram of their own (the prompt is not "
+        "counted; /v1/fill, which rebuilds the whole text, completions and beam answers are not affected). 0 = off.",
+        default=0)
     max_request_bytes: int = _doc("Largest request body, counted as it streams in (larger: 413).", default=65536)
     max_candidate_tokens: int = _doc(
         "Longest scored candidate ('Title<sep>description'), in tokens; longer descriptions are cut.", default=64)
@@ -551,10 +552,12 @@ class EvalConfig:
         "Describe's title (slot-trained models): generated = the decoded title; generated_or_mention = the likelier, "
         "under the model (summed log-probability of title and <sep>), of the decoded title and the mention as "
         "written, the description then decoded after it. A small model's commonest title error is a misspelled "
-        "copy of the mention; its own score picks the spelling. Reports also give the decoded titles' figure.",
+        "copy of the mention; its own score picks the spelling. Reports also give the decoded titles' figure. "
+        "Greedy decoding only.",
         default="generated")
     no_repeat_ngram_size: int = _doc(
-        "Greedy decoding: no n-gram repeated within one answer (the prompt is not counted). 0 = off.", default=0)
+        "Greedy decoding of slot-trained models: no n-gram repeated within one answer (the prompt is not counted; "
+        "a text-form answer copies the right context, so it is left alone). 0 = off.", default=0)
     max_disambiguation_mentions: int = _doc(
         "Sampled mentions with an ambiguous anchor text scored in anchor disambiguation (0 = all).", default=500)
     max_candidates: int = _doc("Candidates per mention in disambiguation.", default=8)
@@ -577,9 +580,9 @@ class EvalConfig:
         for name in ("batch_size", "num_beams", "max_new_tokens", "max_candidates", "actors"):
             _check_min(f"{path}.{name}", getattr(self, name), 1)
         _check_min(f"{path}.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
-        if self.no_repeat_ngram_size and self.num_beams > 1:
-            raise ConfigError(f"{path}.no_repeat_ngram_size applies to greedy decoding; {path}.num_beams is "
-                              f"{self.num_beams}")
+        if self.num_beams > 1 and (self.no_repeat_ngram_size or self.title_candidates != "generated"):
+            key = "no_repeat_ngram_size" if self.no_repeat_ngram_size else "title_candidates"
+            raise ConfigError(f"{path}.{key} applies to greedy decoding; {path}.num_beams is {self.num_beams}")
         _check_range(f"{path}.cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, low_open=True)
         _check_range(f"{path}.gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
         for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",

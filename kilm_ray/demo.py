@@ -246,6 +246,7 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     items = mention_items(Context(str(export), str(data), cfg, "auto"), rule.split, chosen[: rule.examples])
     answers = []
     scored_answers = figures.get("answers", {})
+    from_mention = set(figures.get("titles_from_mention_ids", []))
     for mention, example in zip(chosen, probe_requests(items, tokenizer)):
         reply = client.post("describe", example["request"])
         answers.append({**example, "answer": reply})
@@ -253,8 +254,9 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
                    example["request"]["right"][:40]).replace("\n", " ")
         print(f"  ...{context}...\n    gold:  {example['gold'][:120]}\n    model: {reply['title']} | "
               f"{reply['description'][:100]}", flush=True)
-        scored_title = scored_answers.get(f"{mention['sample_id']}:{mention['entity']}", "").split(" <sep> ")[0]
-        if scored_title and scored_title.strip() != reply["title"].strip():
+        key = f"{mention['sample_id']}:{mention['entity']}"
+        scored_title = scored_answers.get(key, "").split(" <sep> ")[0].strip()
+        if key in from_mention and scored_title != reply["title"].strip():  # the service decodes titles only
             print(f"    scored title: {scored_title} (the mention as written: the model scores it above its decoded "
                   "title; eval.title_candidates)", flush=True)
     summary = {"data": str(data), "stats": dataset_path(str(data), "stats"), "run": str(runs / "demo"),

@@ -171,7 +171,7 @@ def repeated_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
 def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
                  stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
                  top_n: int = 0, stopped: Optional[Callable[[int], bool]] = None,
-                 no_repeat_ngram_size: int = 0) -> Iterator[list[Optional[Step]]]:
+                 no_repeat_ngram_size: int | Sequence[int] = 0) -> Iterator[list[Optional[Step]]]:
     """Greedy decoding of a batch, one step at a time: yields, per step, a list with a ``Step`` for each row
     that made a token and ``None`` for rows already done. Row ``i`` is done after one of its stop ids, after
     its own budget, or once ``stopped(i)`` is true (its client left, a stop string matched).
@@ -181,8 +181,8 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     them). Rows are independent: a row's tokens equal decoding it alone (left padding with shifted
     positions, ``left_padded_positions``).
 
-    ``no_repeat_ngram_size`` n > 0: a token that would repeat an n-gram of the row's own continuation is
-    never chosen (the prefix is not counted: a title copied from the mention before the slot is no
+    ``no_repeat_ngram_size`` n > 0 (one for all rows or one per row): a token that would repeat an n-gram
+    of the row's own continuation is never chosen (the prefix is not counted: a title copied from the mention before the slot is no
     repeat). The reported log-probabilities stay the model's."""
     n = len(prefixes)
     row_stops = [set(s) for s in _row_stops(stop_ids, n)]
@@ -197,6 +197,8 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
     made = [0] * n
     made_tokens: list[list[int]] = [[] for _ in range(n)]
+    no_repeat = ([int(no_repeat_ngram_size)] * n if isinstance(no_repeat_ngram_size, int)
+                 else [int(k) for k in no_repeat_ngram_size])
     cache = None
     step_ids, mask = dec_ids, dec_mask
     with left_padded_positions(model, pads):
@@ -206,11 +208,11 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
             cache = out.cache
             logits = _logits(model, out.last_hidden_state[:, -1])
             logprobs = torch.log_softmax(logits, dim=-1)
-            if no_repeat_ngram_size > 0:
+            if any(no_repeat):
                 logits = logits.clone()
                 for i in range(n):
-                    if running[i]:
-                        banned = repeated_ngram_tokens(made_tokens[i], no_repeat_ngram_size)
+                    if running[i] and no_repeat[i]:
+                        banned = repeated_ngram_tokens(made_tokens[i], no_repeat[i])
                         if banned:
                             logits[i, banned] = float("-inf")
             chosen = logits.argmax(dim=-1)

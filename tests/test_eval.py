@@ -194,6 +194,9 @@ def test_compare_report_side_by_side(tmp_path):
     # unseen one: a ratio to ~0 means nothing).
     assert "| seen: title exact match as a fraction of the ceiling's |" in report
     assert "unseen: title exact match as a fraction" not in report
+    from kilm_ray.eval.report import _shown_path
+
+    assert _shown_path("s3://kilm/qa.jsonl") == "s3://kilm/qa.jsonl" and _shown_path("/elsewhere/q.tsv") == "/elsewhere/q.tsv"
     first = doc.read_text()
     assert first.startswith("# Experiments\n\nNarrative stays.") and "| seen: title exact match | 0.600" in first
     assert main(args) == 0 and doc.read_text() == first  # regenerated in place, not appended twice

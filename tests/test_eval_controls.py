@@ -245,12 +245,13 @@ def test_mention_as_a_title_candidate_is_kept_only_where_the_model_scores_it_hig
     from kilm_ray.eval.summary import knowledge_summary
     from kilm_ray.generation import generate, score_continuations
 
-    base = probe_model("slot")
+    base = dataclasses.replace(probe_model("slot"), batch_size=2)  # several generation batches, per-row budgets
     pm = dataclasses.replace(base, title_candidates="generated_or_mention")
     tok, sp = pm.tokenizer, pm.sp
     items = [_mention_item(tok, sp, "The Greek ", "philosophers", " taught in Athens.", "Philosopher", "a lover", 1),
              _mention_item(tok, sp, "He wrote in ", "Hebrew", ".", "Hebrew alphabet", "the script", 2),
-             _mention_item(tok, sp, "A ", "dog", " barked.", "Dog", "a domestic animal", 3)]
+             _mention_item(tok, sp, "A ", "dog", " barked.", "Dog", "a domestic animal", 3),
+             _mention_item(tok, sp, "In ", " the Democratic Republic of the Congo", ".", "Congo", "a country", 4)]
     plain = probing.describe(base, items)
     ranked = probing.describe(pm, items)
     prompts = [probing.describe_prompt_of(pm, it) for it in items]
@@ -268,16 +269,24 @@ def test_mention_as_a_title_candidate_is_kept_only_where_the_model_scores_it_hig
         assert b["title_source"] == ("mention" if wins else "generated")
         assert b["title_exact_match_generated"] == a["title_exact_match"]
         if wins:
+            left = pm.max_new_tokens - len(mention) - 1
             rest = generate(pm.model, [p.encoder_ids], [p.decoder_prefix + mention + [sp.sep]], sp.pad, sp.eos,
-                            [p.stop_id, sp.eos], pm.max_new_tokens - len(mention) - 1)[0]
+                            [p.stop_id, sp.eos], left)[0].tokens if left > 0 else []
             assert b["generated"].split(" <sep> ")[0] == it["surface"]
             assert b["generated"] == "{} <sep> {}".format(*probing.parse_knowledge(
-                tok, sp, mention + [sp.sep] + list(rest.tokens)))
+                tok, sp, mention + [sp.sep] + list(rest)))
         else:
             assert b["generated"] == a["generated"]
-    assert "mention" in sources  # the untrained model's long decoded titles lose to short mentions
+    assert "mention" in sources and "generated" in sources  # untrained: long decoded titles lose to short mentions
+    # A mention that uses the whole budget (3 tokens and <sep> of 4): taken, nothing decoded after it.
+    short = probing.describe(dataclasses.replace(pm, max_new_tokens=4), items[:1])[0]
+    assert short["title_source"] == "mention" and short["generated"] == f"{items[0]['surface']} <sep> "
     summary = knowledge_summary(
         [{"id": it["id"], "group": "seen", "copy_rule": 0.0, "title_differs": True, "describe": r}
          for it, r in zip(items, ranked)], "describe")
     assert summary["all"]["titles_from_mention"] == sources.count("mention")
     assert "title_exact_match_generated" in summary["all"]["intervals"]
+    from kilm_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.title_candidates applies to greedy decoding; eval.num_beams is 2"):
+        load_config(None, ["eval.num_beams=2", "eval.title_candidates=generated_or_mention"])

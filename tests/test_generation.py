@@ -317,3 +317,14 @@ def test_no_repeat_ngram_bans_only_repeats_of_the_answer_itself(model):
         cut = first_repeat(p.tokens)
         assert b.tokens[:cut] == p.tokens[:cut] and (cut is None or b.tokens[cut] != p.tokens[cut])
         assert all(lp <= 0 for lp in b.token_logprobs)
+    # The prompt's n-grams are free: with the loop itself as the prefix, the answer starts by repeating it.
+    looped = [[2, 0] + p.tokens[:10] for p in plain]
+    again = greedy(model, enc, looped, 1, [2], max_new_tokens=20)
+    again_banned = greedy(model, enc, looped, 1, [2], max_new_tokens=20, no_repeat_ngram_size=2)
+    for prefix, p, b in zip(looped, again, again_banned):
+        cut = first_repeat(p.tokens)
+        assert b.tokens[:cut] == p.tokens[:cut]
+    assert any(tuple(p.tokens[:2]) in {tuple(q[i:i + 2]) for i in range(len(q) - 1)} for q, p in zip(looped, again))
+    # One n per row (Serve: knowledge answers banned, /v1/fill rows not).
+    mixed = greedy(model, enc, prefixes, 1, [2], max_new_tokens=30, no_repeat_ngram_size=[2, 0])
+    assert mixed[0].tokens == banned[0].tokens and mixed[1].tokens == plain[1].tokens

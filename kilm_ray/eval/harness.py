@@ -222,6 +222,8 @@ def describe_part(ctx: Context, name: str, split: str, chosen: list[dict], group
         if keep_answers:
             summary["answers"] = {r["id"]: r["describe"]["generated"] for r in rows
                                   if "generated" in (r.get("describe") or {})}
+            summary["titles_from_mention_ids"] = sorted(r["id"] for r in rows
+                                                        if (r.get("describe") or {}).get("title_source") == "mention")
         return summary
 
     ds = read_items(ctx.files(split, set(wanted)), wanted, "mentions", extras, tag={"probe": "describe", "part": name})
@@ -426,7 +428,8 @@ def rule_knowledge(model_dir: str, data_dir: str, cfg: KilmConfig, split: str, m
     ctx = Context(model_dir, data_dir, cfg, device)
     chosen = rule_mentions(ctx, split, min_train_mentions)
     summary = run_parts(ctx, [describe_part(ctx, "rule", split, chosen, keep_answers=True)])["rule"]
-    return {**summary["all"], "answers": summary.get("answers", {})}, chosen
+    return {**summary["all"], "answers": summary.get("answers", {}),
+            "titles_from_mention_ids": summary.get("titles_from_mention_ids", [])}, chosen
 
 
 def knowledge_line(summary: dict[str, Any]) -> str:

@@ -38,7 +38,8 @@ class ProbeModel:
     batch_size: int = 16
     num_beams: int = 1
     max_knowledge_tokens: int = 128
-    no_repeat_ngram_size: int = 0  # greedy: no n-gram repeated within an answer (eval.no_repeat_ngram_size)
+    # greedy, slot form: no n-gram repeated within an answer (a text-form answer copies the right context)
+    no_repeat_ngram_size: int = 0
     title_candidates: str = "generated"  # or "generated_or_mention" (eval.title_candidates; slot form only)
 
     def __post_init__(self):
@@ -84,7 +85,7 @@ def _generate(pm: ProbeModel, prompts: Sequence[Prompt], max_new_tokens: int | S
         outs += generate(pm.model, [p.encoder_ids for p in chunk], [p.decoder_prefix for p in chunk], pm.sp.pad,
                          pm.sp.eos, [[p.stop_id, pm.sp.eos] for p in chunk],
                          max(chunk_budgets) if pm.num_beams > 1 else chunk_budgets, pm.num_beams,
-                         pm.no_repeat_ngram_size)
+                         pm.no_repeat_ngram_size if pm.form == "slot" else 0)
     return outs
 
 
@@ -125,12 +126,12 @@ def mention_titled(pm: ProbeModel, items: Sequence[dict], prompts: Sequence[Prom
             for k, mention, generated in pairs for title in (mention, generated)]
     scores = [s for chunk in batched(rows, pm.batch_size) for s, _ in score_continuations(pm.model, chunk, pm.sp.pad)]
     chosen = [(k, mention) for i, (k, mention, _) in enumerate(pairs) if scores[2 * i] > scores[2 * i + 1]]
+    replaced = {k: mention + [pm.sp.sep] for k, mention in chosen}  # a mention that fills the budget: no more
+    more = [(k, mention, budget - len(mention) - 1) for k, mention in chosen if budget - len(mention) - 1 > 0]
     again = [Prompt(prompts[k].encoder_ids, list(prompts[k].decoder_prefix) + mention + [pm.sp.sep], prompts[k].stop_id)
-             for k, mention in chosen]
-    rest = [max(1, budget - len(mention) - 1) for _, mention in chosen]
-    replaced = {}
-    for (k, mention), out in zip(chosen, _generate(pm, again, rest)):
-        replaced[k] = mention + [pm.sp.sep] + list(out.tokens)
+             for k, mention, _ in more]
+    for (k, _, _), out in zip(more, _generate(pm, again, [n for _, _, n in more])):
+        replaced[k] += list(out.tokens)
     return replaced
 
 

@@ -94,7 +94,10 @@ def _cell(metrics: dict, path: tuple[str, ...], digits: int = 3) -> str:
 
 
 def _shown_path(path) -> str:
-    """A file under the working directory by its relative path (the generated text is the same on every clone)."""
+    """A file under the working directory by its relative path (the generated text is the same on every clone);
+    a URI as it is."""
+    if "://" in str(path):
+        return str(path)
     try:
         return str(Path(str(path)).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:

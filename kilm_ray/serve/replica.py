@@ -77,6 +77,12 @@ class Row:
     num_beams: int
     top_n: int = 0
     cancelled: bool = False  # set when its client left or a stop sequence matched: the batch drops it
+    no_repeat_ngram_size: int = 0  # serve.no_repeat_ngram_size for knowledge answers; 0 for fill and completions
+
+
+# Tasks whose answer is new text (knowledge, an answer): a repeated n-gram there is a decoding loop. /v1/fill
+# rebuilds the input text and completions continue the user's, where repeats are the text's own.
+NO_REPEAT_TASKS = ("describe", "appositive", "qa")
 
 
 class InputTooLong(ValueError):
@@ -145,8 +151,9 @@ class KilmModel:
 
         prompt = build_prompt(m.tokenizer, m.sp, job["task"], job["fields"])
         self._check_length(m, prompt)
+        no_repeat = int(self.settings.get("no_repeat_ngram_size", 0)) if job["task"] in NO_REPEAT_TASKS else 0
         return Row(m, prompt, tuple(sorted({prompt.stop_id, m.sp.eos})), int(job["max_new_tokens"]),
-                   int(job.get("num_beams", 1)), int(job.get("top_n", 0)))
+                   int(job.get("num_beams", 1)), int(job.get("top_n", 0)), no_repeat_ngram_size=no_repeat)
 
     # -- the request's events ---------------------------------------------------------------------
 
@@ -277,7 +284,7 @@ class KilmModel:
                     top_n = max(rows[i].top_n for i in group)
                     for step in greedy_steps(m.model, encs, prefixes, m.sp.pad, stops, budgets, top_n,
                                              stopped=lambda j: rows[group[j]].cancelled,
-                                             no_repeat_ngram_size=int(self.settings.get("no_repeat_ngram_size", 0))):
+                                             no_repeat_ngram_size=[rows[i].no_repeat_ngram_size for i in group]):
                         out = list(waiting)
                         for i, s in zip(group, step):
                             if s is not None:
