@@ -182,8 +182,8 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     positions, ``left_padded_positions``).
 
     ``no_repeat_ngram_size`` n > 0 (one for all rows or one per row): a token that would repeat an n-gram
-    of the row's own continuation is never chosen (the prefix is not counted: a title copied from the mention before the slot is no
-    repeat). The reported log-probabilities stay the model's."""
+    of the row's own continuation is never chosen (the prefix is not counted: a title copied from the
+    mention before the slot is no repeat). The reported log-probabilities stay the model's."""
     n = len(prefixes)
     row_stops = [set(s) for s in _row_stops(stop_ids, n)]
     device = next(model.parameters()).device
@@ -195,8 +195,7 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     dec_ids, dec_mask = _pad(prefixes, pad_id, left=True, device=device)
     pads = (dec_mask == 0).sum(dim=1)
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-    made = [0] * n
-    made_tokens: list[list[int]] = [[] for _ in range(n)]
+    made: list[list[int]] = [[] for _ in range(n)]  # each row's tokens so far
     no_repeat = ([int(no_repeat_ngram_size)] * n if isinstance(no_repeat_ngram_size, int)
                  else [int(k) for k in no_repeat_ngram_size])
     cache = None
@@ -212,7 +211,7 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
                 logits = logits.clone()
                 for i in range(n):
                     if running[i] and no_repeat[i]:
-                        banned = repeated_ngram_tokens(made_tokens[i], no_repeat[i])
+                        banned = repeated_ngram_tokens(made[i], no_repeat[i])
                         if banned:
                             logits[i, banned] = float("-inf")
             chosen = logits.argmax(dim=-1)
@@ -228,9 +227,8 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
                 if top is not None:
                     alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
                 step[i] = Step(tokens[i], float(picked[i]), alternatives)
-                made[i] += 1
-                made_tokens[i].append(tokens[i])
-                if tokens[i] in row_stops[i] or made[i] >= budgets[i]:
+                made[i].append(tokens[i])
+                if tokens[i] in row_stops[i] or len(made[i]) >= budgets[i]:
                     running[i] = False
             yield step
             if stopped is not None:
@@ -410,11 +408,11 @@ def default_device(requested: str = "auto") -> str:
 
 
 def greedy_describe(model, prompts: Sequence, sp, max_new_tokens: int, batch_size: int,
-                    num_beams: int = 1, no_repeat_ngram_size: int = 0) -> list[Generated]:
+                    num_beams: int = 1) -> list[Generated]:
     """Generate the knowledge of many describe prompts, in batches."""
     results: list[Generated] = []
     for chunk in batched(list(prompts), batch_size):
         results += generate(model, [p.encoder_ids for p in chunk], [p.decoder_prefix for p in chunk], sp.pad,
-                            sp.eos, [sp.desc_end, sp.eos], max_new_tokens, num_beams, no_repeat_ngram_size)
+                            sp.eos, [sp.desc_end, sp.eos], max_new_tokens, num_beams)
     return results
 

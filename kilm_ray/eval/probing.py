@@ -75,13 +75,12 @@ def mention_facts(pm: ProbeModel, item: dict) -> dict[str, Any]:
 
 def _generate(pm: ProbeModel, prompts: Sequence[Prompt], max_new_tokens: int | Sequence[int]):
     """Greedy (or beam) continuations of the prompts, in batches; one budget for all or one per prompt."""
-    from kilm_ray.generation import generate
+    from kilm_ray.generation import batched, generate
 
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     outs = []
-    for start in range(0, len(prompts), pm.batch_size):
-        chunk = prompts[start: start + pm.batch_size]
-        chunk_budgets = budgets[start: start + pm.batch_size]
+    for pairs in batched(list(zip(prompts, budgets)), pm.batch_size):
+        chunk, chunk_budgets = [p for p, _ in pairs], [b for _, b in pairs]
         outs += generate(pm.model, [p.encoder_ids for p in chunk], [p.decoder_prefix for p in chunk], pm.sp.pad,
                          pm.sp.eos, [[p.stop_id, pm.sp.eos] for p in chunk],
                          max(chunk_budgets) if pm.num_beams > 1 else chunk_budgets, pm.num_beams,
@@ -149,12 +148,13 @@ def describe(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
     results = []
     for k, (item, out) in enumerate(zip(items, outs)):
         right = list(item["ids"])[int(item["end"]):]
-        title, desc = _read_knowledge(pm, replaced.get(k, out.tokens), right)
+        decoded_title, decoded_desc = _read_knowledge(pm, out.tokens, right)
+        title, desc = _read_knowledge(pm, replaced[k], right) if k in replaced else (decoded_title, decoded_desc)
         gold_title, gold_desc = gold_of(pm, item)
         result = {**knowledge_scores(title, desc, gold_title, gold_desc), "generated": f"{title} <sep> {desc}"}
         if rerank:
             result["title_source"] = "mention" if k in replaced else "generated"
-            result["title_exact_match_generated"] = exact_match(_read_knowledge(pm, out.tokens, right)[0], gold_title)
+            result["title_exact_match_generated"] = exact_match(decoded_title, gold_title)
         results.append(result)
     return results
 
