@@ -31,6 +31,9 @@ def _offset_forward(self, input_ids, cache_length: int = 0, position_ids=None):
     seq_len = input_ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(cache_length, cache_length + seq_len, device=self.weight.device)
+    if bsz % offsets.shape[0]:
+        raise RuntimeError(f"position offsets for {offsets.shape[0]} rows on a batch of {bsz}: another call's "
+                           "offsets (left_padded_positions must not be held across a yield)")
     if offsets.shape[0] != bsz:  # beams: each input's row is repeated num_beams times
         offsets = offsets.repeat_interleave(bsz // offsets.shape[0])
     positions = position_ids.view(1, -1) - offsets.view(-1, 1).to(position_ids.device)
@@ -200,43 +203,47 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
                  else [int(k) for k in no_repeat_ngram_size])
     cache = None
     step_ids, mask = dec_ids, dec_mask
-    with left_padded_positions(model, pads):
-        while any(running):
+    while any(running):
+        # The patched positions hold for this forward only, never across a yield: while the caller has the
+        # step (a Serve replica forwards it, then scores another request on the same model), the model is
+        # the plain one again (held across yields, a scoring pass took this batch's offsets: wrong scores,
+        # or a shape error when the counts did not divide).
+        with left_padded_positions(model, pads):
             out = model.model(encoder_outputs=(encoded,), attention_mask=attention, decoder_input_ids=step_ids,
                               decoder_attention_mask=mask, cache=cache, use_cache=True)
-            cache = out.cache
-            logits = _logits(model, out.last_hidden_state[:, -1])
-            logprobs = torch.log_softmax(logits, dim=-1)
-            if any(no_repeat):
-                logits = logits.clone()
-                for i in range(n):
-                    if running[i] and no_repeat[i]:
-                        banned = repeated_ngram_tokens(made[i], no_repeat[i])
-                        if banned:
-                            logits[i, banned] = float("-inf")
-            chosen = logits.argmax(dim=-1)
-            picked = logprobs.gather(1, chosen.view(-1, 1)).view(-1).tolist()
-            top = logprobs.topk(top_n, dim=-1) if top_n else None
-            tokens = chosen.tolist()
-            step: list[Optional[Step]] = [None] * n
+        cache = out.cache
+        logits = _logits(model, out.last_hidden_state[:, -1])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if any(no_repeat):
+            logits = logits.clone()
             for i in range(n):
-                if not running[i]:
-                    tokens[i] = pad_id
-                    continue
-                alternatives = None
-                if top is not None:
-                    alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
-                step[i] = Step(tokens[i], float(picked[i]), alternatives)
-                made[i].append(tokens[i])
-                if tokens[i] in row_stops[i] or len(made[i]) >= budgets[i]:
+                if running[i] and no_repeat[i]:
+                    banned = repeated_ngram_tokens(made[i], no_repeat[i])
+                    if banned:
+                        logits[i, banned] = float("-inf")
+        chosen = logits.argmax(dim=-1)
+        picked = logprobs.gather(1, chosen.view(-1, 1)).view(-1).tolist()
+        top = logprobs.topk(top_n, dim=-1) if top_n else None
+        tokens = chosen.tolist()
+        step: list[Optional[Step]] = [None] * n
+        for i in range(n):
+            if not running[i]:
+                tokens[i] = pad_id
+                continue
+            alternatives = None
+            if top is not None:
+                alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
+            step[i] = Step(tokens[i], float(picked[i]), alternatives)
+            made[i].append(tokens[i])
+            if tokens[i] in row_stops[i] or len(made[i]) >= budgets[i]:
+                running[i] = False
+        yield step
+        if stopped is not None:
+            for i in range(n):
+                if running[i] and stopped(i):
                     running[i] = False
-            yield step
-            if stopped is not None:
-                for i in range(n):
-                    if running[i] and stopped(i):
-                        running[i] = False
-            step_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        step_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
 
 
 def greedy(model, encoder_ids, prefixes, pad_id, stop_ids, max_new_tokens=32,

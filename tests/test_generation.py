@@ -217,6 +217,27 @@ def test_greedy_steps_stream_each_token_and_stop_rows_on_request(model):
     assert seen[1] == whole[1].tokens[:2]  # stopped from outside after its second token
 
 
+
+def test_scoring_between_two_greedy_steps_sees_the_plain_model(model):
+    """A Serve replica scores a disambiguation request on the same model while a greedy batch is between
+    two steps: neither answer may change (the batch's position offsets once leaked into the scoring pass:
+    a 500 'size of tensor a (2) must match ... (0)', or silently shifted scores)."""
+    from kilm_ray.generation import greedy_steps
+
+    encs, prefixes = [[0, 5, 6, 2], [0, 9, 10, 11, 2]], [[2, 0, 5, 6, 7], [2, 0, 9]]  # rows padded differently
+    scored = [([0, 9, 2], [2, 0], [5, 6]), ([0, 9, 10, 11, 2], [2, 0, 9, 10], [7, 8, 9])]
+    alone = score_continuations(model, scored, 1)
+    tokens: list[list[int]] = [[], []]
+    for step in greedy_steps(model, encs, prefixes, 1, [299], 6):
+        for i, s in enumerate(step):
+            if s is not None:
+                tokens[i].append(s.token)
+        for item, want in zip(scored, alone):  # one request alone (1 row), then both (2 rows)
+            assert score_continuations(model, [item], 1)[0][0] == pytest.approx(want[0], abs=1e-5)
+        assert [lp for lp, _ in score_continuations(model, scored, 1)] == pytest.approx([a for a, _ in alone], abs=1e-5)
+    assert tokens == [g.tokens for g in generate(model, encs, prefixes, 1, 2, [299], max_new_tokens=6)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("beams, bound_mb", [(4, 400), (1, 150)])
 def test_one_batch_at_the_real_vocabulary_stays_bounded(beams, bound_mb):
