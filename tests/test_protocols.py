@@ -3,6 +3,7 @@
 ``openai`` client, streaming and not, against the shared Serve on 127.0.0.1 (conftest.py); auth, limits,
 control-token refusal and metrics on these routes too. The pure translation functions first."""
 
+import contextlib
 import time
 
 import httpx
@@ -58,6 +59,38 @@ def test_unsupported_options_are_refused_by_name():
 # ----------------------------------------------------------------------------------------------
 # The real clients against the real service
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", ["reads every byte", "gone before the body began"])
+def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_does(client):
+    """The in-flight count of a stream is released when its ASGI call ends, also when the body never began
+    (a body-iterator wrapper never ran its ``finally`` then: the slot leaked, and enough leaks answer 503)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from kilm_ray.serve.app import CountedStream
+
+    started, ended = [], []
+
+    async def body():
+        started.append(True)
+        yield b"data: 1\n\n"
+
+    async def receive():
+        await asyncio.sleep(3600)  # no disconnect message: the client stays until send fails
+
+    async def send(message):
+        if client != "reads every byte":
+            raise OSError("client disconnected")
+
+    response = CountedStream(body(), media_type="text/event-stream")
+    response.on_end = lambda: ended.append(True)
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/v1/describe"}
+    with pytest.raises(ClientDisconnect) if client != "reads every byte" else contextlib.nullcontext():
+        asyncio.run(response(scope, receive, send))
+    assert ended == [True] and started == ([True] if client == "reads every byte" else [])
+
 
 
 @pytest.mark.slow

@@ -393,7 +393,12 @@ def test_a_model_replica_killed_mid_request_answers_json_and_comes_back(service)
     pid = httpx.get(f"{service}/locked/v1/model", headers=auth, timeout=60).json()["pid"]
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, service, "/locked/v1/describe", {"text": TEXT}, headers=auth)
-        time.sleep(0.5)  # the request waits up to 1 s in the replica for its batch to fill
+        # Killed once the request is in the replica, where it waits up to 1 s for its batch to fill (a fixed
+        # sleep missed that window on a loaded machine: the answer was an early 200 or a retried one).
+        deadline = time.time() + 30
+        while httpx.get(f"{service}/locked/v1/model", headers=auth, timeout=60).json()["waiting"] < 1:
+            assert time.time() < deadline and not pending.done(), "the request never reached the replica"
+            time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
         r = pending.result()
     assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
@@ -466,11 +471,14 @@ def test_an_export_with_another_tokenizer_rolls_out_under_load(service, tmp_path
     after = [post(service, p, b).json() for p, b in bodies]
     assert httpx.get(f"{service}/v1/model").json()["model"] == v2
 
-    def key(answer: dict):
-        return json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in answer.items()
-                           if k not in ("details",)}, sort_keys=True)
+    def same(a: dict, b: dict) -> bool:
+        """Alike but for float rounding (an answer under load ran in a batch; before and after ran alone)."""
+        a, b = ({k: v for k, v in d.items() if k != "details"} for d in (a, b))
+        return a.keys() == b.keys() and all(
+            abs(a[k] - b[k]) <= 1e-4 if isinstance(a[k], float) and isinstance(b[k], float) else a[k] == b[k]
+            for k in a)
 
-    assert any(key(a) != key(b) for a, b in zip(before, after)), "the two exports answer alike: nothing is tested"
+    assert any(not same(a, b) for a, b in zip(before, after)), "the two exports answer alike: nothing is tested"
     codes = [code for _, code, _ in seen]
     assert len(seen) > 12 and set(codes) <= {200, 503}, sorted(set(codes))
     for _, code, body in seen:
@@ -479,7 +487,7 @@ def test_an_export_with_another_tokenizer_rolls_out_under_load(service, tmp_path
     olds = news = 0
     for i, code, body in seen:
         if code == 200:
-            assert key(body) in (key(before[i]), key(after[i])), (bodies[i], body, before[i], after[i])
-            olds += key(body) == key(before[i])
-            news += key(body) == key(after[i])
+            assert same(body, before[i]) or same(body, after[i]), (bodies[i], body, before[i], after[i])
+            olds += same(body, before[i])
+            news += same(body, after[i])
     assert olds and news, (olds, news)  # the load spanned the rollout

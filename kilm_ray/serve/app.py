@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -218,11 +218,11 @@ class _GatedRoute(APIRoute):
                 try:
                     response = await _answer(handler, request, protocol, gate)
                 finally:
-                    if isinstance(response, StreamingResponse):
-                        response.body_iterator = _counted(response.body_iterator, gate, request.method, path, started)
+                    if isinstance(response, CountedStream):
+                        response.on_end = lambda: _end_stream(gate, request.method, path, started)
                     else:
                         _release(gate)
-                if isinstance(response, StreamingResponse):
+                if isinstance(response, CountedStream):
                     return response
             _record(gate, request.method, path, response.status_code, time.perf_counter() - started)
             return response
@@ -258,13 +258,26 @@ def _release(gate: Gate) -> None:
     _observe(gate, "in_flight", gate.in_flight)
 
 
-async def _counted(body: AsyncIterator[bytes], gate: Gate, method: str, path: str, started: float):
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        _release(gate)
-        _record(gate, method, path, 200, time.perf_counter() - started)
+class CountedStream(StreamingResponse):
+    """A streamed answer that calls ``on_end`` once its ASGI call ends: every byte sent, the client gone, or
+    the call cancelled before the body began. (Counting in a wrapper of the body iterator leaked the
+    in-flight slot when Starlette never started the body: a generator that never ran runs no ``finally``;
+    enough leaks and every request is a 503 "at capacity".)"""
+
+    on_end: Optional[Callable[[], None]] = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            end, self.on_end = self.on_end, None
+            if end is not None:
+                end()
+
+
+def _end_stream(gate: Gate, method: str, path: str, started: float) -> None:
+    _release(gate)
+    _record(gate, method, path, 200, time.perf_counter() - started)
 
 
 def _observe(gate: Gate, name: str, value: float) -> None:
@@ -337,8 +350,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return error_response("kilm", e.status, e.message, e.problems)
 
 
-def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(frames, media_type="text/event-stream",
+def _sse(frames: AsyncIterator[bytes]) -> CountedStream:
+    return CountedStream(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

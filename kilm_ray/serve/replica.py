@@ -360,4 +360,5 @@ class KilmModel:
         m = self.loaded
         return {"model": m.uri, "meta": m.meta, "device": self.device, "dtype": self.dtype,
                 "parameters": sum(p.numel() for p in m.model.parameters()), "batching": self.stats.summary(),
+                "waiting": self.waiting,
                 "pid": os.getpid(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
