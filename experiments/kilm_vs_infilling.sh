@@ -10,6 +10,8 @@
 #   bash experiments/kilm_vs_infilling.sh                 # everything, in order
 #   bash experiments/kilm_vs_infilling.sh train-kilm      # one step (preprocess, train-NAME, valid-NAME,
 #                                                         # test-NAME, compare), e.g. one per locked command
+#   bash experiments/kilm_vs_infilling.sh same-lr         # after the rest: KILM at the data-matched
+#                                                         # baseline's lr, valid figures only (~18 min)
 # EXPERIMENTS.md itself: INTO=EXPERIMENTS.md REPORT_DIR=docs/experiment bash experiments/kilm_vs_infilling.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +23,8 @@ KB="$SHARED/wordnet-nouns.jsonl.gz"
 MODELS=(kilm infilling text)
 LABELS=("KILM" "infilling + markup (baseline)" "knowledge as text (data-matched baseline)")
 
-evaluate() {  # evaluate NAME SPLIT
-  $K eval --config "configs/experiment-$1.yaml" --model "$OUT/$1/export" --data "$OUT/data" --split "$2" \
+evaluate() {  # evaluate NAME SPLIT [CONFIG NAME]
+  $K eval --config "configs/experiment-${3:-$1}.yaml" --model "$OUT/$1/export" --data "$OUT/data" --split "$2" \
     --report "$OUT/report-$1-$2" --run "$OUT/$1" --knowledge "$KB" --qa experiments/qa-questions.tsv --label "$1"
 }
 
@@ -35,6 +37,15 @@ run_step() {
       name=${1#train-}
       $K train --config "configs/experiment-$name.yaml" --data "$OUT/data" --run-dir "$OUT" --name "$name" ;;
     valid-*) evaluate "${1#valid-}" valid ;;
+    same-lr)  # a check, not a reported model: KILM at the data-matched baseline's lr, on valid only
+      lr=$(grep -E '^\s+lr:' configs/experiment-text.yaml | awk '{print $2}')
+      $K train --config configs/experiment-kilm.yaml --data "$OUT/data" --run-dir "$OUT" --name kilm-same-lr \
+        "train.lr=$lr"
+      evaluate kilm-same-lr valid kilm
+      $K compare --labels "KILM lr $lr" "KILM" "knowledge as text lr $lr" --out "$OUT/report-same-lr" \
+        --metrics "$OUT/report-kilm-same-lr-valid/metrics.json" "$OUT/report-kilm-valid/metrics.json" \
+        "$OUT/report-text-valid/metrics.json"
+      echo "report: $OUT/report-same-lr/report.md" ;;
     test-*)
       name=${1#test-}
       if [ -f "$OUT/report-$name-test/metrics.json" ] && [ -z "${AGAIN:-}" ]; then
