@@ -23,9 +23,10 @@ KB="$SHARED/wordnet-nouns.jsonl.gz"
 MODELS=(kilm infilling text)
 LABELS=("KILM" "infilling + markup (baseline)" "knowledge as text (data-matched baseline)")
 
-evaluate() {  # evaluate NAME SPLIT [CONFIG NAME]
+evaluate() {  # evaluate NAME SPLIT [CONFIG-NAME [key=value overrides the training had]]
   $K eval --config "configs/experiment-${3:-$1}.yaml" --model "$OUT/$1/export" --data "$OUT/data" --split "$2" \
-    --report "$OUT/report-$1-$2" --run "$OUT/$1" --knowledge "$KB" --qa experiments/qa-questions.tsv --label "$1"
+    --report "$OUT/report-$1-$2" --run "$OUT/$1" --knowledge "$KB" --qa experiments/qa-questions.tsv --label "$1" \
+    "${@:4}"
 }
 
 run_step() {
@@ -41,7 +42,7 @@ run_step() {
       lr=$(grep -E '^\s+lr:' configs/experiment-text.yaml | awk '{print $2}')
       $K train --config configs/experiment-kilm.yaml --data "$OUT/data" --run-dir "$OUT" --name kilm-same-lr \
         "train.lr=$lr"
-      evaluate kilm-same-lr valid kilm
+      evaluate kilm-same-lr valid kilm "train.lr=$lr"
       $K compare --labels "KILM lr $lr" "KILM" "knowledge as text lr $lr" --out "$OUT/report-same-lr" \
         --metrics "$OUT/report-kilm-same-lr-valid/metrics.json" "$OUT/report-kilm-valid/metrics.json" \
         "$OUT/report-text-valid/metrics.json"

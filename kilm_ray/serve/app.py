@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +45,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kilm_ray.serve import protocols as proto
 from kilm_ray.serve.protocols import (
@@ -219,7 +220,7 @@ class _GatedRoute(APIRoute):
                     response = await _answer(handler, request, protocol, gate)
                 finally:
                     if isinstance(response, CountedStream):
-                        response.on_end = lambda: _end_stream(gate, request.method, path, started)
+                        response.on_end = lambda status: _end_stream(gate, request.method, path, started, status)
                     else:
                         _release(gate)
                 if isinstance(response, CountedStream):
@@ -259,25 +260,36 @@ def _release(gate: Gate) -> None:
 
 
 class CountedStream(StreamingResponse):
-    """A streamed answer that calls ``on_end`` once its ASGI call ends: every byte sent, the client gone, or
-    the call cancelled before the body began. (Counting in a wrapper of the body iterator leaked the
-    in-flight slot when Starlette never started the body: a generator that never ran runs no ``finally``;
-    enough leaks and every request is a 503 "at capacity".)"""
+    """A streamed answer that calls ``on_end(status)`` once its ASGI call ends: 200 when every byte was sent,
+    499 when the client left or the call was cancelled (also before the body began), 500 when the body
+    failed. An answer that did not finish cancels its model streams (``streams``), so the replica stops
+    generating for nobody. (Counting in a wrapper of the body iterator leaked the in-flight slot when
+    Starlette never started the body: a generator that never ran runs no ``finally``; enough leaks and every
+    request is a 503 "at capacity".)"""
 
-    on_end: Optional[Callable[[], None]] = None
+    on_end: Optional[Callable[[int], None]] = None
+    streams: Sequence[Any] = ()
 
     async def __call__(self, scope, receive, send) -> None:
+        status = 500
         try:
             await super().__call__(scope, receive, send)
+            status = 200
+        except (ClientDisconnect, asyncio.CancelledError, OSError):
+            status = 499
+            raise
         finally:
+            if status != 200:
+                for stream in self.streams:
+                    stream.cancel()
             end, self.on_end = self.on_end, None
             if end is not None:
-                end()
+                end(status)
 
 
-def _end_stream(gate: Gate, method: str, path: str, started: float) -> None:
+def _end_stream(gate: Gate, method: str, path: str, started: float, status: int) -> None:
     _release(gate)
-    _record(gate, method, path, 200, time.perf_counter() - started)
+    _record(gate, method, path, status, time.perf_counter() - started)
 
 
 def _observe(gate: Gate, name: str, value: float) -> None:
@@ -350,9 +362,12 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return error_response("kilm", e.status, e.message, e.problems)
 
 
-def _sse(frames: AsyncIterator[bytes]) -> CountedStream:
-    return CountedStream(frames, media_type="text/event-stream",
+def _sse(frames: AsyncIterator[bytes], streams: Sequence[Any]) -> CountedStream:
+    """A server-sent-events answer over the given model streams (cancelled if the answer does not finish)."""
+    response = CountedStream(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.streams = list(streams)
+    return response
 
 
 def _done(out: dict) -> dict:
@@ -457,7 +472,7 @@ class ProbeAPI:
                 for frame in proto.probe_frames(event):
                     yield frame
 
-        return _sse(frames())
+        return _sse(frames(), [stream])
 
     # -- the page, health, schema -----------------------------------------------------------------
 
@@ -556,7 +571,7 @@ class ProbeAPI:
                 elif event["type"] == "error":
                     yield proto.sse(proto.error_body("tgi", event["status"], event["error"]))
 
-        return _sse(frames())
+        return _sse(frames(), [events])
 
     @app.post("/generate", responses={**TGI_ERRORS, 200: {"content": SSE_CONTENT}})
     async def tgi_generate(self, req: TgiRequest):
@@ -599,7 +614,8 @@ class ProbeAPI:
             return proto.openai_completion(cid, self.model_id, choices, dones, created)
         opened = await asyncio.gather(*(self._open(job) for job in jobs))
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(self._openai_frames(req, [s for _, s in opened], cid, created, usage))
+        streams = [s for _, s in opened]
+        return _sse(self._openai_frames(req, streams, cid, created, usage), streams)
 
     async def _openai_frames(self, req: CompletionRequest, streams: list, cid: str, created: int, usage: bool):
         queue: asyncio.Queue = asyncio.Queue()
