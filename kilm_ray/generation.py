@@ -113,10 +113,15 @@ class Step:
     top: Optional[list[tuple[int, float]]] = None
 
 
+def per_row(value: int | Sequence[int], rows: int) -> list[int]:
+    """A setting given once for all rows or once per row, as one int per row."""
+    return [int(value)] * rows if isinstance(value, int) else [int(v) for v in value]
+
+
 def token_budgets(prefix_lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_positions: int) -> list[int]:
     """New tokens each row may generate: its own ask, within the learned positions after its own prefix
     (never the longest prefix of the batch, so a neighbour cannot shorten a row's answer)."""
-    asks = [max_new_tokens] * len(prefix_lengths) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    asks = per_row(max_new_tokens, len(prefix_lengths))
     return [max(0, min(int(ask), max_positions - int(n))) for ask, n in zip(asks, prefix_lengths)]
 
 
@@ -199,8 +204,7 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     pads = (dec_mask == 0).sum(dim=1)
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
     made: list[list[int]] = [[] for _ in range(n)]  # each row's tokens so far
-    no_repeat = ([int(no_repeat_ngram_size)] * n if isinstance(no_repeat_ngram_size, int)
-                 else [int(k) for k in no_repeat_ngram_size])
+    no_repeat = per_row(no_repeat_ngram_size, n)
     cache = None
     step_ids, mask = dec_ids, dec_mask
     while any(running):

@@ -75,9 +75,9 @@ def mention_facts(pm: ProbeModel, item: dict) -> dict[str, Any]:
 
 def _generate(pm: ProbeModel, prompts: Sequence[Prompt], max_new_tokens: int | Sequence[int]):
     """Greedy (or beam) continuations of the prompts, in batches; one budget for all or one per prompt."""
-    from kilm_ray.generation import batched, generate
+    from kilm_ray.generation import batched, generate, per_row
 
-    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    budgets = per_row(max_new_tokens, len(prompts))
     outs = []
     for pairs in batched(list(zip(prompts, budgets)), pm.batch_size):
         chunk, chunk_budgets = [p for p, _ in pairs], [b for _, b in pairs]
