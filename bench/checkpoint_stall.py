@@ -54,8 +54,9 @@ def main() -> None:
 
     from kilm_ray.config import load_config
     from kilm_ray.train.checkpoint import (
-        BackgroundWriter, LocalCheckpoints, snapshot_shard, write_rank0_files, write_shard, write_state,
+        BackgroundWriter, LocalCheckpoints, write_rank0_files, write_shard, write_state,
     )
+    from kilm_ray.train.zero import snapshot_shard
     from kilm_ray.train.local import LocalEnv
     from kilm_ray.train.loop import Recipe, setup_distributed
     from kilm_ray.train.metrics import LossSums

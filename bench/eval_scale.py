@@ -31,12 +31,12 @@ from bench.synthetic_enwiki import write_dump, write_kb  # noqa: E402
 EXPORT = """
 import json, sys
 from kilm_ray.config import load_config
-from kilm_ray.loader import special_ids_of
-from kilm_ray.model import build_model, export_hf
-from kilm_ray.tokenizer import load_tokenizer
+from kilm_ray.store.loader import special_ids_of
+from kilm_ray.model.bart import build_model, export_hf
+from kilm_ray.method.tokenizer import load_tokenizer
 args = json.loads(sys.argv[1])
 cfg = load_config(args["config"], args["overrides"])
-from kilm_ray.loader import verify_tokenizer  # noqa: E402
+from kilm_ray.store.loader import verify_tokenizer  # noqa: E402
 tok = load_tokenizer(verify_tokenizer(args["data"]))
 model = build_model(cfg.model, len(tok), special_ids_of(args["data"]), cfg.max_positions)
 export_hf(model, tok, args["out"], {"step": 0, "note": "random init, for bench/eval_scale.py"})

@@ -31,7 +31,7 @@ def measure(requests: int, beams: int, new_tokens: int, prefix: int = 16, source
     import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from kilm_ray.generation import generate
+    from kilm_ray.model.generation import generate
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

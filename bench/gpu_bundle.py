@@ -130,7 +130,7 @@ def build_data(out: Path, corpus_mode: str) -> dict:
     import ray
 
     from kilm_ray.config import load_config
-    from kilm_ray.data import preprocess
+    from kilm_ray.data.plan import preprocess
 
     dump = SHARED_DATA / "enwiki-sample-pages-articles.xml.bz2"
     kb = SHARED_DATA / "wordnet-nouns.jsonl.gz"
@@ -161,8 +161,8 @@ def sample_lengths(data_dir: str, epochs: int = 3) -> dict:
     text infilling with an empty slot."""
     import numpy as np
 
-    from kilm_ray.loader import SampleStore, special_ids_of
-    from kilm_ray.masking import MaskingParams
+    from kilm_ray.store.loader import SampleStore, special_ids_of
+    from kilm_ray.method.masking import MaskingParams
 
     sp = special_ids_of(data_dir)
     cache = tempfile.mkdtemp(prefix="kilm_bundle_cache_")

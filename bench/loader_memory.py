@@ -102,7 +102,7 @@ class InMemoryStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from kilm_ray.loader import STORE_COLUMNS, split_files
+        from kilm_ray.store.loader import STORE_COLUMNS, split_files
 
         table = pa.concat_tables([pq.read_table(f, columns=STORE_COLUMNS) for f in split_files(data_dir, "train")])
         table = table.sort_by("sample_id").combine_chunks()
@@ -121,7 +121,7 @@ class InMemoryStore:
         return len(self.sample_ids)
 
     def train_example(self, i, seed, epoch, params, sp):
-        from kilm_ray.masking import Entity, build_train_example
+        from kilm_ray.method.masking import Entity, build_train_example
 
         a, b = self._ent_off[i], self._ent_off[i + 1]
         entities = [Entity(int(self._start[j]), int(self._end[j]), self._know[self._know_off[j]: self._know_off[j + 1]])
@@ -131,8 +131,8 @@ class InMemoryStore:
 
 
 def rank_process(data_dir: str, loader: str, steps: int) -> dict:
-    from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
-    from kilm_ray.masking import MaskingParams
+    from kilm_ray.store.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+    from kilm_ray.method.masking import MaskingParams
 
     t0 = time.perf_counter()
     store = SampleStore.load(data_dir, "train") if loader == "mapped" else InMemoryStore(data_dir)
@@ -149,7 +149,7 @@ def rank_process(data_dir: str, loader: str, steps: int) -> dict:
 
 
 def build_process(data_dir: str) -> dict:
-    from kilm_ray.loader import SampleStore
+    from kilm_ray.store.loader import SampleStore
 
     t0 = time.perf_counter()
     SampleStore.load(data_dir, "train")

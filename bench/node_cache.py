@@ -1,4 +1,4 @@
-"""The node's copy of a split (``kilm_ray.node_cache``) at scale (issue 22): build time and peak memory
+"""The node's copy of a split (``kilm_ray.store.node_cache``) at scale (issue 22): build time and peak memory
 of the builder at several sizes, and a training rank's memory across epochs.
 
 Synthetic train splits in the preprocessing format (parquet shards of 8192 rows whose sample ids
@@ -121,7 +121,7 @@ def heap_merge(runs):
 
 
 def build_process(data: str, cache: str) -> dict:
-    from kilm_ray.loader import SampleStore
+    from kilm_ray.store.loader import SampleStore
 
     started = time.perf_counter()
     store = SampleStore.load(data, "train", cache)
@@ -131,7 +131,7 @@ def build_process(data: str, cache: str) -> dict:
 
 
 def merge_process(directory: str, which: str) -> dict:
-    from kilm_ray.node_cache import map_batch_and_mapping, merged_order, release
+    from kilm_ray.store.node_cache import map_batch_and_mapping, merged_order, release
 
     files = sorted(Path(directory).glob("*.arrow"))
     runs, mappings = [], []
@@ -149,8 +149,8 @@ def merge_process(directory: str, which: str) -> dict:
 
 
 def epochs_process(data: str, cache: str, epochs: int, steps_per_epoch: int) -> dict:
-    from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
-    from kilm_ray.masking import MaskingParams
+    from kilm_ray.store.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+    from kilm_ray.method.masking import MaskingParams
 
     store = SampleStore.load(data, "train", cache)
     plan = BatchPlan(len(store), 8192, 8, 32, epochs, seed=0, order_source=store.order_slice)

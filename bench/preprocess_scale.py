@@ -1,5 +1,5 @@
 """How preprocessing's memory and time grow with the corpus: synthetic enwiki-shaped dumps and knowledge
-bases (bench/synthetic_enwiki.py) at several sizes, each through ``kilm_ray.pipeline.preprocess`` on a fresh
+bases (bench/synthetic_enwiki.py) at several sizes, each through ``kilm_ray.data.preprocess`` on a fresh
 local Ray, with every process of the job watched.
 
     python bench/preprocess_scale.py --articles 5000 20000 80000 --kb-per-article 10 --cpus 2
@@ -46,9 +46,9 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s
 from kilm_ray.cluster import init_ray
 from kilm_ray.config import load_config
 try:
-    from kilm_ray.pipeline import preprocess
+    from kilm_ray.data.plan import preprocess
 except ImportError:  # a checkout from before the pipeline package
-    from kilm_ray.data import preprocess
+    from kilm_ray.data.plan import preprocess
 args = json.loads(sys.argv[1])
 init_ray(num_cpus=args["cpus"])
 cfg = load_config(args["config"], args["overrides"])

@@ -56,12 +56,12 @@ def make_copies(copies: int, directory: Path) -> list[str]:
 
 def plain_loop(mode: str, dumps: list[str]) -> dict:
     """The same pure functions, one process, no Ray: parse every page, build the lookup, chunk."""
-    from kilm_ray.corpus.articles import article_chunks, chunk_rows, page_record, paragraphs_from_doc, split_of
-    from kilm_ray.corpus.dump import iter_raw_pages
-    from kilm_ray.chunking import knowledge_ids
-    from kilm_ray.corpus.knowledge import KnowledgeLookup, load_knowledge_base
-    from kilm_ray.corpus.links import lookup_resolver
-    from kilm_ray.tokenizer import load_tokenizer
+    from kilm_ray.data.corpus.articles import article_chunks, chunk_rows, page_record, paragraphs_from_doc, split_of
+    from kilm_ray.data.corpus.dump import iter_raw_pages
+    from kilm_ray.method.chunking import knowledge_ids
+    from kilm_ray.data.corpus.knowledge import KnowledgeLookup, load_knowledge_base
+    from kilm_ray.data.corpus.links import lookup_resolver
+    from kilm_ray.method.tokenizer import load_tokenizer
 
     cfg = config(mode)
     start = time.perf_counter()
@@ -102,7 +102,7 @@ def _ray_child(mode: str, cpus: int, dumps: list[str], queue) -> None:
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.ERROR,
              object_store_memory=1024**3)
-    from kilm_ray.data import preprocess
+    from kilm_ray.data.plan import preprocess
 
     cfg = config(mode)
     with tempfile.TemporaryDirectory() as out:
@@ -130,9 +130,9 @@ def loader_throughput(seconds: float = 10.0) -> dict:
     preprocessed with the tiny config at bart-base lengths (source 512)."""
     import ray
 
-    from kilm_ray.data import preprocess
-    from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
-    from kilm_ray.masking import MaskingParams
+    from kilm_ray.data.plan import preprocess
+    from kilm_ray.store.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+    from kilm_ray.method.masking import MaskingParams
 
     cfg = config("article").with_overrides({"data.max_source_tokens": 512, "data.max_knowledge_tokens": 128})
     with tempfile.TemporaryDirectory() as out:

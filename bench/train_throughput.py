@@ -87,11 +87,12 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
     from transformers import AutoTokenizer
 
     from kilm_ray import storage
-    from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
-    from kilm_ray.masking import MaskingParams
-    from kilm_ray.model import build_model
-    from kilm_ray.loader import verify_tokenizer
-    from kilm_ray.train.metrics import BartDims, bart_train_flops, mfu, peak_tflops, token_losses
+    from kilm_ray.store.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+    from kilm_ray.method.masking import MaskingParams
+    from kilm_ray.model.bart import build_model
+    from kilm_ray.store.loader import verify_tokenizer
+    from kilm_ray.model.bart import token_losses
+    from kilm_ray.train.metrics import BartDims, bart_train_flops, mfu, peak_tflops
 
     sp = special_ids_of(data)
     tokenizer = AutoTokenizer.from_pretrained(str(storage.local_copy(verify_tokenizer(data))))
@@ -194,7 +195,7 @@ def run_accounting(cfg, data: str, repeats: int, warmup: int) -> dict:
         """The previous micro-step: 2-D attention masks (transformers reads each back to decide
         whether to skip it) and HostLossSums."""
         from kilm_ray.train.loop import _reseed
-        from kilm_ray.train.metrics import token_losses
+        from kilm_ray.model.bart import token_losses
 
         engine, scale = recipe.engine, env.world_size / global_weight
         for unit, mb in zip(recipe.plan.unit_ids(env.rank), micro):

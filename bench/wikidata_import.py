@@ -99,7 +99,7 @@ os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 from kilm_ray.cluster import init_ray
 from kilm_ray.config import load_config
-from kilm_ray.pipeline.import_kb import import_wikidata
+from kilm_ray.data.import_kb import import_wikidata
 args = json.loads(sys.argv[1])
 init_ray(num_cpus=args["cpus"])
 record = import_wikidata(args["dump"], args["out"], load_config(None, args["overrides"]))
@@ -109,8 +109,8 @@ print("RESULT " + json.dumps({k: v for k, v in record.items() if k not in ("file
 
 def plain_process(dump: Path) -> dict:
     """The same conversion in one process, no Ray: the baseline of rows per CPU-second."""
-    from kilm_ray.corpus.ranges import TextRange, iter_range_lines
-    from kilm_ray.corpus.wikidata import convert_range
+    from kilm_ray.data.corpus.ranges import TextRange, iter_range_lines
+    from kilm_ray.data.corpus.wikidata import convert_range
 
     started, cpu = time.perf_counter(), time.process_time()
     rows = []

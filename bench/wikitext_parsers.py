@@ -70,7 +70,7 @@ def regex_clean(text: str) -> tuple[list[str], int]:
 
 
 def mw_clean(text: str) -> tuple[list[str], int]:
-    from kilm_ray.corpus.wikitext import parse_article
+    from kilm_ray.data.corpus.wikitext import parse_article
 
     article = parse_article(text, "lead")
     return [p.text for p in article.paragraphs], sum(len(p.links) for p in article.paragraphs)
@@ -90,9 +90,14 @@ def measure(name: str, clean, texts: list[str]) -> dict:
 
 
 def load_baseline(revision: str):
-    """kilm_ray/corpus/wikitext.py as it was at ``revision``, imported as a separate module."""
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:kilm_ray/corpus/wikitext.py"],
-                            capture_output=True, text=True, check=True).stdout
+    """The wikitext parser as it was at ``revision``, imported as a separate module (it moved from
+    kilm_ray/corpus/ to kilm_ray/data/corpus/ with the package layout of issue 30)."""
+    for where in ("kilm_ray/data/corpus/wikitext.py", "kilm_ray/corpus/wikitext.py"):
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{where}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = Path(tempfile.mkdtemp()) / "baseline_wikitext.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("baseline_wikitext", path)
@@ -109,7 +114,7 @@ def _as_data(article) -> tuple:
 
 def against_baseline(texts: list[str], revision: str, rounds: int = 3) -> dict:
     """MB of wikitext per CPU-second, product parser vs the one at ``revision``, same pages, same run."""
-    from kilm_ray.corpus import wikitext as current
+    from kilm_ray.data.corpus import wikitext as current
 
     baseline = load_baseline(revision)
     megabytes = sum(len(t.encode()) for t in texts) / 1e6
@@ -131,7 +136,7 @@ def against_baseline(texts: list[str], revision: str, rounds: int = 3) -> dict:
 
 
 def main() -> None:
-    from kilm_ray.corpus.dump import iter_raw_pages, parse_page_xml
+    from kilm_ray.data.corpus.dump import iter_raw_pages, parse_page_xml
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", default="c22c7d0", help="git revision of the parser to compare with")

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, load_config, resolve_local_paths
+from kilm_ray.demo import DEMO_CONFIG
 from kilm_ray.errors import UsageError, UserInputError
 
 log = logging.getLogger("kilm_ray")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _config(args: argparse.Namespace) -> KilmConfig:
@@ -83,7 +83,7 @@ def _common(p: argparse.ArgumentParser, address: bool = True, default_config: Op
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from kilm_ray.cluster import init_ray
-    from kilm_ray.data import preflight, preprocess
+    from kilm_ray.data.plan import preflight, preprocess
 
     cfg = _config(args)
     dumps = [d for item in args.dump for d in item.split(",") if d]
@@ -98,11 +98,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_import_kb(args: argparse.Namespace) -> int:
-    from kilm_ray.corpus.knowledge import KBStats, iter_jsonl, parse_wordnet_database, select_best, write_kb_jsonl
+    from kilm_ray.data.corpus.knowledge import KBStats, iter_jsonl, parse_wordnet_database, select_best, write_kb_jsonl
 
     if args.wikidata:
         from kilm_ray.cluster import init_ray
-        from kilm_ray.pipeline.import_kb import import_wikidata
+        from kilm_ray.data.import_kb import import_wikidata
 
         cfg = _config(args)
         init_ray(args.address)
@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_dry_run(cfg: KilmConfig, data: str) -> int:
     """The batch layout at every worker count the config allows, from the dataset's manifest; no
     worker starts. One JSON line per worker count."""
-    from kilm_ray.loader import BatchPlan, read_meta, worker_layouts
+    from kilm_ray.store.loader import BatchPlan, read_meta, worker_layouts
 
     t = cfg.train
     lo, hi = t.worker_bounds
@@ -174,7 +174,7 @@ def train_dry_run(cfg: KilmConfig, data: str) -> int:
 
 
 def cmd_spot_watch(args: argparse.Namespace) -> int:
-    from kilm_ray.spot import SpotWatchSettings, watch
+    from kilm_ray.train.spot import SpotWatchSettings, watch
 
     return watch(SpotWatchSettings(imds=args.imds, ray_address=args.address, node_id=args.node_id,
                                    poll_s=args.poll_s, lock_file=args.lock_file, margin_s=args.margin_s,
@@ -183,7 +183,7 @@ def cmd_spot_watch(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from kilm_ray.cluster import init_ray
-    from kilm_ray.tune import run_tune
+    from kilm_ray.tune.search import run_tune
 
     cfg = _config(args)
     init_ray(args.address)
@@ -195,7 +195,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kilm_ray.export import export_checkpoint
+    from kilm_ray.train.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(json.dumps({"export": out}, indent=2))

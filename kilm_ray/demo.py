@@ -28,6 +28,7 @@ log = logging.getLogger("kilm_ray.demo")
 GENSIM = "gensim==4.4.0"
 GENSIM_DUMP = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE = Path.home() / ".cache" / "kilm_ray" / "sample"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def fetch_dump(cache: Path) -> Path:
@@ -49,7 +50,7 @@ def fetch_dump(cache: Path) -> Path:
 def fetch_wordnet(cache: Path) -> Optional[Path]:
     """WordNet nouns as JSONL rows, from Debian's wordnet-base (installed, or fetched with apt-get
     download). None, with a warning, where neither works (the demo then uses in-dump knowledge)."""
-    from kilm_ray.corpus.knowledge import parse_wordnet_database
+    from kilm_ray.data.corpus.knowledge import parse_wordnet_database
 
     target = cache / "wordnet-nouns.jsonl.gz"
     if target.is_file():
@@ -182,11 +183,10 @@ def run_demo(out_dir: str, dump: Optional[str], knowledge: Optional[str], overri
 
 def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], overrides: list[str],
               keep_serving: bool, port: int, config: Optional[str], quiet: bool) -> dict:
-    from kilm_ray.cli import DEMO_CONFIG
     from kilm_ray.cluster import free_local_port, init_ray
     from kilm_ray.config import load_config
-    from kilm_ray.pipeline import preprocess
-    from kilm_ray.pipeline.commit import dataset_path
+    from kilm_ray.data.plan import preprocess
+    from kilm_ray.data.commit import dataset_path
     from kilm_ray.serve.app import run_service
     from kilm_ray.serve.client import ProbeClient
     from kilm_ray.train.ray_trainer import run_training

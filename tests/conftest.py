@@ -87,7 +87,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, ray_cluster, shared_data, tiny_config) -> str:
     """The real excerpt + WordNet preprocessed with the tiny config (lead sections)."""
-    from kilm_ray.pipeline import preprocess
+    from kilm_ray.data.plan import preprocess
 
     out = tmp_path_factory.mktemp("tiny_data")
     preprocess(tiny_config, [str(DUMP)], str(out), [str(WORDNET)])

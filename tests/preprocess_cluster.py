@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     out, marker, dump, knowledge, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
-    from kilm_ray.pipeline.stages import KILL_AFTER_WRITE_ENV
+    from kilm_ray.data.stages import KILL_AFTER_WRITE_ENV
 
     os.environ[KILL_AFTER_WRITE_ENV] = marker  # before the nodes start: their workers inherit it
     import ray
@@ -33,7 +33,7 @@ def main() -> None:
 
     from kilm_ray import storage
     from kilm_ray.config import load_config
-    from kilm_ray.pipeline import preprocess
+    from kilm_ray.data.plan import preprocess
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(2):

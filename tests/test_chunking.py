@@ -2,8 +2,8 @@
 
 import pytest
 
-from kilm_ray.chunking import char_span_to_tokens, knowledge_ids, pack_chunks, tokenize_paragraph
-from kilm_ray.tokenizer import KILM_TOKENS, TokenizerError, load_tokenizer, special_ids, train_bpe
+from kilm_ray.method.chunking import char_span_to_tokens, knowledge_ids, pack_chunks, tokenize_paragraph
+from kilm_ray.method.tokenizer import KILM_TOKENS, TokenizerError, load_tokenizer, special_ids, train_bpe
 
 from conftest import GPT2_BPE
 
@@ -84,7 +84,7 @@ def test_knowledge_ids_fit_the_budget(tok):
 
 
 def test_title_as_mentioned_respells_only_the_first_letter(tok):
-    from kilm_ray.chunking import title_as_mentioned
+    from kilm_ray.method.chunking import title_as_mentioned
 
     sep, enc = tok.convert_tokens_to_ids("<sep>"), encoder(tok)
     know = knowledge_ids(enc, "Vowel", "a speech sound", sep, 16)

@@ -41,9 +41,9 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
 
 
 def test_job_configs_place_preprocessing_on_cpu_nodes_and_training_on_gpu_nodes(ray_cluster):
-    from kilm_ray.corpus.dump import ReadUnit
-    from kilm_ray.corpus.wikitext import ENWIKI
-    from kilm_ray.pipeline.parse import parse_pages
+    from kilm_ray.data.corpus.dump import ReadUnit
+    from kilm_ray.data.corpus.wikitext import ENWIKI
+    from kilm_ray.data.parse import parse_pages
     from kilm_ray.train.ray_trainer import build_trainer
 
     for name in ("bart-base-v100", "bart-large-v100", "bart-base-h100", "bart-large-h100"):
@@ -108,7 +108,7 @@ def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
 
 def test_sample_fetchers_use_package_registries(tmp_path):
     """The demo's sample comes from PyPI (gensim's wheel) and Debian (wordnet-base), nothing else."""
-    from kilm_ray.corpus.dump import iter_raw_pages
+    from kilm_ray.data.corpus.dump import iter_raw_pages
     from kilm_ray.demo import fetch_dump, fetch_wordnet
 
     probe = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "gensim"], capture_output=True,

@@ -3,7 +3,7 @@ the bounded wait for spot capacity, and which nodes get their dataset copy prepa
 
 import pytest
 
-from kilm_ray.resources import CapacityWait, CapacityWaitExceeded
+from kilm_ray.train.resources import CapacityWait, CapacityWaitExceeded
 from kilm_ray.train.control import Cadence, ControlState, Signals, plan_step
 from kilm_ray.train.node_prep import nodes_to_prepare, reservation
 

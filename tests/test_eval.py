@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kilm_ray.eval.metrics import exact_match, normalize, rouge_l, token_f1
+from kilm_ray.method.metrics import exact_match, normalize, rouge_l, token_f1
 
 
 def test_metric_functions():
@@ -77,9 +77,9 @@ def test_tables_label_mentions_as_the_training_split_does(tiny_data, tiny_config
     from collections import Counter, defaultdict
 
     from kilm_ray.eval.select import sample_split
-    from kilm_ray.eval.tables import dataset_tables, surface_key, train_overlap
-    from kilm_ray.loader import SampleStore, read_meta, split_files
-    from kilm_ray.tokenizer import CorpusTokenizer
+    from kilm_ray.data.tables import dataset_tables, surface_key, train_overlap
+    from kilm_ray.store.loader import SampleStore, read_meta, split_files
+    from kilm_ray.method.tokenizer import CorpusTokenizer
 
     manifest = read_meta(tiny_data)
     tok = CorpusTokenizer((Path(tiny_data) / manifest["tokenizer"] / "tokenizer.json").read_text())
@@ -134,14 +134,14 @@ def test_sense_items_from_usage_examples():
 def test_usage_examples_stay_out_of_training_data(tiny_data, shared_data):
     """The word-sense probe's contexts are in neither the knowledge strings nor the training text."""
     from kilm_ray.eval.senses import read_wordnet_rows, seeded_sample, sense_items
-    from kilm_ray.loader import SampleStore
-    from kilm_ray.tokenizer import load_tokenizer
+    from kilm_ray.store.loader import SampleStore
+    from kilm_ray.method.tokenizer import load_tokenizer
 
     items = sense_items(read_wordnet_rows(str(shared_data / "wordnet-nouns.jsonl.gz")))
     assert len(items) > 8_000
     sample = seeded_sample(items, 300, 0)
     assert sample == seeded_sample(items, 300, 0) and len({i.context for i in sample}) > 290
-    from kilm_ray.loader import verify_tokenizer
+    from kilm_ray.store.loader import verify_tokenizer
 
     tokenizer = load_tokenizer(verify_tokenizer(tiny_data))
     train = SampleStore.load(tiny_data, "train")

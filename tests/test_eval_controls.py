@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kilm_ray.eval.metrics import same_up_to_inflection
+from kilm_ray.method.metrics import same_up_to_inflection
 from kilm_ray.eval.stats import claim, interval, paired_test, ratio_interval
 
 
@@ -86,7 +86,7 @@ def _entity_batch():
 
 
 def test_tables_group_rows_titles_surfaces_and_first_sentence_exposure():
-    from kilm_ray.eval.tables import entity_rows, surface_rows, title_rows, title_summary
+    from kilm_ray.data.tables import entity_rows, surface_rows, title_rows, title_summary
 
     words = {10: "vowel", 11: "x", 12: "letters", 13: "y", 14: "z"}
     train = entity_rows(_entity_batch(), "train", lambda ids: " ".join(words[i] for i in ids))
@@ -112,16 +112,16 @@ def test_tables_group_rows_titles_surfaces_and_first_sentence_exposure():
 def _tokenizer():
     from pathlib import Path
 
-    from kilm_ray.tokenizer import from_bpe_files
+    from kilm_ray.method.tokenizer import from_bpe_files
 
     bpe = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2-bpe"
     return from_bpe_files(bpe / "encoder.json", bpe / "vocab.bpe")
 
 
 def test_plain_text_probe_of_the_data_matched_baseline():
-    from kilm_ray.masking import knowledge_text
-    from kilm_ray.probes import cut_text_knowledge, parse_text_knowledge, text_candidate_continuation, text_describe_prompt
-    from kilm_ray.tokenizer import special_ids
+    from kilm_ray.method.masking import knowledge_text
+    from kilm_ray.method.probes import cut_text_knowledge, parse_text_knowledge, text_candidate_continuation, text_describe_prompt
+    from kilm_ray.method.tokenizer import special_ids
 
     tok = _tokenizer()
     sp = special_ids(tok)
@@ -179,8 +179,8 @@ def probe_model():
 
     from kilm_ray.config import ModelConfig
     from kilm_ray.eval.probing import ProbeModel
-    from kilm_ray.model import build_model
-    from kilm_ray.tokenizer import special_ids
+    from kilm_ray.model.bart import build_model
+    from kilm_ray.method.tokenizer import special_ids
 
     torch.manual_seed(0)
     tok = _tokenizer()
@@ -190,7 +190,7 @@ def probe_model():
 
 
 def _mention_item(tok, sp, left, mention, right, title, desc, k):
-    from kilm_ray.chunking import knowledge_ids
+    from kilm_ray.method.chunking import knowledge_ids
 
     ids_left = tok(left, add_special_tokens=False)["input_ids"]
     ids_mention = tok(mention, add_special_tokens=False)["input_ids"]
@@ -204,7 +204,7 @@ def test_probe_functions_on_a_model(probe_model):
     """Each probe gives one result per item, in both forms; the ceiling scores its prediction against the
     gold; an unbuildable appositive and a question with a control token are refused, not raised."""
     from kilm_ray.eval import probing
-    from kilm_ray.masking import MaskingParams
+    from kilm_ray.method.masking import MaskingParams
 
     pm = probe_model("slot")
     tok, sp = pm.tokenizer, pm.sp
@@ -243,7 +243,7 @@ def test_mention_as_a_title_candidate_is_kept_only_where_the_model_scores_it_hig
 
     from kilm_ray.eval import probing
     from kilm_ray.eval.summary import knowledge_summary
-    from kilm_ray.generation import generate, score_continuations
+    from kilm_ray.model.generation import generate, score_continuations
 
     base = dataclasses.replace(probe_model("slot"), batch_size=2)  # several generation batches, per-row budgets
     pm = dataclasses.replace(base, title_candidates="generated_or_mention")

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from kilm_ray.generation import generate, score_continuations
-from kilm_ray.probes import (
+from kilm_ray.model.generation import generate, score_continuations
+from kilm_ray.method.probes import (
     ProbeError, appositive_prompt, describe_prompt, fill_prompt, parse_knowledge, qa_prompt, split_marked_text,
 )
-from kilm_ray.tokenizer import load_tokenizer, special_ids
+from kilm_ray.method.tokenizer import load_tokenizer, special_ids
 
 from conftest import GPT2_BPE
 
@@ -117,7 +117,7 @@ def test_a_long_neighbour_does_not_shorten_a_row(model):
 
 
 def test_candidates_scored_with_one_encoder_pass_in_token_budget_batches(model):
-    from kilm_ray.generation import score_candidates, token_budget_batches
+    from kilm_ray.model.generation import score_candidates, token_budget_batches
 
     assert token_budget_batches([3, 3, 3, 10, 2], 9) == [[0, 1, 2], [3], [4]]
     assert token_budget_batches([], 9) == []
@@ -146,7 +146,7 @@ def test_control_tokens_in_user_text_are_refused_by_name(tok, build, args, field
 
 
 def test_candidate_continuations_are_cut_to_the_budget(tok):
-    from kilm_ray.probes import candidate_continuation
+    from kilm_ray.method.probes import candidate_continuation
 
     sp = special_ids(tok)
     ids = candidate_continuation(tok, sp, "Mercury (planet)", "the smallest planet " * 500, 20)
@@ -159,7 +159,7 @@ def test_candidate_continuations_are_cut_to_the_budget(tok):
 
 
 def test_generation_groups_keep_answers_independent_of_neighbours():
-    from kilm_ray.generation import generation_groups
+    from kilm_ray.model.generation import generation_groups
 
     rows = [(10, 8, 1, (5,)), (30, 40, 1, (5,)), (10, 8, 2, (5,)), (10, 40, 2, (5,)), (10, 8, 2, (5,)),
             (10, 8, 1, (2,)), (36, 40, 2, (5,)), (38, 40, 2, (5,))]
@@ -201,7 +201,7 @@ def test_beam_answers_carry_the_same_mean_logprob_as_greedy_ones(model):
 
 
 def test_greedy_steps_stream_each_token_and_stop_rows_on_request(model):
-    from kilm_ray.generation import greedy_steps
+    from kilm_ray.model.generation import greedy_steps
 
     encs, prefixes = [[0, 5, 6, 2], [0, 9, 10, 2]], [[2, 0, 5], [2, 0, 9]]
     whole = generate(model, encs, prefixes, 1, 2, [299], max_new_tokens=8)
@@ -222,7 +222,7 @@ def test_scoring_between_two_greedy_steps_sees_the_plain_model(model):
     """A Serve replica scores a disambiguation request on the same model while a greedy batch is between
     two steps: neither answer may change (the batch's position offsets once leaked into the scoring pass:
     a 500 'size of tensor a (2) must match ... (0)', or silently shifted scores)."""
-    from kilm_ray.generation import greedy_steps
+    from kilm_ray.model.generation import greedy_steps
 
     encs, prefixes = [[0, 5, 6, 2], [0, 9, 10, 11, 2]], [[2, 0, 5, 6, 7], [2, 0, 9]]  # rows padded differently
     scored = [([0, 9, 2], [2, 0], [5, 6]), ([0, 9, 10, 11, 2], [2, 0, 9, 10], [7, 8, 9])]
@@ -263,7 +263,7 @@ def test_answer_stream_deltas_add_up_to_the_parsed_answer(tok):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from kilm_ray.probes import AnswerStream, parse_text
+    from kilm_ray.method.probes import AnswerStream, parse_text
 
     sp = special_ids(tok)
     pieces = [tok(w, add_special_tokens=False).input_ids for w in
@@ -293,7 +293,7 @@ def test_answer_stream_deltas_add_up_to_the_parsed_answer(tok):
 
 
 def test_completion_prompts_by_kind(tok):
-    from kilm_ray.probes import completion_prompt
+    from kilm_ray.method.probes import completion_prompt
 
     sp = special_ids(tok)
     p, kind = completion_prompt(tok, sp, "Aristotle was a Greek <ent>philosopher</ent>.")
@@ -314,7 +314,7 @@ def test_no_repeat_ngram_bans_only_repeats_of_the_answer_itself(model):
     """eval/serve no_repeat_ngram_size: no n-gram occurs twice in an answer; the answer equals plain greedy up
     to where plain greedy first repeats one. Only the answer's own tokens count (a title copied from the
     mention in the prompt is no repeat)."""
-    from kilm_ray.generation import greedy, repeated_ngram_tokens
+    from kilm_ray.model.generation import greedy, repeated_ngram_tokens
 
     assert repeated_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]
     assert repeated_ngram_tokens([1, 2, 1, 2, 1], 2) == [2]

@@ -17,13 +17,15 @@ import pytest
 import torch
 import yaml
 
-from kilm_ray import gpu_arch
+from kilm_ray.train import gpu_arch
 from kilm_ray.train.metrics import peak_tflops, spec_peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
+import gpu_check_jobs  # noqa: E402
+import gpu_check_wheels  # noqa: E402
 
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]  # PyTorch 2.13 + CUDA 12.6
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
@@ -93,7 +95,7 @@ def test_cluster_yaml_installs_a_volta_build_then_checks_the_node():
     setup = yaml.safe_load((REPO / "cluster.yaml").read_text())["setup_commands"]
     install = next(i for i, c in enumerate(setup) if "torch==" in c)
     assert "download.pytorch.org/whl/cu126" in setup[install]
-    check = next(i for i, c in enumerate(setup) if "kilm_ray.gpu_arch" in c)
+    check = next(i for i, c in enumerate(setup) if "kilm_ray.train.gpu_arch" in c)
     assert check > install and check > next(i for i, c in enumerate(setup) if "-e /home/ray/kilm_ray" in c)
 
 
@@ -219,7 +221,7 @@ def test_the_wheel_folder_is_complete_and_within_60_mib(bundle):
     assert meta["wheels"]["pythons"][f"{sys.version_info[0]}.{sys.version_info[1]}"] == "ok"
     # Where pip is missing, gpu_check.sh unzips the wheels that fit the interpreter.
     site = bundle.parent / "unpacked"
-    gpu_check.unpack_wheels(bundle / "wheels", site)
+    gpu_check_wheels.unpack_wheels(bundle / "wheels", site)
     assert (site / "deepspeed" / "__init__.py").is_file() and (site / "kilm_ray" / "gpu_arch.py").is_file()
     assert list((site / "pydantic_core").glob(f"*{here.replace('cp', 'cpython-')}*.so"))
     lengths = meta["data"]["sample_lengths"]
@@ -278,8 +280,8 @@ def test_the_fp16_anchor_runs(bundle, tmp_path):
     """The plain loop's fp16 path (autocast + GradScaler), which the CPU smoke run cannot reach through
     DeepSpeed, on the CPU: it trains on the bundle's batches and its scaler steps."""
     p = {"smoke": True, "device": "cpu", "data": str(bundle / "data"), "repo": str(REPO), "scratch": str(tmp_path)}
-    cfg = gpu_check._config(p, "tiny", "fp16", micro=1, accum=2, **{"train.zero_stage": 1, "train.max_steps": 4})
-    anchor = gpu_check.PlainLoop(cfg, p["data"], "cpu")
+    cfg = gpu_check_jobs._config(p, "tiny", "fp16", micro=1, accum=2, **{"train.zero_stage": 1, "train.max_steps": 4})
+    anchor = gpu_check_jobs.PlainLoop(cfg, p["data"], "cpu")
     before = [t.detach().clone() for t in anchor.model.parameters()][:3]
     done = anchor.run_until(1)
     assert anchor.step == 1 and done["sequences"] == 2 and done["tokens"] > done["nonpad"] > 0

@@ -3,7 +3,7 @@
 import gzip
 import json
 
-from kilm_ray.corpus.knowledge import (
+from kilm_ray.data.corpus.knowledge import (
     KBStats, KnowledgeLookup, iter_jsonl, kb_keys_for_title, load_knowledge_base, parse_wordnet_database,
     select_best, wordnet_description, write_kb_jsonl,
 )

@@ -4,10 +4,10 @@ import itertools
 
 import pyarrow as pa
 
-from kilm_ray.corpus.knowledge import KnowledgeLookup, kb_line_rows
-from kilm_ray.corpus.links import (PENDING, bare_key, choose_knowledge, follow_redirect, page_link_targets,
+from kilm_ray.data.corpus.knowledge import KnowledgeLookup, kb_line_rows
+from kilm_ray.data.corpus.links import (PENDING, bare_key, choose_knowledge, follow_redirect, page_link_targets,
                                    sample_hash, sample_threshold)
-from kilm_ray.pipeline.rows import best_kb_rows, extend_edges, follow_links
+from kilm_ray.data.rows import best_kb_rows, extend_edges, follow_links
 
 
 def test_redirect_rounds_follow_chains_and_stop_at_loops():
@@ -67,8 +67,8 @@ def test_kb_lines_page_targets_and_the_tokenizer_sample():
 
 
 def test_shuffle_partitions_grow_with_the_input_and_auto_picks_the_path():
-    from kilm_ray.pipeline.resolution import uses_distributed_resolution
-    from kilm_ray.pipeline.shuffle import MAX_PARTITIONS, shuffle_partitions
+    from kilm_ray.data.resolution import uses_distributed_resolution
+    from kilm_ray.data.shuffle import MAX_PARTITIONS, shuffle_partitions
 
     mb = 2**20
     assert shuffle_partitions(0, 10 * mb, 32, cpus=4) == 4  # small input: one per CPU

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
-from kilm_ray.masking import MaskingParams
+from kilm_ray.store.loader import BatchPlan, SampleStore, StepDataset, special_ids_of
+from kilm_ray.method.masking import MaskingParams
 
 
 @pytest.mark.parametrize("n, batch, micro, world", [(37, 8, 2, 1), (37, 8, 2, 2), (37, 8, 3, 3), (5, 8, 4, 2)])
@@ -42,7 +42,7 @@ def test_global_batches_do_not_depend_on_world_size_but_on_seed_and_epoch():
 def test_max_steps_wins_over_epochs_and_says_so():
     """As in Hugging Face's Trainer: max_steps beyond the epochs goes on into further epochs (each a new
     permutation, every sample once), and the start of the run names both figures."""
-    from kilm_ray.loader import schedule_note
+    from kilm_ray.store.loader import schedule_note
 
     plan = BatchPlan(100, 16, 4, 1, 3, seed=5, max_steps=30)
     assert plan.total_steps == 30 and plan.steps_per_epoch == 7
@@ -79,7 +79,7 @@ def test_resumed_dataset_yields_the_same_batches(tiny_data, tiny_config):
 
 
 def test_merged_order_is_exact_and_bounded_by_buckets():
-    from kilm_ray.node_cache import merged_order
+    from kilm_ray.store.node_cache import merged_order
 
     rng = np.random.default_rng(0)
     ids = rng.choice(10**9, size=60_000, replace=False)
@@ -95,7 +95,7 @@ def test_merged_order_is_exact_and_bounded_by_buckets():
 def test_failed_build_leaves_nothing_and_a_killed_one_is_cleaned_up(tmp_path):
     import pyarrow as pa
 
-    from kilm_ray.node_cache import build_split
+    from kilm_ray.store.node_cache import build_split
 
     table = pa.table({"sample_id": pa.array([3, 1, 2], pa.int64()),
                       "input_ids": pa.array([[5, 6], [7], [8, 9, 10]], pa.large_list(pa.int32())),
@@ -120,7 +120,7 @@ def test_failed_build_leaves_nothing_and_a_killed_one_is_cleaned_up(tmp_path):
 def test_store_is_a_node_copy_built_once_and_reopened_by_pickle(tiny_data, tmp_path):
     import pickle
 
-    from kilm_ray.loader import epoch_order
+    from kilm_ray.store.loader import epoch_order
 
     store = SampleStore.load(tiny_data, "train", tmp_path)
     (copy,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -159,7 +159,7 @@ def test_work_per_worker_is_proportional_to_one_over_w_at_every_worker_count():
     import math
 
     from kilm_ray.config import load_config
-    from kilm_ray.loader import worker_layouts
+    from kilm_ray.store.loader import worker_layouts
 
     from conftest import REPO
 
@@ -222,7 +222,7 @@ def test_a_store_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
     from bench.node_cache import write_dataset
 
-    from kilm_ray import loader
+    from kilm_ray.store import loader
 
     write_dataset(tmp_path / "data", 30_000)  # 4 shards of 8192 rows
     monkeypatch.setattr(loader, "OPEN_SHARDS", 2)

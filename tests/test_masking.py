@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from kilm_ray.masking import (
+from kilm_ray.method.masking import (
     Entity, MaskingParams, SpecialIds, appositive_sequences, build_eval_examples, build_train_example, collate, plain_sequences,
     slot_sequences, text_infilling,
 )

@@ -10,12 +10,12 @@ import random
 import pytest
 
 from kilm_ray import storage
-from kilm_ray.corpus.dump import ReadUnit
-from kilm_ray.corpus.knowledge import KnowledgeLookup
-from kilm_ray.corpus.ranges import TextRange, iter_range_lines, plan_ranges
-from kilm_ray.corpus.wikitext import ENWIKI, SiteNamespaces, is_disambiguation, parse_article
-from kilm_ray.pipeline.plan import check_shared_storage, unsplittable_warnings
-from kilm_ray.pipeline.shuffle import planned_cpus
+from kilm_ray.data.corpus.dump import ReadUnit
+from kilm_ray.data.corpus.knowledge import KnowledgeLookup
+from kilm_ray.data.corpus.ranges import TextRange, iter_range_lines, plan_ranges
+from kilm_ray.data.corpus.wikitext import ENWIKI, SiteNamespaces, is_disambiguation, parse_article
+from kilm_ray.data.plan import check_shared_storage, unsplittable_warnings
+from kilm_ray.data.shuffle import planned_cpus
 
 from conftest import GPT2_BPE
 
@@ -106,10 +106,10 @@ def test_links_other_namespaces_and_wikis_keep_their_text_and_disambiguation_pag
 def test_bart_pretrained_tokenizer_sees_a_paragraph_opening_mention_as_its_title():
     """As the official KILM code (add_prefix_space=True for BART): "Aristotle" opening a paragraph and the
     " Aristotle" of its knowledge are the same token; the newline between paragraphs stays one token."""
-    from kilm_ray.chunking import knowledge_ids, newline_ids
+    from kilm_ray.method.chunking import knowledge_ids, newline_ids
     from kilm_ray.config import load_config
-    from kilm_ray.pipeline.vocab import add_prefix_space, build_tokenizer
-    from kilm_ray.tokenizer import CorpusTokenizer
+    from kilm_ray.data.vocab import add_prefix_space, build_tokenizer
+    from kilm_ray.method.tokenizer import CorpusTokenizer
 
     cfg = load_config(None, [f"tokenizer.source=gpt2-bpe:{GPT2_BPE}"])
     assert add_prefix_space(cfg) and not add_prefix_space(load_config(None, []))

@@ -17,12 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from kilm_ray.corpus.articles import SPLITS
-from kilm_ray.loader import DataError, SampleStore, read_meta, special_ids_of, split_files, verify_tokenizer
-from kilm_ray.masked_dataset import collate_fn, masked_dataset
-from kilm_ray.masking import MaskingParams
-from kilm_ray.pipeline import preprocess
-from kilm_ray.pipeline.commit import dataset_path
+from kilm_ray.data.corpus.articles import SPLITS
+from kilm_ray.store.loader import DataError, SampleStore, read_meta, special_ids_of, split_files, verify_tokenizer
+from kilm_ray.data.masked_dataset import collate_fn, masked_dataset
+from kilm_ray.method.masking import MaskingParams
+from kilm_ray.data.plan import preprocess
+from kilm_ray.data.commit import dataset_path
 
 from conftest import DUMP, REPO, WORDNET
 
@@ -103,7 +103,7 @@ def test_killed_in_the_shard_stage_keeps_the_commit_and_reruns_identical(tmp_pat
     an uninterrupted run; rerun once more, it writes nothing."""
     import ray
 
-    from kilm_ray.pipeline.stages import HOLD_BEFORE_COMMIT_ENV
+    from kilm_ray.data.stages import HOLD_BEFORE_COMMIT_ENV
 
     out = tmp_path / "data"
     shutil.copytree(tiny_data, out)
@@ -182,7 +182,7 @@ def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_dat
     cuts it into several read tasks. Resolved the way a full dump is (link_resolution auto with the
     input over the lookup limit: Ray Data group-bys), the samples are
     those of the single-file read resolved by lookup (the session's tiny_data), row for row."""
-    from kilm_ray.corpus.dump import iter_raw_pages, read_units, write_multistream
+    from kilm_ray.data.corpus.dump import iter_raw_pages, read_units, write_multistream
 
     pages = [raw.xml for raw in iter_raw_pages(str(DUMP))]
     dump = write_multistream(pages, str(tmp_path / "enwiki-pages-articles-multistream.xml.bz2"), pages_per_stream=20)

@@ -70,7 +70,7 @@ def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_doe
 
     from fastapi import FastAPI
 
-    from kilm_ray.serve import app as serve_app
+    from kilm_ray.serve import gate as serve_gate
 
     started, cancelled = [], []
 
@@ -83,11 +83,11 @@ def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_doe
         yield b"data: 1\n\n"
 
     api = FastAPI()
-    api.router.route_class = serve_app._GatedRoute
+    api.router.route_class = serve_gate.GatedRoute
 
     @api.post("/v1/stream-probe")
     async def stream_probe():
-        return serve_app._sse(body(), [ModelStream()])
+        return serve_gate.sse_response(body(), [ModelStream()])
 
     async def receive():
         if not hasattr(receive, "sent"):
@@ -103,7 +103,7 @@ def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_doe
              "method": "POST", "path": "/v1/stream-probe", "raw_path": b"/v1/stream-probe", "root_path": "",
              "scheme": "http", "query_string": b"", "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-    gate = serve_app._gate()
+    gate = serve_gate.current_gate()
     before = gate.in_flight
     request_log = logging.getLogger("ray.serve")  # Serve's logger does not propagate to the root one
     request_log.addHandler(caplog.handler)

@@ -3,7 +3,7 @@
 import pytest
 
 from kilm_ray.config import ConfigError, load_config
-from kilm_ray.resources import (PlacementGroupRow, WorkerRequest, orphaned, placement_message, runs_that_fit,
+from kilm_ray.train.resources import (PlacementGroupRow, WorkerRequest, orphaned, placement_message, runs_that_fit,
                                 start_attempts, worker_request)
 
 from conftest import REPO, TINY_CONFIG

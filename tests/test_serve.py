@@ -421,8 +421,8 @@ def other_tokenizer_export(path) -> str:
     """An export whose tokenizer is the real GPT-2 BPE (50 k ids) instead of the tiny trained one (4 k):
     ids of either tokenizer mean nothing, or do not exist, in the other's model."""
     from kilm_ray.config import ModelConfig
-    from kilm_ray.model import build_model, export_hf
-    from kilm_ray.tokenizer import load_tokenizer, special_ids
+    from kilm_ray.model.bart import build_model, export_hf
+    from kilm_ray.method.tokenizer import load_tokenizer, special_ids
 
     import torch
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kilm_ray.spot import Imds, ImdsError, Observation, SpotWatch, node_to_drain, notice_deadline, parse_time
+from kilm_ray.train.spot import Imds, ImdsError, Observation, SpotWatch, node_to_drain, notice_deadline, parse_time
 
 from conftest import REPO
 from fake_imds import FakeImds
@@ -93,7 +93,7 @@ def test_cluster_yaml_starts_one_watcher_per_worker_node():
 def test_one_watcher_per_node(tmp_path):
     import fcntl
 
-    from kilm_ray.spot import SpotWatchSettings, watch
+    from kilm_ray.train.spot import SpotWatchSettings, watch
 
     lock = tmp_path / "watch.lock"
     with open(lock, "a+") as held:

@@ -186,7 +186,7 @@ def test_an_error_in_the_users_input_stops_the_run_at_once(ray_cluster, tiny_dat
     import shutil
 
     from kilm_ray.config import ConfigError
-    from kilm_ray.loader import DataError
+    from kilm_ray.store.loader import DataError
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -225,7 +225,7 @@ def test_a_run_that_stops_fails_loudly_under_ray(ray_cluster, tiny_data, tmp_pat
 def test_waiting_for_spot_capacity_is_bounded_and_named(ray_cluster, tiny_data, tiny_config, tmp_path):
     """With max_failures -1 the group waits for resources (retried without counting as failures) up to
     train.capacity_wait_s, then the run fails naming what it waited for."""
-    from kilm_ray.resources import WorkerPlacementError
+    from kilm_ray.train.resources import WorkerPlacementError
 
     cfg = tiny_config.with_overrides({"train.max_failures": -1, "train.worker_resources": {"nowhere": 1},
                                       "train.capacity_wait_s": 6, "train.worker_start_attempt_s": 2,

@@ -125,7 +125,7 @@ def pretrained_dir(tmp_path_factory, shared_data):
 def test_continue_pretraining_from_a_local_pretrained_model(pretrained_dir, local_cfg, ray_cluster, tmp_path):
     from transformers import BartForConditionalGeneration
 
-    from kilm_ray.data import preprocess
+    from kilm_ray.data.plan import preprocess
 
     source = tmp_path / "bart"  # a copy that goes away before the resume below
     shutil.copytree(pretrained_dir, source)

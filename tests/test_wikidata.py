@@ -14,7 +14,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from kilm_ray.corpus.wikidata import MalformedEntity, entity_rows, line_rows, write_dump
+from kilm_ray.data.corpus.wikidata import MalformedEntity, entity_rows, line_rows, write_dump
 
 # Douglas Adams (Q42) as the dump holds it (claims shortened to four of its statements; every field
 # of an entity and of a statement in its published shape).
@@ -128,8 +128,8 @@ def test_entities_are_kept_by_their_english_wikipedia_title():
 
 
 def test_import_reads_the_dump_in_ranges_and_preprocessing_reads_its_shards(tmp_path, ray_cluster, tiny_config):
-    from kilm_ray.pipeline.kb import knowledge_sources, kb_stage
-    from kilm_ray.pipeline.stages import Stage, stage_files
+    from kilm_ray.data.kb import knowledge_sources, kb_stage
+    from kilm_ray.data.stages import Stage, stage_files
 
     # Enough filler items that the bz2 file has many compressed blocks, the sample spread among them.
     filler = [item(f"Q{10_000 + i}", f"Filler {i}", f"filler item number {i} of the test dump", f"Filler {i}",
@@ -176,7 +176,7 @@ def test_import_reads_the_dump_in_ranges_and_preprocessing_reads_its_shards(tmp_
 
 def test_an_unfinished_import_is_refused(tmp_path):
     from kilm_ray import storage
-    from kilm_ray.pipeline.kb import knowledge_files
+    from kilm_ray.data.kb import knowledge_files
 
     (tmp_path / "import.json").write_text(json.dumps({"complete": False}))
     (tmp_path / "part-00000.jsonl.gz").write_bytes(gzip.compress(b'{"name": "a", "description": "b"}\n'))
@@ -187,7 +187,7 @@ def test_an_unfinished_import_is_refused(tmp_path):
 def test_the_dump_is_read_from_s3_in_the_same_ranges(tmp_path, s3_server):
     import bz2
 
-    from kilm_ray.corpus.ranges import iter_range_lines, plan_ranges
+    from kilm_ray.data.corpus.ranges import iter_range_lines, plan_ranges
 
     entities = SAMPLE + [item(f"Q{50_000 + i}", f"Item {i}", f"item {i} of a test dump", f"Item {i}")
                          for i in range(3000)]

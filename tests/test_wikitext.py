@@ -4,8 +4,8 @@ import bz2
 
 import pytest
 
-from kilm_ray.corpus.dump import MalformedPage, iter_raw_pages, parse_page_xml
-from kilm_ray.corpus.wikitext import (
+from kilm_ray.data.corpus.dump import MalformedPage, iter_raw_pages, parse_page_xml
+from kilm_ray.data.corpus.wikitext import (
     clean_description, first_sentence, is_namespaced, normalize_title, parse_article, redirect_target,
 )
 
@@ -123,7 +123,7 @@ def test_reads_that_decompress_to_nothing_do_not_end_the_input(monkeypatch, shar
     """bz2 gives no output until a whole block is in: with small reads most reads decompress to b"".
     The reader took that for the end of the input and silently dropped the rest (found on a multistream
     byte range whose last 100 pages went missing)."""
-    import kilm_ray.corpus.dump as dump
+    import kilm_ray.data.corpus.dump as dump
 
     monkeypatch.setattr(dump, "READ_SIZE", 4096)
     assert len(list(iter_raw_pages(str(DUMP)))) == 206

@@ -35,8 +35,8 @@ class Context:
     """What every step of one evaluation needs: the dataset, its tables, the tokenizer, the config."""
 
     def __init__(self, model_dir: str, data_dir: str, cfg: KilmConfig, device: str):
-        from kilm_ray.eval.tables import dataset_tables
-        from kilm_ray.loader import read_meta
+        from kilm_ray.data.tables import dataset_tables
+        from kilm_ray.store.loader import read_meta
 
         self.model_dir, self.data_dir, self.cfg, self.device = model_dir, data_dir, cfg, device
         self.manifest = read_meta(data_dir)
@@ -57,8 +57,8 @@ def check_tokenizers(model_dir: str, data_dir: str) -> None:
     """The export and the dataset must use the same control ids."""
     from transformers import AutoTokenizer
 
-    from kilm_ray.loader import special_ids_of
-    from kilm_ray.tokenizer import special_ids
+    from kilm_ray.store.loader import special_ids_of
+    from kilm_ray.method.tokenizer import special_ids
 
     model_sp = special_ids(AutoTokenizer.from_pretrained(storage.local_copy(model_dir)))
     if model_sp.all().tolist() != special_ids_of(data_dir).all().tolist():
@@ -70,7 +70,7 @@ def model_facts(model_dir: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, BartForConditionalGeneration
 
-    from kilm_ray.model import EXPORT_META, count_parameters
+    from kilm_ray.model.bart import EXPORT_META, count_parameters
 
     local = Path(storage.local_copy(model_dir))
     meta = json.loads((local / EXPORT_META).read_text()) if (local / EXPORT_META).is_file() else {}
@@ -89,7 +89,7 @@ def mention_extras(ctx: Context, chosen: list[dict]) -> tuple[dict[str, dict], d
     (training titles of its anchor text, most linked first, with their knowledge), the gold's index among
     them, and the memory ceiling's answer. Returns (extras sent to the probes, title rows asked)."""
     from kilm_ray.eval.select import group_of
-    from kilm_ray.eval.tables import surface_key
+    from kilm_ray.data.tables import surface_key
 
     e = ctx.cfg.eval
     surfaces = ctx.tables.surfaces_of({surface_key(m["surface"]) for m in chosen})
@@ -151,7 +151,7 @@ def held_out_mentions(ctx: Context, split: str) -> tuple[Part, dict[str, Any]]:
     section of metrics.json says about them; raises if one of their articles or chunks is in train."""
     from kilm_ray.eval.select import describe_selection, sample_split
     from kilm_ray.eval.stages import read_items
-    from kilm_ray.eval.tables import train_overlap
+    from kilm_ray.data.tables import train_overlap
 
     cfg = ctx.cfg
     chosen = sample_split(ctx.files(split), "mentions", cfg.eval.seed, cfg.eval.max_samples,
@@ -317,7 +317,7 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
              qa_file: Optional[str] = None, device: str = "auto", run_dir: Optional[str] = None) -> dict[str, Any]:
     from kilm_ray.eval.probing import form_of
     from kilm_ray.eval.provenance import data_summary, record_test_evaluation, source_commit, training_summary
-    from kilm_ray.loader import verify_tokenizer
+    from kilm_ray.store.loader import verify_tokenizer
 
     verify_tokenizer(data_dir)  # the stored ids must mean the tokens of the dataset's tokenizer
     check_tokenizers(model_dir, data_dir)

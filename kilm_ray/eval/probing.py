@@ -4,7 +4,7 @@ model, and a test can call them on a model directly.
 
 A *mention item* is a held-out chunk's mention: ``ids`` (the chunk's text tokens), ``start``/``end`` (the
 mention's token span), ``knowledge`` (its ``Title<sep>description`` ids), ``surface``, ``id``. Prompts
-come from ``kilm_ray.probes`` (the code Serve uses), in the form the model was trained on:
+come from ``kilm_ray.method.probes`` (the code Serve uses), in the form the model was trained on:
 ``slot`` (KILM and the markup-only baseline: ``<ent_desc><mask></ent_desc>``) or ``text`` (the
 data-matched baseline, ``masking.knowledge_as_text``: ``mention, <mask>,``).
 """
@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 import torch
 
-from kilm_ray.eval.metrics import best_over, exact_match, rouge_l, same_up_to_inflection, token_f1
+from kilm_ray.method.metrics import best_over, exact_match, rouge_l, same_up_to_inflection, token_f1
 from kilm_ray.eval.qa_files import cut_answer
-from kilm_ray.masking import MaskingParams, SpecialIds, build_retention_example, collate, knowledge_text, slot_sequences
-from kilm_ray.probes import (Prompt, ProbeError, appositive_prompt, candidate_continuation, cut_text_knowledge,
+from kilm_ray.method.masking import MaskingParams, SpecialIds, build_retention_example, collate, knowledge_text, slot_sequences
+from kilm_ray.method.probes import (Prompt, ProbeError, appositive_prompt, candidate_continuation, cut_text_knowledge,
                              describe_prompt, parse_knowledge, parse_text_knowledge, prompt_from_example,
                              qa_prompt, text_candidate_continuation, text_describe_prompt, text_prompt_from_ids,
                              until, _encode)
@@ -75,7 +75,7 @@ def mention_facts(pm: ProbeModel, item: dict) -> dict[str, Any]:
 
 def _generate(pm: ProbeModel, prompts: Sequence[Prompt], max_new_tokens: int | Sequence[int]):
     """Greedy (or beam) continuations of the prompts, in batches; one budget for all or one per prompt."""
-    from kilm_ray.generation import batched, generate, per_row
+    from kilm_ray.model.generation import batched, generate, per_row
 
     budgets = per_row(max_new_tokens, len(prompts))
     outs = []
@@ -113,7 +113,7 @@ def mention_titled(pm: ProbeModel, items: Sequence[dict], prompts: Sequence[Prom
     """``eval.title_candidates=generated_or_mention``: for each mention whose decoded title is not the
     mention's own tokens, both titles (with ``<sep>``) are scored by the model; where the mention scores
     higher, the slot is decoded again after it. Returns the replaced slots' tokens by item index."""
-    from kilm_ray.generation import batched, score_continuations
+    from kilm_ray.model.generation import batched, score_continuations
 
     pairs = []
     for k, (item, out) in enumerate(zip(items, outs)):
@@ -223,7 +223,7 @@ def candidate_ids(pm: ProbeModel, knowledge: Sequence[int]) -> list[int]:
 @torch.no_grad()
 def rank(pm: ProbeModel, prompts: Sequence[Prompt], candidates: Sequence[Sequence[Sequence[int]]]) -> list[int]:
     """For each prompt, the candidate continuation with the highest mean log-probability per token."""
-    from kilm_ray.generation import batched, score_continuations
+    from kilm_ray.model.generation import batched, score_continuations
 
     flat = [(k, c, (p.encoder_ids, p.decoder_prefix, list(cont)))
             for k, (p, conts) in enumerate(zip(prompts, candidates)) for c, cont in enumerate(conts)]
@@ -309,7 +309,7 @@ def qa(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
 def retention(pm: ProbeModel, items: Sequence[dict], params: MaskingParams, seed: int) -> list[dict]:
     """BART text infilling with no entity markup on whole chunks (``ids``): each chunk's summed token loss
     and token count (a token-weighted loss over chunks is a ratio of sums)."""
-    from kilm_ray.train.metrics import token_losses
+    from kilm_ray.model.bart import token_losses
 
     device = next(pm.model.parameters()).device
     out = []

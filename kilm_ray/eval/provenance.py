@@ -30,7 +30,7 @@ def source_commit() -> dict[str, Any]:
 
 def data_summary(data_dir: str) -> dict[str, Any]:
     """The preprocessing manifest's identity and sizes (what the model was trained and tested on)."""
-    from kilm_ray.loader import read_meta
+    from kilm_ray.store.loader import read_meta
 
     meta = read_meta(data_dir)
     keep = ("run_key", "created", "dumps", "knowledge", "config_sha256", "tokenizer_sha256", "vocab_size", "samples")

@@ -92,7 +92,7 @@ def _sample_batch(batch: pa.Table, what: str, seed: int, k: int, max_entities: i
 
     decode = None
     if what == "mentions":
-        from kilm_ray.tokenizer import CorpusTokenizer
+        from kilm_ray.method.tokenizer import CorpusTokenizer
 
         decode = CorpusTokenizer(tokenizer_json).decode
     kept: list[dict] = []

@@ -3,7 +3,7 @@
 A WordNet gloss is ``definition; "usage example"; "another example"`` (``bank`` sense 2: "a financial
 institution ...; "he cashed a check at the bank""). The example sentence is the context, the word in
 it is the mention, the candidates are the word's senses as definitions without examples (what
-``kilm_ray.corpus.knowledge.wordnet_description`` keeps as knowledge, so no example ever reaches the
+``kilm_ray.data.corpus.knowledge.wordnet_description`` keeps as knowledge, so no example ever reaches the
 training data), and the gold is the sense the example illustrates. Unlike a title -> gloss lookup, the
 right answer depends on the context: every sense of the word has the same mention.
 """
@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from kilm_ray.corpus.knowledge import wordnet_description
+from kilm_ray.data.corpus.knowledge import wordnet_description
 
 _EXAMPLE = re.compile(r'"([^"]{8,})"')
 
@@ -78,7 +78,7 @@ def sense_items(rows: Iterable[tuple[str, int, str]], max_senses: int = 8) -> li
 def read_wordnet_rows(kb_file: str) -> list[tuple[str, int, str]]:
     """``(name, sense number, gloss)`` of a WordNet-shaped knowledge base (``kilm-ray import-kb
     --wordnet-dir``'s rows)."""
-    from kilm_ray.corpus.knowledge import KBStats, iter_jsonl
+    from kilm_ray.data.corpus.knowledge import KBStats, iter_jsonl
 
     return [(row["name"], int(row.get("sense", 1)), row["gloss"]) for _, row in iter_jsonl(kb_file, KBStats())
             if isinstance(row.get("gloss"), str) and isinstance(row.get("name"), str)]

@@ -41,7 +41,7 @@ def _read_items(batch: pa.Table, wanted: dict[str, list[int]], kind: str, extras
                 decode_json: Optional[str], tag: dict) -> pa.Table:
     import pyarrow.parquet as pq
 
-    from kilm_ray.tokenizer import CorpusTokenizer
+    from kilm_ray.method.tokenizer import CorpusTokenizer
 
     decode = CorpusTokenizer(decode_json).decode if decode_json else None
     items = []
@@ -90,9 +90,9 @@ class ProbeActor:
 
         from kilm_ray.config import config_from_dict
         from kilm_ray.eval.probing import ProbeModel, form_of
-        from kilm_ray.generation import default_device
-        from kilm_ray.model import load_export
-        from kilm_ray.tokenizer import special_ids
+        from kilm_ray.model.generation import default_device
+        from kilm_ray.model.bart import load_export
+        from kilm_ray.method.tokenizer import special_ids
 
         torch.set_num_threads(max(1, threads))
         cfg = config_from_dict(cfg_dict)
@@ -115,7 +115,7 @@ class ProbeActor:
     def run(self, probe: str, items: list[dict]) -> list[dict]:
         """One probe over items of it; each result carries the item's id and the probe's name."""
         from kilm_ray.eval import probing
-        from kilm_ray.masking import MaskingParams
+        from kilm_ray.method.masking import MaskingParams
 
         if probe == "mentions":
             results = probing.mentions(self.pm, items)

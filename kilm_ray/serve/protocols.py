@@ -1,7 +1,7 @@
 """The standard text-generation protocols, translated to and from the model replica's jobs and events:
 Hugging Face TGI (``POST /generate``, ``/generate_stream``, ``/``) and OpenAI completions
 (``POST /v1/completions``), plus server-sent-event framing and each protocol's error body. Pure functions:
-no Serve, no model; ``app.py`` only calls them.
+no Serve, no model; the routes (``api.py``) and the gate (``gate.py``) only call them.
 
 The replica's events (one request)::
 

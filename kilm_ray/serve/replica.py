@@ -58,8 +58,8 @@ class LoadedModel:
     @classmethod
     def load(cls, uri: str, device: str, dtype: str) -> "LoadedModel":
         from kilm_ray import storage
-        from kilm_ray.model import load_export
-        from kilm_ray.tokenizer import special_ids
+        from kilm_ray.model.bart import load_export
+        from kilm_ray.method.tokenizer import special_ids
 
         with storage.materialized(uri) as local:  # a download is removed once the weights are in memory
             model, tokenizer, meta = load_export(local, device=device, dtype=dtype)
@@ -110,7 +110,7 @@ class KilmModel:
         import torch
         from ray.serve.metrics import Counter, Gauge, Histogram
 
-        from kilm_ray.generation import default_device
+        from kilm_ray.model.generation import default_device
 
         self.settings = settings
         self.device = default_device(settings.get("device", "auto"))
@@ -147,7 +147,7 @@ class KilmModel:
             raise InputTooLong(f"the input is {len(prompt.encoder_ids)} tokens; the limit is {limit}")
 
     def _row(self, m: LoadedModel, job: dict) -> Row:
-        from kilm_ray.probes import build_prompt
+        from kilm_ray.method.probes import build_prompt
 
         prompt = build_prompt(m.tokenizer, m.sp, job["task"], job["fields"])
         self._check_length(m, prompt)
@@ -173,7 +173,7 @@ class KilmModel:
         return _error(500, "the answer ended without a result")
 
     async def _events(self, job: dict) -> AsyncIterator[dict]:
-        from kilm_ray.probes import AnswerStream, ProbeError
+        from kilm_ray.method.probes import AnswerStream, ProbeError
         from kilm_ray.serve.protocols import StopMatcher
 
         m = self.loaded  # this request's model, whatever a rollout swaps in meanwhile
@@ -251,7 +251,7 @@ class KilmModel:
         checks on its own loop, requests queue up while a batch runs, and the next batch takes them all
         (a thread fought the loop for the GIL and starved batching: mean batch 1.3 vs 14,
         bench/serve_load.py). Between two steps the loop forwards the streamed tokens."""
-        from kilm_ray.generation import Step, beam_search, generation_groups, greedy_steps
+        from kilm_ray.model.generation import Step, beam_search, generation_groups, greedy_steps
 
         n = len(rows)
         self.stats.record(n)
@@ -310,7 +310,7 @@ class KilmModel:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def score_batch(self, items: list[tuple]) -> list:
-        from kilm_ray.generation import score_candidates
+        from kilm_ray.model.generation import score_candidates
 
         self.stats.record(len(items))
         self.m_batch.observe(len(items), tags={"method": "score"})
@@ -329,7 +329,7 @@ class KilmModel:
 
     async def disambiguate(self, job: dict) -> dict:
         """Rank the candidates' knowledge strings by their mean log-probability after the mention."""
-        from kilm_ray.probes import (
+        from kilm_ray.method.probes import (
             ProbeError, candidate_continuation, control_tokens, describe_prompt, mention_parts, refuse_control_tokens,
         )
 

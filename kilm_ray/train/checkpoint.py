@@ -86,17 +86,6 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().float().reshape(-1).to("cpu", copy=True)
 
 
-def snapshot_shard(engine, rank: int, world_size: int) -> Shard:
-    """The part of the state this rank writes, copied to the host: the only work the training loop
-    waits for. Collective only under ZeRO-3."""
-    from kilm_ray.train.zero import rank_fragments
-
-    shard = Shard()
-    for name, offset, tensor, shape, moments in rank_fragments(engine, rank, world_size):
-        shard.add(name, offset, tensor, shape, moments)
-    return shard
-
-
 def checkpoint_id(run_id: str, step: int) -> str:
     return f"{run_id}/{step}"
 

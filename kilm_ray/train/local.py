@@ -68,7 +68,7 @@ class LocalEnv(RunEnv):
 def run_local(cfg: KilmConfig, data_dir: str, run_dir: str) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; raises :class:`RunStopped` when it stopped without
     finishing (the cause in the message), as the Ray launcher does."""
-    from kilm_ray.loader import check_dataset
+    from kilm_ray.store.loader import check_dataset
 
     check_dataset(cfg.train, data_dir)
     env = LocalEnv(run_dir, cfg.train.keep_checkpoints)

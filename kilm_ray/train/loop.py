@@ -40,17 +40,17 @@ import torch
 
 from kilm_ray import storage
 from kilm_ray.config import ConfigError, KilmConfig
-from kilm_ray.loader import BatchPlan, SampleStore, StepDataset, read_meta
-from kilm_ray.masking import MaskingParams, SpecialIds
+from kilm_ray.store.loader import BatchPlan, SampleStore, StepDataset, read_meta
+from kilm_ray.method.masking import MaskingParams, SpecialIds
 from kilm_ray.train.checkpoint import (
-    Checkpoint, checkpoint_id, load_weights_into_module, read_checkpoint, resume_conflicts, snapshot_shard,
+    Checkpoint, checkpoint_id, load_weights_into_module, read_checkpoint, resume_conflicts,
     write_rank0_files, write_shard,
 )
 from kilm_ray.train.control import Cadence, ControlState, Signals, StepPlan, plan_step
 from kilm_ray.train.env import Artifacts, RunEnv, record_stop
 from kilm_ray.train.metrics import BartDims, LossSums, format_eta, mfu, peak_tflops
 from kilm_ray.train.validation import Validation, forward_losses, to_device
-from kilm_ray.train.zero import adam_step, loss_scale_state, precision_metrics
+from kilm_ray.train.zero import adam_step, loss_scale_state, precision_metrics, snapshot_shard
 
 log = logging.getLogger("kilm_ray.train")
 
@@ -112,7 +112,7 @@ class Recipe:
         before any collective."""
         from transformers import AutoTokenizer
 
-        from kilm_ray.loader import verify_tokenizer
+        from kilm_ray.store.loader import verify_tokenizer
 
         t, data_dir = self.t, self.data_dir
         self.meta = read_meta(data_dir)
@@ -194,7 +194,7 @@ class Recipe:
         import deepspeed
         from transformers import get_linear_schedule_with_warmup
 
-        from kilm_ray.model import build_model, check_tokenizer_matches, count_parameters
+        from kilm_ray.model.bart import build_model, check_tokenizer_matches, count_parameters
         from kilm_ray.train.deepspeed_config import deepspeed_config
         from kilm_ray.train.zero import check_version
 
@@ -373,7 +373,7 @@ class Recipe:
         """Hugging Face export from the fp32 master weights (gathered: every rank calls)."""
         import tempfile
 
-        from kilm_ray.model import export_hf
+        from kilm_ray.model.bart import export_hf
         from kilm_ray.train.zero import gather_state
 
         weights, _ = gather_state(self.engine, with_moments=False)
@@ -516,7 +516,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 def export_metadata(cfg: KilmConfig, step: int, data_dir: str, checkpoint: Optional[str]) -> dict[str, Any]:
     from kilm_ray import __version__
-    from kilm_ray.tokenizer import KILM_TOKENS
+    from kilm_ray.method.tokenizer import KILM_TOKENS
 
     return {"kilm_ray_version": __version__, "step": step, "checkpoint": checkpoint, "data_dir": data_dir,
             "model": cfg.to_dict()["model"], "masking": cfg.to_dict()["masking"], "special_tokens": KILM_TOKENS,

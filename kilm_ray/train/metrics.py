@@ -51,12 +51,6 @@ def peak_tflops(configured: float, device: torch.device, precision: str = "bf16"
     return spec_peak_tflops(torch.cuda.get_device_name(device), precision)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy (0 where labels are -100), float32."""
-    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
-                                             ignore_index=-100, reduction="none").view(labels.shape)
-
-
 # What LossSums accumulates on the device, in order.
 SUM_FIELDS = ("weighted", "weight", "knowledge", "knowledge_tokens", "copy", "copy_tokens", "nonpad_tokens",
               "sequences", "model_flops")

@@ -1,4 +1,4 @@
-"""Each node's copy of the dataset (``kilm_ray.node_cache``), prepared by a Ray task on that node
+"""Each node's copy of the dataset (``kilm_ray.store.node_cache``), prepared by a Ray task on that node
 before any training worker runs there, so that no rank waits in a collective (NCCL: 30 min timeout)
 while a node converts its data.
 
@@ -60,7 +60,7 @@ def prepare_here(data_dir: str, cache_dir: Optional[str]) -> dict:
     """The task's body: build (or find) this node's copies of the splits training reads."""
     import socket
 
-    from kilm_ray.loader import SampleStore
+    from kilm_ray.store.loader import SampleStore
 
     started = time.perf_counter()
     rows = {}
@@ -79,7 +79,7 @@ class NodePreparer:
     new ones until the block ends."""
 
     def __init__(self, cfg, data_dir: str, poll_s: float = POLL_S):
-        from kilm_ray.resources import worker_request
+        from kilm_ray.train.resources import worker_request
 
         self.data_dir, self.poll_s = data_dir, poll_s
         self.cache_dir = cfg.train.node_cache_dir or None

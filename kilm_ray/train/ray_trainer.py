@@ -37,7 +37,7 @@ class RayEnv(RunEnv):
     def __init__(self, run_uri: str, train_cfg):
         import ray.train
 
-        from kilm_ray.resources import worker_request
+        from kilm_ray.train.resources import worker_request
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
@@ -63,7 +63,7 @@ class RayEnv(RunEnv):
         import pyarrow.fs
         import ray.train
 
-        from kilm_ray import node_cache
+        from kilm_ray.store import node_cache
         from kilm_ray.train.checkpoint import STATE_FILE
 
         checkpoint = ray.train.get_checkpoint()
@@ -158,7 +158,7 @@ class RayEnv(RunEnv):
     def room_to_grow(self) -> bool:
         import ray
 
-        from kilm_ray.resources import can_grow
+        from kilm_ray.train.resources import can_grow
 
         grow = can_grow(ray.available_resources(), self._per_worker, self.world_size, self._max_workers)
         if grow:
@@ -208,7 +208,7 @@ def _bound_worker_start(t) -> tuple[float, int]:
     Ray counts every failed attempt of the run's lifetime against that limit, so any bound would end
     a long spot run that waited a few times; :class:`CapacityWatch` bounds each continuous wait
     instead (``train.capacity_wait_s``) and logs while it lasts."""
-    from kilm_ray.resources import start_attempts
+    from kilm_ray.train.resources import start_attempts
 
     if t.max_failures == -1:
         per_attempt, retries = min(t.worker_start_attempt_s, t.capacity_wait_s), -1
@@ -220,12 +220,12 @@ def _bound_worker_start(t) -> tuple[float, int]:
 
 def capacity_watch(t):
     """A Ray Train controller callback that turns the controller's scheduling states into
-    :class:`kilm_ray.resources.CapacityWait` observations: a log line every
+    :class:`kilm_ray.train.resources.CapacityWait` observations: a log line every
     ``train.capacity_log_every_s`` while the worker group waits for resources, and a clear error once
     one wait exceeds ``train.capacity_wait_s``."""
     from ray.train.v2._internal.execution.callback import ControllerCallback
 
-    from kilm_ray.resources import CapacityWait, worker_request
+    from kilm_ray.train.resources import CapacityWait, worker_request
 
     class CapacityWatch(ControllerCallback):
         def __init__(self):
@@ -263,7 +263,7 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from kilm_ray.resources import worker_request
+    from kilm_ray.train.resources import worker_request
 
     t = cfg.train
     lo, hi = t.worker_bounds
@@ -295,7 +295,7 @@ def fit(trainer, cfg: KilmConfig):
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    from kilm_ray.resources import CapacityWaitExceeded, WorkerPlacementError, placement_message, worker_request
+    from kilm_ray.train.resources import CapacityWaitExceeded, WorkerPlacementError, placement_message, worker_request
 
     try:
         return trainer.fit()
@@ -319,7 +319,7 @@ def run_training(cfg: KilmConfig, data_dir: str, run_dir: str, name: str):
     on the driver, before any worker starts: a missing or uncommitted one fails at once. Raises
     :class:`RunStopped` when the workers stopped without finishing: Ray's result then holds the last
     *checkpointed* report, so it cannot tell by itself."""
-    from kilm_ray.loader import BatchPlan, check_dataset
+    from kilm_ray.store.loader import BatchPlan, check_dataset
     from kilm_ray.train.node_prep import NodePreparer
 
     t = cfg.train

@@ -10,9 +10,10 @@ from typing import Callable, Optional
 import torch
 
 from kilm_ray.config import KilmConfig
-from kilm_ray.loader import SampleStore, eval_example_list
-from kilm_ray.masking import MaskingParams, SpecialIds, collate
-from kilm_ray.train.metrics import LossSums, token_losses
+from kilm_ray.store.loader import SampleStore, eval_example_list
+from kilm_ray.method.masking import MaskingParams, SpecialIds, collate
+from kilm_ray.model.bart import token_losses
+from kilm_ray.train.metrics import LossSums
 
 log = logging.getLogger("kilm_ray.train")
 
@@ -103,9 +104,9 @@ class Validation:
 
     def describe_accuracy(self, engine, tokenizer, n: int) -> dict[str, float]:
         """Title exact match of greedy descriptions on the first ``n`` valid samples (rank 0)."""
-        from kilm_ray.eval.metrics import exact_match
-        from kilm_ray.generation import greedy_describe
-        from kilm_ray.probes import gold_knowledge, parse_knowledge, prompt_from_example
+        from kilm_ray.method.metrics import exact_match
+        from kilm_ray.model.generation import greedy_describe
+        from kilm_ray.method.probes import gold_knowledge, parse_knowledge, prompt_from_example
 
         examples = self.sets.get("valid", [])[:n]
         if not examples:

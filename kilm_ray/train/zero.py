@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from kilm_ray.train.checkpoint import Shard, owner_of
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # DeepSpeed releases whose internals (above) the checkpoint tests passed with.
 TESTED_DEEPSPEED = ("0.19.8",)
@@ -156,8 +158,6 @@ def rank_fragments(engine, rank: int, world_size: int):
     training state this rank writes. Collective only under ZeRO-3 (which gathers each parameter)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from kilm_ray.train.checkpoint import owner_of
-
     ensure_optimizer_state(engine, adam_step(engine))
     named = list(engine.module.named_parameters())
     if _fragments_owned(engine):
@@ -230,3 +230,12 @@ def precision_metrics(engine) -> dict[str, float]:
     if scale is not None:
         out["loss_scale"] = float(scale["cur_scale"])
     return out
+
+
+def snapshot_shard(engine, rank: int, world_size: int) -> Shard:
+    """The part of the state this rank writes, copied to the host: the only work the training loop
+    waits for. Collective only under ZeRO-3."""
+    shard = Shard()
+    for name, offset, tensor, shape, moments in rank_fragments(engine, rank, world_size):
+        shard.add(name, offset, tensor, shape, moments)
+    return shard

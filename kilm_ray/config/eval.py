@@ -1,0 +1,81 @@
+"""The evaluation sections: the held-out evaluation (eval) and the demo's knowledge line (demo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from kilm_ray.config.fields import ConfigError, check_min, check_range, doc
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "valid"] = doc(
+        "The held-out split evaluated (articles never trained on). valid is what training validated on.",
+        default="test")
+    max_samples: int = doc(
+        "Held-out mentions every mention probe runs on: a seeded random sample across the split's articles "
+        "(the smallest keyed hashes of sample id and entity; eval.seed). 0 = all.", default=500)
+    train_recall_samples: int = doc(
+        "Training mentions whose knowledge is generated too (a seeded sample): recall of training samples, "
+        "reported as such (not held out). 0 = skip.", default=256)
+    max_sense_items: int = doc(
+        "WordNet usage examples in the word-sense probe (a seeded sample; 0 = all).", default=400)
+    batch_size: int = doc("Sequences per generation / scoring batch.", default=16)
+    num_beams: int = doc("Beams for description generation.", default=1)
+    max_new_tokens: int = doc("Longest generated knowledge string.", default=48)
+    title_candidates: Literal["generated", "generated_or_mention"] = doc(
+        "Describe's title (slot-trained models): generated = the decoded title; generated_or_mention = the likelier, "
+        "under the model (summed log-probability of title and <sep>), of the decoded title and the mention as "
+        "written, the description then decoded after it. A small model's commonest title error is a misspelled "
+        "copy of the mention; its own score picks the spelling. Reports also give the decoded titles' figure. "
+        "Greedy decoding only.",
+        default="generated")
+    no_repeat_ngram_size: int = doc(
+        "Greedy decoding of slot-trained models: no n-gram repeated within one answer (the prompt is not counted; "
+        "a text-form answer copies the right context, so it is left alone). 0 = off.", default=0)
+    max_disambiguation_mentions: int = doc(
+        "Sampled mentions with an ambiguous anchor text scored in anchor disambiguation (0 = all).", default=500)
+    max_candidates: int = doc("Candidates per mention in disambiguation.", default=8)
+    retention_max_chunks: int = doc(
+        "Held-out chunks (a seeded sample) for the text-infilling (retention) loss; as many training chunks "
+        "give the training-text loss. 0 = every held-out chunk.", default=200)
+    qa_file: Optional[str] = doc(
+        "Questions for zero-shot QA, .gz or not: Google's NQ-open JSONL ({question, answer: [...]} lines), DPR's "
+        "TSV (question<TAB>['answer', ...], read as CSV), question<TAB>answer[<TAB>answer...], or a JSON list of "
+        "{question, answer(s)} objects / [question, answers] pairs. Unreadable rows and questions holding a "
+        "control token are skipped and counted.",
+        default=None, path="local")
+    seed: int = doc("Seed of the samples (mentions, chunks, word senses) and of the retention test's masks.",
+                     default=1234)
+    actors: int = doc("Probe actors (each holds the model) in the evaluation's Ray Data stages.", default=1)
+    cpus_per_actor: float = doc("CPUs per probe actor (also its torch threads, rounded).", default=1.0)
+    gpus_per_actor: float = doc("GPUs per probe actor: > 0 runs the probes on GPU workers (cuda).", default=0.0)
+
+    def validate(self, path: str) -> None:
+        for name in ("batch_size", "num_beams", "max_new_tokens", "max_candidates", "actors"):
+            check_min(f"{path}.{name}", getattr(self, name), 1)
+        check_min(f"{path}.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if self.num_beams > 1 and (self.no_repeat_ngram_size or self.title_candidates != "generated"):
+            key = "no_repeat_ngram_size" if self.no_repeat_ngram_size else "title_candidates"
+            raise ConfigError(f"{path}.{key} applies to greedy decoding; {path}.num_beams is {self.num_beams}")
+        check_range(f"{path}.cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, low_open=True)
+        check_range(f"{path}.gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
+        for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
+                     "max_sense_items"):
+            check_min(f"{path}.{name}", getattr(self, name), 0)
+
+
+@dataclass
+class DemoConfig:
+    split: Literal["test", "valid"] = doc(
+        "The held-out split of the demo's knowledge line and examples.", default="test")
+    min_train_mentions: int = doc(
+        "The demo's rule, fixed before training: mentions in held-out articles of entities whose knowledge is in "
+        "at least this many training mentions (all of them, in the seeded order of eval.seed).", default=2)
+    examples: int = doc("Describe probes the demo sends over HTTP (the first mentions of the same rule).",
+                         default=5)
+
+    def validate(self, path: str) -> None:
+        check_min(f"{path}.min_train_mentions", self.min_train_mentions, 1)
+        check_min(f"{path}.examples", self.examples, 0)
