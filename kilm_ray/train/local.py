@@ -74,7 +74,21 @@ def run_local(cfg: KilmConfig, data_dir: str, run_dir: str) -> dict[str, Any]:
     env = LocalEnv(run_dir, cfg.train.keep_checkpoints)
     if env.rank == 0:
         clear_stop(run_dir)
-    metrics = train_worker(cfg, data_dir, env)
+    try:
+        metrics = train_worker(cfg, data_dir, env)
+    finally:
+        if env.world_size > 1:  # torchrun's processes end with the run (one process keeps its group for reuse)
+            _release_process_group()
     if metrics.get("stopped"):
         raise RunStopped(f"stopped at step {metrics['step']}: {metrics['stopped']}")
     return metrics
+
+
+def _release_process_group() -> None:
+    """Tear down the process group this launcher's processes made (under torchrun), before the interpreter
+    exits: left to the exit, gloo's threads were destroyed while still running and one rank of a finished
+    run aborted ("terminate called without an active exception", exit -6) on a loaded machine."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
