@@ -47,15 +47,29 @@ from kilm_ray.cluster import init_ray
 from kilm_ray.config import load_config
 try:
     from kilm_ray.data.plan import preprocess
-except ImportError:  # a checkout from before the pipeline package
-    from kilm_ray.data.plan import preprocess
+except ImportError:  # a checkout from before the package layout of issue 30 (kilm_ray.data forwarded it)
+    from kilm_ray.data import preprocess
 args = json.loads(sys.argv[1])
 init_ray(num_cpus=args["cpus"])
+import threading, time, ray
+owned = {"refs": 0, "memory_store_objects": 0, "memory_store_mb": 0.0}
+def sample():  # what the driver owns: object refs, and the inline objects held in its own heap
+    worker = ray._private.worker.global_worker.core_worker
+    while True:
+        try:
+            owned["refs"] = max(owned["refs"], len(worker.get_all_reference_counts()))
+            owned["memory_store_objects"] = max(owned["memory_store_objects"], worker.get_memory_store_size())
+            owned["memory_store_mb"] = max(owned["memory_store_mb"], worker.get_local_memory_store_bytes_used() / 2**20)
+        except Exception:
+            pass
+        time.sleep(1.0)
+threading.Thread(target=sample, daemon=True).start()
 cfg = load_config(args["config"], args["overrides"])
 stats = preprocess(cfg, [args["dump"]], args["out"], [args["kb"]] if args["kb"] else [])
 print("RESULT " + json.dumps({"pages": stats["pages"]["read"], "articles": stats["pages"]["articles"],
                               "chunks": stats["chunks"]["total"], "links": stats["links"],
-                              "kb_entities": stats["knowledge_base"]["entities"], "elapsed_s": stats["elapsed_s"]}))
+                              "kb_entities": stats["knowledge_base"]["entities"], "elapsed_s": stats["elapsed_s"],
+                              "driver_owned_peak": {k: round(v, 1) for k, v in owned.items()}}))
 """
 
 

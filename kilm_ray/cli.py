@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from kilm_ray.config import ConfigError, KilmConfig, config_reference_markdown, load_config, resolve_local_paths
 from kilm_ray.demo import DEMO_CONFIG
-from kilm_ray.errors import UsageError, UserInputError
+from kilm_ray.errors import UsageError, UserInputError, input_error_of
 
 log = logging.getLogger("kilm_ray")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -468,7 +468,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         absolute_path_arguments(args, in_submitted_job="RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
         return args.func(args)
     except UserInputError as exc:  # a bad path, config value, dataset or tokenizer: one line, no traceback
-        print(f"kilm-ray {args.command}: error: {exc}", file=sys.stderr)
+        print(f"kilm-ray {args.command}: error: {input_error_of(exc) or exc}", file=sys.stderr)  # (a task's own)
         return 2
 
 

@@ -23,6 +23,10 @@ def input_error_of(exc: BaseException) -> "UserInputError | None":
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # a RayTaskError (also an instance of its cause's class): the
+        if isinstance(cause, BaseException) and id(cause) not in seen:  # task's own exception, without the
+            exc = cause  # remote traceback that the wrapper's message carries
+            continue
         if isinstance(exc, UserInputError):
             return exc
         exc = getattr(exc, "_base_exc", None) or getattr(exc, "controller_failure", None) or exc.__cause__

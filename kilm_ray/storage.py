@@ -272,6 +272,9 @@ class _Bounded:
         self.remaining -= len(data)
         return data
 
+    def close(self) -> None:
+        self.f.close()
+
     def __enter__(self):
         return self
 

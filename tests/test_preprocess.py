@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kilm_ray.data.corpus.articles import SPLITS
+from kilm_ray.data.corpus.compressed import TruncatedInput
 from kilm_ray.store.loader import DataError, SampleStore, read_meta, special_ids_of, split_files, verify_tokenizer
 from kilm_ray.data.masked_dataset import collate_fn, masked_dataset
 from kilm_ray.method.masking import MaskingParams
@@ -209,7 +210,13 @@ def test_bad_input_is_skipped_counted_and_named(tmp_path, ray_cluster, tiny_conf
     dump.write_bytes(data[: int(len(data) * 0.8)])
     kb = tmp_path / "kb.jsonl"
     kb.write_text('{"name": "Anarchy", "description": "a state of lawlessness"}\nnot json\n{"description": "x"}\n')
-    stats = preprocess(tiny_config, [str(dump)], str(tmp_path / "out"), [str(kb)])
+    # A dump that ends early stops the run, naming the file and the byte (issue 31: it used to commit
+    # whatever was read, and a valid dump lost pages the same way); the user may keep what was read.
+    with pytest.raises(TruncatedInput, match=rf"broken.xml.bz2: ends at byte {dump.stat().st_size}, inside"):
+        preprocess(tiny_config, [str(dump)], str(tmp_path / "stopped"), [str(kb)])
+    assert not (tmp_path / "stopped" / "manifest.json").exists()
+    keep = tiny_config.with_overrides({"corpus.keep_truncated_input": True})
+    stats = preprocess(keep, [str(dump)], str(tmp_path / "out"), [str(kb)])
     errors = stats["pages"]["errors"]
     assert errors["malformed_page"] == 1 and errors["truncated_input"] == 1
     assert any("malformed_page" in e and "not well-formed" in e for e in stats["pages"]["error_examples"])

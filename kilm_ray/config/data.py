@@ -22,6 +22,10 @@ class CorpusConfig:
     )
     max_pages: int = doc("Stop after this many pages per read task (a dump file, or a byte range of a "
                           "multistream dump; 0 = all). For quick runs.", default=0)
+    keep_truncated_input: bool = doc(
+        "A dump file that ends early (a partial download) or does not decompress stops the run with one line naming "
+        "the file and the byte. true: keep the pages read before that point instead, counted as truncated_input "
+        "in the stats.", default=False)
     read_unit_mb: float = doc(
         "Compressed MiB per read task of a multistream dump (read through its -index.txt.bz2): the unit "
         "of parallel decompression.", default=64)

@@ -19,6 +19,7 @@ from typing import Optional
 from kilm_ray import __version__, storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.data.corpus.articles import SPLITS
+from kilm_ray.data.corpus.compressed import READ_KEEPS_FAILING
 from kilm_ray.data.corpus.dump import DUMP_SUFFIXES, ReadUnit, read_siteinfo, read_units
 from kilm_ray.data.corpus.ranges import splittable
 from kilm_ray.data.corpus.wikitext import SiteNamespaces
@@ -75,7 +76,8 @@ def preprocess(cfg: KilmConfig, dumps: list[str], out: str, knowledge: Optional[
     tables = None
     if all(any(f["split"] == s and f["rows"] for f in files) for s in SPLITS):  # group-bys need rows
         tables = build_tables({s: [storage.join(dataset.root, f["path"]) for f in files if f["split"] == s]
-                               for s in SPLITS}, vocab.tokenizer_json, storage.join(dataset.root, "tables"), cfg)
+                               for s in SPLITS}, vocab.tokenizer_json, storage.join(dataset.root, "tables"), cfg,
+                              sum(f["bytes"] for f in files))
         log.info("evaluation tables at %.1fs: %s", time.time() - started, tables["summary"])
     stats = _stats(pages, counts, kb_summary["summary"], vocab, cfg, time.time() - started)
     manifest = build_manifest(cfg, dataset, dumps, [f for _, f in plan.kb_sources], files, stats, vocab)
@@ -158,6 +160,11 @@ def configure_ray_data() -> None:
     # A shuffle's map task coalesces its input up to this size (Ray's default: 1 GiB, which a map task
     # would hold: its memory grew with the corpus up to that size).
     ctx.shuffle_input_batch_bytes = 16 * 2**20
+    # A task whose input read kept failing (after kilm_ray's retries in place) runs again, at most twice:
+    # Ray Data replays a retried task's output and skips what it had already given, so nothing is read
+    # twice. Other errors (a truncated dump, a bug) fail at once: a retry would read the same bytes.
+    ctx.retried_map_errors = [READ_KEEPS_FAILING]
+    ctx.max_map_retries = 2
 
 
 def _brief(pages: dict) -> dict:
@@ -214,7 +221,7 @@ def run_key(cfg: KilmConfig, units: list[ReadUnit], kb_sources: list[tuple[int, 
     settings = {k: cfg.to_dict()[k] for k in ("corpus", "tokenizer", "data")}
     settings["corpus"] = {k: v for k, v in settings["corpus"].items() if k not in (
         "task_resources", "shuffle_partitions", "shuffle_partition_mb", "kb_read_unit_mb", "shared_paths",
-        "cluster_cpus")}
+        "cluster_cpus", "keep_truncated_input")}  # how, not what: the same inputs give the same output
     blob = json.dumps({"inputs": inputs, "settings": settings, "version": __version__,
                        "tokenizer_files": source_fingerprint(cfg.tokenizer.source)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -130,6 +130,6 @@ def write_shards(built, directory: str, cfg: KilmConfig) -> tuple[list[dict], di
                       min_rows=SHARD_ROWS, max_rows=SHARD_ROWS, describe=_sample_ids)
     built.write_datasink(sink, ray_remote_args=light_args(cfg))
     files, counts = merge_reports(sink.reports)
-    listed = [{"split": split, **{k: f[k] for k in ("path", "rows", "min_sample_id", "max_sample_id")}}
+    listed = [{"split": split, **{k: f[k] for k in ("path", "rows", "bytes", "min_sample_id", "max_sample_id")}}
               for split in SPLITS for f in sorted(files.get(split, []), key=lambda f: f["min_sample_id"])]
     return listed, sum_counts(counts, SPLITS)

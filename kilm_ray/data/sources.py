@@ -66,7 +66,7 @@ def read_raw_pages(units: list[ReadUnit], cfg: KilmConfig):
     c = cfg.corpus
 
     def rows(unit: ReadUnit) -> Iterable[dict]:
-        for raw in iter_raw_pages(unit, c.max_pages):
+        for raw in iter_raw_pages(unit, c.max_pages, keep_truncated=c.keep_truncated_input):
             yield {"source": raw.source, "index": raw.index, "xml": raw.xml, "error": raw.error}
 
     makers = [lambda u=u: _blocks(rows(u), RAW_SCHEMA, c.pages_per_block) for u in units]

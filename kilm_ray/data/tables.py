@@ -269,19 +269,19 @@ def _counts(ds) -> list[dict]:
             for c in b["counts"].to_pylist()]
 
 
-def build_tables(files: dict[str, list[str]], tokenizer_json, out: str, cfg, partitions: int = 0) -> dict[str, Any]:
+def build_tables(files: dict[str, list[str]], tokenizer_json, out: str, cfg, input_bytes: int) -> dict[str, Any]:
     """Group the shards' mentions by title and by anchor text (Ray Data, hash-bucketed group-bys) and
     write both tables under ``out``. Returns their manifest entry: files relative to ``out``, counts.
 
-    ``files``: split -> shard URIs; ``tokenizer_json``: the tokenizer (a string or an object ref)."""
-    import ray
+    ``files``: split -> shard URIs; ``tokenizer_json``: the tokenizer (a string or an object ref);
+    ``input_bytes``: the shards' size, which sizes the group-bys (as every shuffle of the pipeline: from
+    the data and the cluster's planned maximum, not from the CPUs present at that moment)."""
     import ray.data
 
-    from kilm_ray.data.shuffle import bucketed
+    from kilm_ray.data.shuffle import bucketed, partitions_for
     from kilm_ray.data.shuffle import map_rows as _map
 
-    if partitions <= 0:
-        partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    partitions = partitions_for(cfg, input_bytes, "evaluation tables")
     def shards(splits: tuple[str, ...]):
         items = [{"split": s, "path": p} for s in splits for p in files.get(s, [])]
         return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -315,8 +315,9 @@ def dataset_tables(data_dir: str, cfg) -> Tables:
         log.info("%s has no evaluation tables (made before they existed): building them into %s", data_dir, directory)
         tokenizer_json = storage.read_bytes(storage.join(data_dir, manifest.get("tokenizer", "tokenizer"),
                                                          "tokenizer.json")).decode()
-        entry = build_tables({s: split_files(data_dir, s) for s in ("train", "valid", "test")}, tokenizer_json,
-                             str(directory), cfg)
+        files = {s: split_files(data_dir, s) for s in ("train", "valid", "test")}
+        entry = build_tables(files, tokenizer_json, str(directory), cfg,
+                             sum(storage.file_size(f) for listed in files.values() for f in listed))
         done.write_text(json.dumps(entry))
     return Tables(json.loads(done.read_text()), str(directory))
 

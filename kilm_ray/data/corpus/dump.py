@@ -3,8 +3,9 @@
 The reader cuts the decompressed stream at ``<page>`` / ``</page>`` (text inside a page is
 XML-escaped, so those strings cannot occur in it) and never holds more than one page and one read
 buffer in memory. Each page is parsed on its own, so a malformed page is skipped and counted while
-the rest of the dump goes on; a truncated ``.bz2`` ends the stream with a recorded error instead of
-a crash.
+the rest of the dump goes on. A dump that ends early or is damaged (``compressed``) stops the read with
+an error that names the file and the byte, unless the caller keeps what was read before it (then one
+error record ends the pages, counted as ``truncated_input``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import bz2
 import codecs
 import re
 import xml.etree.ElementTree as ET
-import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional
+from typing import Iterator, Optional
 
 from kilm_ray import storage
+from kilm_ray.data.corpus.compressed import READ_SIZE, CompressedInputError, decompressed
 
-READ_SIZE = 1 << 20
 _TITLE_RE = re.compile(r"<title>(.*?)</title>", re.S)
 
 
@@ -44,36 +44,6 @@ class Page:
 
 class MalformedPage(ValueError):
     """A ``<page>`` that is not well-formed XML or lacks a required field."""
-
-
-def _decompressed_chunks(stream: BinaryIO, uri: str) -> Iterator[bytes]:
-    """Decompressed bytes as they come. Decompressing by hand (not BZ2File) hands over everything
-    before a truncation point, then raises EOFError; multistream .bz2 and multi-member .gz work."""
-    if uri.endswith(".bz2"):
-        new = bz2.BZ2Decompressor
-    elif uri.endswith(".gz"):
-        def new():
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    else:
-        while chunk := stream.read(READ_SIZE):
-            yield chunk
-        return
-    decompressor = new()
-    while True:
-        data = stream.read(READ_SIZE)
-        if not data:
-            if not decompressor.eof:
-                raise EOFError("compressed stream ended before its end-of-stream marker")
-            return
-        while data:
-            out = decompressor.decompress(data)
-            if out:  # bz2 gives nothing until a whole block is in; b"" means the end to the callers
-                yield out
-            if decompressor.eof:
-                data = decompressor.unused_data
-                decompressor = new() if data else decompressor
-            else:
-                data = b""
 
 
 DUMP_SUFFIXES = (".xml", ".xml.bz2", ".xml.gz", ".bz2", ".gz")
@@ -147,11 +117,10 @@ def read_units(specs: list[str], unit_bytes: int = 64 << 20) -> list[ReadUnit]:
 def _index_lines(uri: str) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     rest = ""
-    with storage.open_input(uri) as raw:
-        for chunk in _decompressed_chunks(raw, uri):
-            lines = (rest + decoder.decode(chunk)).split("\n")
-            rest = lines.pop()
-            yield from lines
+    for chunk in decompressed(uri):
+        lines = (rest + decoder.decode(chunk)).split("\n")
+        rest = lines.pop()
+        yield from lines
     if rest:
         yield rest
 
@@ -178,45 +147,53 @@ def write_multistream(pages_xml: list[str], out: str, header: str = "<mediawiki>
     return out
 
 
-def iter_raw_pages(uri: str | ReadUnit, max_pages: int = 0) -> Iterator[RawPage]:
+def iter_raw_pages(uri: str | ReadUnit, max_pages: int = 0, keep_truncated: bool = False,
+                   read_size: int = READ_SIZE) -> Iterator[RawPage]:
     """Yield each ``<page>...</page>`` of a dump file (local or ``s3://``, .xml/.bz2/.gz) or of one
-    byte range of a multistream dump."""
+    byte range of a multistream dump.
+
+    Input that ends early or does not decompress raises :class:`CompressedInputError` (file and byte);
+    with ``keep_truncated`` the pages before it are kept and one error record ends them instead."""
     unit = uri if isinstance(uri, ReadUnit) else ReadUnit(uri)
     uri = unit.label
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     buffer = ""
     index = 0
-    opened = storage.open_input(unit.uri) if unit.length < 0 else storage.open_range(unit.uri, unit.offset, unit.length)
-    with opened as raw:
-        chunks = _decompressed_chunks(raw, unit.uri)
+    chunks = decompressed(unit.uri, unit.offset, unit.length, read_size)
+    while True:
+        try:
+            chunk = next(chunks, b"")
+        except CompressedInputError as exc:
+            if not keep_truncated:
+                raise
+            yield RawPage(uri, index, None, f"input ended early after {index} pages: {exc}")
+            return
+        final = not chunk
+        buffer += decoder.decode(chunk, final=final)
         while True:
-            try:
-                chunk = next(chunks, b"")
-            except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt compressed data
-                yield RawPage(uri, index, None, f"input ended early after {index} pages: {exc}")
+            start = buffer.find("<page>")
+            if start < 0:
+                # Keep a tail in case "<page>" straddles two reads.
+                buffer = buffer[-8:]
+                break
+            end = buffer.find("</page>", start)
+            if end < 0:
+                buffer = buffer[start:]
+                break
+            end += len("</page>")
+            yield RawPage(uri, index, buffer[start:end])
+            index += 1
+            buffer = buffer[end:]
+            if max_pages and index >= max_pages:
+                chunks.close()
                 return
-            final = not chunk
-            buffer += decoder.decode(chunk, final=final)
-            while True:
-                start = buffer.find("<page>")
-                if start < 0:
-                    # Keep a tail in case "<page>" straddles two reads.
-                    buffer = buffer[-8:]
-                    break
-                end = buffer.find("</page>", start)
-                if end < 0:
-                    buffer = buffer[start:]
-                    break
-                end += len("</page>")
-                yield RawPage(uri, index, buffer[start:end])
-                index += 1
-                buffer = buffer[end:]
-                if max_pages and index >= max_pages:
-                    return
-            if final:
-                if "<page>" in buffer:
-                    yield RawPage(uri, index, None, f"input ended inside a page after {index} pages")
-                return
+        if final:
+            if "<page>" in buffer:
+                if not keep_truncated:
+                    raise CompressedInputError(unit.uri, unit.offset, f"the input of {uri} ends inside a page "
+                                                                      f"after {index} pages")
+                yield RawPage(uri, index, None, f"input ended inside a page after {index} pages")
+            return
 
 
 def parse_page_xml(xml: str) -> Page:
@@ -260,16 +237,18 @@ def read_siteinfo(uri: str, limit: int = 4 << 20) -> Optional[str]:
     only the head of the file."""
     text = ""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    chunks = decompressed(uri)
     try:
-        with storage.open_input(uri) as raw:
-            for chunk in _decompressed_chunks(raw, uri):
-                text += decoder.decode(chunk)
-                end = text.find("</siteinfo>")
-                if end >= 0:
-                    start = text.find("<siteinfo")
-                    return text[start:end + len("</siteinfo>")] if 0 <= start < end else None
-                if "<page>" in text or len(text) > limit:
-                    return None
-    except (EOFError, OSError, zlib.error):
+        for chunk in chunks:
+            text += decoder.decode(chunk)
+            end = text.find("</siteinfo>")
+            if end >= 0:
+                start = text.find("<siteinfo")
+                return text[start:end + len("</siteinfo>")] if 0 <= start < end else None
+            if "<page>" in text or len(text) > limit:
+                return None
+    except CompressedInputError:  # the pages' reads name the damage; here it only means no namespaces
         return None
+    finally:
+        chunks.close()
     return None

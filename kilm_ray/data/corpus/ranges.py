@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import bz2
 import codecs
-import zlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-from kilm_ray import storage
+from kilm_ray.data.corpus.compressed import TruncatedInput, decompressed, opener, resilient_reads
 
 READ_SIZE = 4 << 20
+MAX_BLOCK_BYTES = 2 << 20  # a bzip2 block holds at most 900 kB of input; compressed it is shorter than this
 BLOCK_MAGIC = 0x314159265359  # start of a bzip2 block (BCD of pi)
 EOS_MAGIC = 0x177245385090  # end of a bzip2 stream (BCD of sqrt(pi)), then the stream CRC
 _MAGIC_BITS = 48
@@ -126,15 +127,7 @@ def iter_range_lines(r: TextRange) -> Iterator[str]:
 
 def _plain(uri: str, offset: int, length: int) -> tuple[Iterator[bytes], Iterator[bytes]]:
     def read(at: int, n: int, size: int) -> Iterator[bytes]:
-        fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            f.seek(at)
-            while n != 0:
-                data = f.read(size if n < 0 else min(size, n))
-                if not data:
-                    return
-                n -= len(data) if n > 0 else 0
-                yield data
+        return resilient_reads(opener(uri, at, n), uri, at, n, read_size=size)
 
     if length < 0:
         return read(offset, -1, READ_SIZE), iter(())
@@ -142,16 +135,7 @@ def _plain(uri: str, offset: int, length: int) -> tuple[Iterator[bytes], Iterato
 
 
 def _gunzipped(uri: str) -> Iterator[bytes]:
-    with storage.open_input(uri) as raw:
-        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        while data := raw.read(READ_SIZE):
-            while data:
-                yield decompressor.decompress(data)
-                if decompressor.eof and decompressor.unused_data:  # a multi-member gzip file
-                    data = decompressor.unused_data
-                    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                else:
-                    data = b""
+    return decompressed(uri, read_size=READ_SIZE)  # every member, also one that ends on a read boundary
 
 
 def _until_beyond(blocks: Iterator[tuple[bytes, bool]]) -> tuple[Iterator[bytes], Iterator[bytes]]:
@@ -239,38 +223,72 @@ def block_as_stream(data: bytes, start_bit: int, end_bit: int) -> bytes:
     return b"BZh9" + (stream << pad).to_bytes((total + pad) // 8, "big")
 
 
-def _bz2_blocks(uri: str, start: int, end: Optional[int]) -> Iterator[tuple[bytes, bool]]:
+def _bz2_blocks(uri: str, start: int, end: Optional[int], find=None) -> Iterator[tuple[bytes, bool]]:
     """Decompressed blocks whose magic starts at byte ``start`` or later, each with whether it starts at
-    or after byte ``end`` (None: the file's end). Reads on from ``start`` as long as it is consumed."""
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
-        f.seek(start)
-        buf = b""
-        buf_start = start  # file offset of buf[0]
-        block: Optional[int] = None  # bit position (in the file) of the block being collected
-        scanned = 0  # bytes of buf searched for magics that start there (the last 7 wait for more data)
-        eof = False
-        while not eof:
-            data = f.read(READ_SIZE)
-            eof = not data
-            buf += data
-            stop = len(buf) if eof else max(0, len(buf) - 7)
-            for bit, magic in find_magics(buf, scanned, stop):
-                position = 8 * buf_start + bit
-                if block is not None and position > block:
-                    yield _decompress_block(buf, block - 8 * buf_start, bit), (end is not None and block >= 8 * end)
-                    block = None
-                if magic == BLOCK_MAGIC:
-                    block = position
-            scanned = stop
-            keep = (block - 8 * buf_start) // 8 if block is not None else max(0, len(buf) - 7)
-            buf, buf_start, scanned = buf[keep:], buf_start + keep, scanned - keep
-        if block is not None:
-            raise OSError(f"{uri} ends inside a bzip2 block (a truncated file?)")
+    or after byte ``end`` (None: the file's end). Reads on from ``start`` as long as it is consumed.
+
+    A 48-bit magic can also occur by chance inside compressed data (about once in 35 TB per magic and
+    bit shift; Wikidata's dump is 100 GB). A candidate is a block boundary only if the block it closes
+    decompresses on its own (the block's CRC checks it): one that does not is passed over as data inside
+    the block. A block *start* that never decompresses within ``MAX_BLOCK_BYTES`` (every real block is
+    shorter) was a false one: the range goes on from the next candidate. ``find``: the magic finder
+    (tests add false candidates through it)."""
+    find = find or find_magics
+    buf = b""
+    buf_start = start  # file offset of buf[0]
+    scanned = 0  # bytes of buf searched for magics that start there (the last 7 wait for more data)
+    candidates: list[tuple[int, int]] = []  # unsettled (file bit position, magic); [0] starts the open block
+    open_block = False  # candidates[0] starts the block being collected
+    trial = 1  # the candidate to try next as the open block's end
+    abandoned = False  # the input ended with a block open and no block settled after it
+    last_eos = -1  # bit position of the last end-of-stream magic seen
+    for data in itertools.chain(resilient_reads(opener(uri, start, -1), uri, start, read_size=READ_SIZE), (b"",)):
+        eof = not data
+        buf += data
+        stop = len(buf) if eof else max(0, len(buf) - 7)
+        candidates += [(8 * buf_start + bit, magic) for bit, magic in find(buf, scanned, stop)]
+        last_eos = max([last_eos] + [pos for pos, magic in candidates if magic == EOS_MAGIC])
+        scanned = stop
+        while True:
+            if not open_block:
+                while candidates and candidates[0][1] != BLOCK_MAGIC:
+                    candidates.pop(0)  # an end of stream with no block open here (its block began before start)
+                if not candidates:
+                    break
+                open_block, trial = True, 1
+            if trial >= len(candidates):
+                if not eof:
+                    break  # read on
+                candidates.pop(0)  # input over: the open block's start was false, or the file is cut short
+                open_block, abandoned = False, True
+                continue
+            block, (position, magic) = candidates[0][0], candidates[trial]
+            data_block = _try_block(buf, block - 8 * buf_start, position - 8 * buf_start)
+            if data_block is not None:
+                yield data_block, (end is not None and block >= 8 * end)
+                abandoned = False
+                candidates = candidates[trial:]
+                open_block, trial = magic == BLOCK_MAGIC, 1
+                if not open_block:
+                    candidates.pop(0)
+            elif position - block > 8 * MAX_BLOCK_BYTES:
+                candidates.pop(0)  # no real block is this long: its start was a false magic
+                open_block = False
+            else:
+                trial += 1  # not a boundary: a false magic inside the block
+        keep = candidates[0][0] // 8 - buf_start if candidates else scanned
+        buf, buf_start, scanned = buf[keep:], buf_start + keep, scanned - keep
+    file_end = buf_start + len(buf)
+    # A whole file ends with an end-of-stream magic and its 32-bit CRC (then padding to a byte): a block
+    # left open at the end of such a file started at a false magic; of any other file, it was cut short.
+    if abandoned and (last_eos + _MAGIC_BITS + 32 + 7) // 8 != file_end:
+        raise TruncatedInput(uri, file_end, "ends inside a bzip2 block (a partial download?)")
 
 
-def _decompress_block(data: bytes, start_bit: int, end_bit: int) -> bytes:
+def _try_block(data: bytes, start_bit: int, end_bit: int) -> Optional[bytes]:
+    """The block at bits ``[start_bit, end_bit)`` decompressed, or None when those bits are not one whole
+    block (a false magic at either end)."""
     try:
         return bz2.decompress(block_as_stream(data, start_bit, end_bit))
-    except (OSError, ValueError) as exc:
-        raise OSError(f"bzip2 block at bit {start_bit} does not decompress on its own: {exc}") from None
+    except (OSError, ValueError, EOFError):
+        return None
