@@ -128,3 +128,37 @@ def test_reads_that_decompress_to_nothing_do_not_end_the_input(shared_data):
     byte range whose last 100 pages went missing)."""
     assert len(list(iter_raw_pages(str(DUMP), read_size=4096))) == 206
 
+
+def test_what_mediawiki_shows_is_kept(shared_data):
+    """<onlyinclude> and <noinclude> content is shown on the page itself (only <includeonly> is not): the
+    excerpt's "Agricultural science" lead sits inside <onlyinclude> and was lost, the article skipped."""
+    from kilm_ray.data.corpus.articles import page_record
+
+    text = "<noinclude>A [[b]] c.</noinclude> <includeonly>Hidden.</includeonly><onlyinclude>'''D''' is e.</onlyinclude>"
+    paragraphs = parse_article(text).paragraphs
+    assert [p.text for p in paragraphs] == ["A b c. D is e."] and [l.target for l in paragraphs[0].links] == ["B"]
+    raw = next(r for r in iter_raw_pages(str(DUMP)) if "<title>Agricultural science</title>" in r.xml)
+    record = page_record(raw)
+    assert record["kind"] == "article"
+    assert record["first_sentence"].startswith("Agricultural science is a broad multidisciplinary field of biology")
+
+
+def test_a_lead_without_text_still_gives_its_short_description_as_knowledge():
+    """A lead that is only a list or a table trains nothing, but its {{Short description}} is the entity's
+    knowledge (the official code keeps it): both the lookup path and the distributed tables take it."""
+    from kilm_ray.data.corpus.articles import page_record
+    from kilm_ray.data.corpus.dump import RawPage
+    from kilm_ray.data.corpus.knowledge import KnowledgeLookup
+    from kilm_ray.data.rows import PAGE_SCHEMA, split_pages, table
+
+    xml = ("<page><title>List of moons</title><ns>0</ns><id>7</id><revision><text>{{Short description|Wikipedia "
+           "list of natural satellites}}\n* [[Moon]]\n* [[Phobos (moon)|Phobos]]\n</text></revision></page>")
+    record = page_record(RawPage("x", 0, xml))
+    assert (record["kind"], record["reason"], record["short_description"]) == \
+        ("skipped", "empty_text", "Wikipedia list of natural satellites")
+    lookup = KnowledgeLookup()
+    lookup.add_page(record)
+    assert lookup.describe("List of moons") == ("Wikipedia list of natural satellites", "template")
+    tables, _ = split_pages(table([record], PAGE_SCHEMA))
+    assert tables["knowledge"].to_pylist() == [{"title": "List of moons", "short_description":
+                                                "Wikipedia list of natural satellites", "first_sentence": None}]

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kilm_ray.data.corpus.wikitext import DISAMBIGUATION
+from kilm_ray.data.corpus.wikitext import DISAMBIGUATION, EMPTY_TEXT
 from kilm_ray.data.corpus.links import entity_key, follow_redirect
 
 RAW_SCHEMA = pa.schema([("source", pa.string()), ("index", pa.int64()), ("xml", pa.large_string()),
@@ -96,6 +96,8 @@ def split_pages(batch: pa.Table, max_errors: int = 50) -> tuple[dict[str, pa.Tab
     redirects = batch.filter(pc.equal(kind, "redirect"))
     disambiguation = batch.filter(pc.and_(pc.equal(kind, "skipped"), pc.equal(batch["reason"], DISAMBIGUATION)))
     known = articles.filter(pc.or_(pc.is_valid(articles["short_description"]), pc.is_valid(articles["first_sentence"])))
+    described = batch.filter(pc.and_(pc.equal(batch["reason"], EMPTY_TEXT), pc.is_valid(batch["short_description"])))
+    known = pa.concat_tables([known, described]) if described.num_rows else known
     page_ids, targets = [], []
     paragraphs = 0
     for page_id, doc in zip(articles["page_id"].to_pylist(), articles["doc"].to_pylist()):

@@ -13,7 +13,7 @@ from kilm_ray.method.chunking import Chunk, Encode, pack_chunks, tokenize_paragr
 from kilm_ray.data.corpus.dump import MalformedPage, RawPage, parse_page_xml, title_of_raw
 from kilm_ray.data.corpus.links import LinkResolver
 from kilm_ray.data.corpus.wikitext import (
-    DISAMBIGUATION, ENWIKI, Paragraph, SiteNamespaces, clean_description, first_sentence, is_article_title,
+    DISAMBIGUATION, EMPTY_TEXT, ENWIKI, Paragraph, SiteNamespaces, clean_description, first_sentence, is_article_title,
     is_disambiguation, normalize_title, parse_article, redirect_target,
 )
 
@@ -53,8 +53,10 @@ def page_record(raw: RawPage, mode: str = "lead", max_description_chars: int = 4
     except Exception as exc:  # the parser is robust, but one page must never stop the job
         row.update(kind="error", reason="unparsable_wikitext", title=f"{page.title}: {type(exc).__name__}: {exc}")
         return row
-    if not article.paragraphs:
-        row.update(reason="empty_text")
+    if not article.paragraphs:  # no text to train on (a lead that is only a list or a table), but a
+        # {{Short description}} is still the entity's knowledge, as in the official code
+        row.update(reason=EMPTY_TEXT, short_description=clean_description(article.short_description,
+                                                                          max_description_chars))
         return row
     row.update(
         kind="article",

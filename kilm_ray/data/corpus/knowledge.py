@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from kilm_ray import storage
-from kilm_ray.data.corpus.wikitext import DISAMBIGUATION, clean_description, is_disambiguation_title
+from kilm_ray.data.corpus.wikitext import DISAMBIGUATION, EMPTY_TEXT, clean_description, is_disambiguation_title
 
 _PAREN_SUFFIX = re.compile(r"\s*\([^)]*\)\s*$")
 
@@ -259,6 +259,8 @@ class KnowledgeLookup:
                 self.first_sentence[record["title"]] = record["first_sentence"]
         elif record["kind"] == "skipped" and record.get("reason") == DISAMBIGUATION:
             self.disambiguation.add(record["title"])
+        elif record["kind"] == "skipped" and record.get("reason") == EMPTY_TEXT and record.get("short_description"):
+            self.template[record["title"]] = record["short_description"]
 
     def resolve(self, title: str, max_hops: int = 5) -> str:
         seen = {title}

@@ -57,9 +57,9 @@ vec vep vi vls vo vro wa war wo wuu xal xh xmf yi yo yue za zea zgh zh zh-classi
 DROP_TAGS = {
     "ref", "references", "math", "chem", "ce", "gallery", "timeline", "score", "syntaxhighlight", "source",
     "pre", "nowiki", "imagemap", "graph", "mapframe", "maplink", "table", "tr", "td", "th", "caption",
-    "hiero", "inputbox", "categorytree", "templatedata", "templatestyles", "poem", "noinclude",
-    "includeonly", "onlyinclude", "div", "style", "script", "li", "dt", "dd", "ul", "ol", "dl",
-}
+    "hiero", "inputbox", "categorytree", "templatedata", "templatestyles", "poem", "includeonly", "div",
+    "style", "script", "li", "dt", "dd", "ul", "ol", "dl",
+}  # not <noinclude> and <onlyinclude>: the page itself shows their content (only <includeonly> is hidden)
 # Templates that render inline text worth keeping; every other template is dropped.
 KEEP_TEMPLATE_PARAM = {"nowrap": 1, "nobr": 1, "small": 1, "smaller": 1, "big": 1, "lang": 2, "transl": 2,
                        "nobold": 1, "noitalic": 1, "em": 1, "strong": 1, "ill": 1}
@@ -181,6 +181,7 @@ _DISAMBIGUATION_RE = re.compile(r"\{\{\s*(?:template\s*:\s*)?([^{}|\n]{2,80}?)\s
 
 
 DISAMBIGUATION = "disambiguation"  # the reason recorded for a skipped disambiguation page
+EMPTY_TEXT = "empty_text"  # an article page with no text kept; its short description is still knowledge
 
 
 def is_disambiguation_title(title: str) -> bool:
