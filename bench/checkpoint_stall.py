@@ -84,7 +84,7 @@ def main() -> None:
         item = next(loader)
         micro = [to_device(mb, env.device) for mb in item["micro_batches"]]
         started = time.perf_counter()
-        recipe.train_step(item["step"], micro, item["weight"])
+        recipe.train_step(item["step"], micro, item["weight"], item["live"])
         return time.perf_counter() - started
 
     step()  # optimizer state exists from here on

@@ -315,8 +315,13 @@ def orchestrate(args) -> int:
     finally:
         save()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['elapsed_s']} s")
-    return 0
+    overall = _status(list(report["stages"].values()))
+    report["status"] = overall
+    write_json(out / "gpu_check.json", report)
+    print(f"[gpu_check] {overall}: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['elapsed_s']} s")
+    # A script that spends a GPU window on this must see a failure as one: 0 only when every stage that the
+    # device allows ran to the end (a stage skipped for lack of time, or failed, is exit 1; the report stays).
+    return 0 if overall == "ok" else 1
 
 
 def main() -> int:

@@ -135,7 +135,7 @@ def run_plain(cfg, data: str, warmup: int, device: str) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     tps = tokens / elapsed
-    return {"tokens_per_s": tps, "mfu": mfu(flops / elapsed, 1, peak_tflops(t.peak_tflops, torch.device(device)))}
+    return {"tokens_per_s": tps, "mfu": mfu(flops / elapsed, 1, peak_tflops(t.peak_tflops, torch.device(device), t.precision))}
 
 
 class HostLossSums:
@@ -217,7 +217,7 @@ def run_accounting(cfg, data: str, repeats: int, warmup: int) -> dict:
             old_train_step(item["step"], micro, plan.global_weight)
         else:
             plan = recipe.agree(item["step"], item["weight"])
-            recipe.train_step(item["step"], micro, plan.global_weight)
+            recipe.train_step(item["step"], micro, plan.global_weight, item["live"])
 
     def run(variant: str, n: int) -> float:
         recipe.sums = HostLossSums() if variant == "before" else LossSums(env.device)

@@ -47,6 +47,25 @@ def test_peak_tflops_prefers_the_configured_value_and_has_none_on_cpu():
     assert peak_tflops(0.0, torch.device("cpu")) == 0.0
 
 
+def test_a_v100s_peak_is_its_fp16_peak(monkeypatch):
+    """MFU read 0 on V100: the loop asked for the bf16 peak, which a V100 does not have; it passes the
+    run's precision now."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    assert peak_tflops(0.0, torch.device("cuda", 0), "fp16") == 125.0
+    assert peak_tflops(0.0, torch.device("cuda", 0), "bf16") == 0.0  # what the loop asked for before
+
+
+def test_the_declared_deepspeed_is_the_tested_one():
+    """pyproject allowed <0.20 while train/zero.py accepts only the tested releases: the first 0.19.9 would
+    have failed every fresh node, retried until the no-progress limit."""
+    import re
+
+    from kilm_ray.train.zero import TESTED_DEEPSPEED
+
+    declared = re.search(r'"deepspeed([^"]*)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert declared == f"=={TESTED_DEEPSPEED[-1]}" and len(TESTED_DEEPSPEED) == 1
+
+
 @pytest.mark.parametrize("capability, arch_list, verdict", [
     ((7, 0), CU126, ("native", "sm_70")),
     ((7, 0), CU130, ("missing", "")),
@@ -137,9 +156,10 @@ def test_stages_fail_independently_and_respect_the_budget(tmp_path, monkeypatch)
     args = gpu_check.argparse.Namespace(out=str(tmp_path / "out"), bundle=str(_fake_bundle(tmp_path)), cpu_smoke=True,
                                         budget_s=4.0, started_at=time.time(), stages="")
     started = time.time()
-    assert gpu_check.orchestrate(args) == 0
+    assert gpu_check.orchestrate(args) == 1  # a stage failed: the exit says so, the report is still written
     assert time.time() - started < 6.0
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["status"] == "partial"
     stages = report["stages"]
     assert stages["arch"]["status"] == "ok" and report["bundle"]["ok"]
     assert stages["throughput"]["status"] == "error" and "out of memory" in stages["throughput"]["error"]

@@ -76,6 +76,7 @@ def test_resumed_dataset_yields_the_same_batches(tiny_data, tiny_config):
     assert tiny_plan.unit_ids(0) == [0, -1] and tiny_plan.unit_ids(1) == [1, 2]  # snake order: 0 1 | 2 (3)
     assert len(weights) == tiny_plan.grad_accum == 2
     assert weights[-1] == 0.0 and weights[0] > 0
+    assert item["live"] == [True, False]  # the loop counts no loss, token or FLOP of the filler
 
 
 def test_merged_order_is_exact_and_bounded_by_buckets():

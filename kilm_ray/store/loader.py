@@ -425,9 +425,11 @@ class StepDataset(_TorchDataset):
                                       self.knowledge_weight) for m in micro]
         # The loss weight of this worker's share, summed here on the host: the training loop needs it
         # before the step and must not read it back from the device.
-        weight = float(sum(b["label_weights"].sum(dtype=np.float64) for b in batches))
+        weights = [float(b["label_weights"].sum(dtype=np.float64)) for b in batches]
         self.store.release()  # the arrays above are copies: the mapped rows are not needed any more
-        return {"step": step, "epoch": epoch, "weight": weight,
+        # ``live``: which micro-batches hold samples (a zero-weight filler only keeps the collectives in step;
+        # the metrics must not count its losses, tokens or FLOPs), known here without a device read.
+        return {"step": step, "epoch": epoch, "weight": sum(weights), "live": [w > 0 for w in weights],
                 "micro_batches": [{k2: torch.from_numpy(v) for k2, v in b.items()} for b in batches]}
 
 

@@ -91,7 +91,7 @@ class Recipe:
                 if plan.stop:
                     return self.stop(step, plan.stop)
                 self.train_step(step, [to_device(mb, env.device) for mb in item["micro_batches"]],
-                                plan.global_weight)
+                                plan.global_weight, item["live"])
                 if plan.reports:
                     last = self.after_step(step + 1, plan)
             if t.export_at_end and step + 1 >= self.plan.total_steps:
@@ -293,16 +293,18 @@ class Recipe:
         plan, self.control = plan_step(Signals.from_vector(vector.tolist()), step, self.cadence, self.control)
         return plan
 
-    def train_step(self, step: int, micro_batches: list[dict], global_weight: float) -> None:
+    def train_step(self, step: int, micro_batches: list[dict], global_weight: float, live: list[bool]) -> None:
         """One optimizer step over this worker's micro-batches; the loss is the token-weighted mean
-        over the whole global batch."""
+        over the whole global batch. A filler micro-batch (``live`` False) runs for the collectives' sake
+        and adds nothing to the metrics."""
         engine, scale = self.engine, self.env.world_size / global_weight
-        for unit, mb in zip(self.plan.unit_ids(self.env.rank), micro_batches):
+        for unit, mb, holds_samples in zip(self.plan.unit_ids(self.env.rank), micro_batches, live):
             _reseed(self.t.seed, step, unit)
             ce = forward_losses(engine, mb)
             engine.backward((ce * mb["label_weights"]).sum() * scale, scale_wrt_gas=False)
             engine.step()
-            self.sums.add_batch(ce.detach(), mb, self.dims)
+            if holds_samples:
+                self.sums.add_batch(ce.detach(), mb, self.dims)
 
     def after_step(self, done: int, plan: StepPlan) -> dict[str, Any]:
         metrics = self.step_metrics(done, time.time() - self.window_start)
@@ -418,7 +420,8 @@ class Recipe:
             "tokens_per_s": total.tokens / elapsed, "sequences_per_s": total.sequences / elapsed,
             "nonpad_share": total.nonpad_tokens / max(total.tokens, 1.0),
             "model_tflops_per_s": total.model_flops / elapsed / 1e12,
-            "mfu": mfu(total.model_flops / elapsed, env.world_size, peak_tflops(self.t.peak_tflops, env.device)),
+            "mfu": mfu(total.model_flops / elapsed, env.world_size,
+                       peak_tflops(self.t.peak_tflops, env.device, self.t.precision)),  # V100: fp16 only
             "world_size": env.world_size, **precision_metrics(engine),
         }
 
