@@ -38,6 +38,10 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
     assert all(img.startswith(f"rayproject/ray:{ray.__version__}-") for img in images)
     assert "ray-ml" not in (REPO / "cluster.yaml").read_text().replace("old ray-ml", "")
     assert any("pip install" in c and "kilm_ray" in c for c in raw["setup_commands"])
+    # Ray's AWS provider gives its default role to the head node only: every other node type needs a
+    # profile of its own, or its S3 reads and writes fail while the driver's checks on the head pass.
+    workers = [name for name in types if name != prepared["head_node_type"]]
+    assert workers and all("IamInstanceProfile" in types[name]["node_config"] for name in workers), workers
 
 
 def test_job_configs_place_preprocessing_on_cpu_nodes_and_training_on_gpu_nodes(ray_cluster):

@@ -179,6 +179,17 @@ def test_worker_groups_are_cluster_yamls_node_types_and_spot_ones_drain():
     assert seen == set(expected)
 
 
+def test_every_pod_has_the_service_account_that_reaches_s3():
+    """As cluster.yaml's worker profiles: a pod without the IRSA service account cannot read or write the
+    bucket (node preparation, checkpoints, dumps), while the driver's checks on the head pass."""
+    for name, doc in manifests().items():
+        spec = cluster_specs(doc)
+        pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+        if doc["kind"] == "RayJob":
+            pods.append(doc["spec"]["submitterPodTemplate"]["spec"])
+        assert all(pod.get("serviceAccountName") == "kilm-ray" for pod in pods), name
+
+
 def test_the_rayservice_runs_serve_deploy_yamls_application():
     from ray.serve.schema import ServeDeploySchema
 
