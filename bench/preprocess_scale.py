@@ -53,19 +53,23 @@ args = json.loads(sys.argv[1])
 init_ray(num_cpus=args["cpus"])
 import threading, time, ray
 owned = {"refs": 0, "memory_store_objects": 0, "memory_store_mb": 0.0}
+stop = threading.Event()
 def sample():  # what the driver owns: object refs, and the inline objects held in its own heap
     worker = ray._private.worker.global_worker.core_worker
-    while True:
+    while not stop.is_set():
         try:
             owned["refs"] = max(owned["refs"], len(worker.get_all_reference_counts()))
             owned["memory_store_objects"] = max(owned["memory_store_objects"], worker.get_memory_store_size())
             owned["memory_store_mb"] = max(owned["memory_store_mb"], worker.get_local_memory_store_bytes_used() / 2**20)
         except Exception:
             pass
-        time.sleep(1.0)
-threading.Thread(target=sample, daemon=True).start()
+        stop.wait(1.0)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 cfg = load_config(args["config"], args["overrides"])
 stats = preprocess(cfg, [args["dump"]], args["out"], [args["kb"]] if args["kb"] else [])
+stop.set()
+sampler.join()  # before Ray shuts down under it at exit
 print("RESULT " + json.dumps({"pages": stats["pages"]["read"], "articles": stats["pages"]["articles"],
                               "chunks": stats["chunks"]["total"], "links": stats["links"],
                               "kb_entities": stats["knowledge_base"]["entities"], "elapsed_s": stats["elapsed_s"],
@@ -187,7 +191,7 @@ def run_once(dump: str, kb: str | None, cpus: int, overrides: list[str], work: P
                                              on_line=next_stage)  # cwd: not this checkout
     result = next((json.loads(l.split("RESULT ", 1)[1]) for l in lines if l.startswith("RESULT ")), None)
     if proc.returncode or result is None:
-        raise RuntimeError("preprocess failed:\n" + "".join(lines[-40:]))
+        raise RuntimeError(f"preprocess failed (exit {proc.returncode}):\n" + "".join(lines[-40:]))
     ends = {}
     for name, marker in STAGES.items():
         for line in lines:
