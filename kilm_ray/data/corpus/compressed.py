@@ -96,6 +96,8 @@ def decompress_streams(reads: Iterator[bytes], uri: str, new: Callable[[], objec
     if fed:
         raise TruncatedInput(uri, position, f"ends at byte {position}, inside the compressed stream that starts at "
                                             f"byte {stream_start} (a partial download?)")
+    if position == base:  # compressed input holds at least one stream: none at all is a download that never came
+        raise TruncatedInput(uri, base, f"holds no compressed data from byte {base} (an empty file?)")
 
 
 def resilient_reads(open_at: Callable[[int], BinaryIO], uri: str, offset: int = 0, length: int = -1,
