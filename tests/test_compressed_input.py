@@ -177,6 +177,14 @@ def test_a_read_that_keeps_failing_is_a_transient_input_error():
         list(resilient_reads(open_at, "s3://b/k", sleep=slept.append))
     assert err.value.transient and slept == [1.0, 2.0, 4.0]
 
+    def missing(pos):
+        raise FileNotFoundError("s3://b/k")
+
+    slept.clear()
+    with pytest.raises(FileNotFoundError):  # permanent: no retry, no wait
+        list(resilient_reads(missing, "s3://b/k", sleep=slept.append))
+    assert slept == []
+
 
 def test_multi_member_gzip_ending_on_a_read_boundary_is_read_whole():
     """The knowledge-base reader's own gzip loop had the same fault as the dump reader's (a finished
@@ -293,3 +301,48 @@ def test_the_one_line_a_user_sees_is_the_tasks_own_error():
     assert isinstance(wrapped, TruncatedInput) and str(wrapped) != str(cause)  # Ray's header, pid, ip
     assert input_error_of(wrapped) is cause
     assert str(cause) == "s3://b/dump.xml.bz2: ends at byte 847935" and cause.offset == 847935
+
+
+def _read_ranges(path: Path, unit: int) -> list[str]:
+    from kilm_ray.data.corpus.ranges import iter_range_lines, plan_ranges
+
+    return [line for r in plan_ranges(str(path), path.stat().st_size, unit) for line in iter_range_lines(r)]
+
+
+def test_a_damaged_bz2_block_stops_the_read_instead_of_vanishing(tmp_path):
+    """A block that fails its CRC where a real block must start (after one that decompressed) is damage,
+    not a false magic: the read stops naming its byte (it once went on without the block's lines)."""
+    from kilm_ray.data.corpus.ranges import find_magics
+
+    data = ("\n".join(_lines(3, 6000)) + "\n").encode()
+    compressed = bytearray(bz2.compress(data, 1))
+    blocks = [bit // 8 for bit, magic in find_magics(bytes(compressed)) if magic == 0x314159265359]
+    assert len(blocks) >= 4
+    compressed[blocks[2] + 200] ^= 0xFF
+    path = tmp_path / "kb.jsonl.bz2"
+    path.write_bytes(bytes(compressed))
+    for unit in (len(compressed), 60_000):  # one range, and ranges whose starts fall anywhere
+        with pytest.raises(CorruptInput, match=rf"the bzip2 block at byte {blocks[2]} does not decompress"):
+            _read_ranges(path, unit)
+
+
+def test_a_file_that_is_not_bz2_or_ends_in_zeros_stops_with_bounded_memory(tmp_path):
+    not_bz2 = tmp_path / "kb.jsonl.bz2"
+    not_bz2.write_bytes(b'{"name": "x"}\n' * 1000)
+    with pytest.raises(CorruptInput, match="is not a bzip2 file"):
+        _read_ranges(not_bz2, 4096)
+    # A partial download into a preallocated file: the tail is zeros (no block ends, no magic at all).
+    data = bz2.compress(("\n".join(_lines(4, 2000)) + "\n").encode(), 1)
+    zeros = tmp_path / "zeros.jsonl.bz2"
+    zeros.write_bytes(data[: len(data) // 2] + bytes(5 << 20))
+    with pytest.raises(CorruptInput):
+        _read_ranges(zeros, 1 << 20)
+
+
+def test_a_range_past_the_end_of_a_shrunk_file_is_truncated(tmp_path):
+    path = tmp_path / "dump.xml.bz2"
+    offsets = write_streams(path, [[page_xml(0, "a")], [page_xml(1, "b")]], "bz2")
+    whole = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: offsets[1]])  # the index still plans both streams
+    with pytest.raises(TruncatedInput, match=rf"ends at byte {offsets[1]}, \d+ bytes before the end"):
+        list(iter_raw_pages(ReadUnit(str(path), offsets[0], whole - offsets[0])))

@@ -29,8 +29,8 @@ from kilm_ray.errors import UserInputError
 READ_SIZE = 1 << 20
 READ_ATTEMPTS = 4  # a failed read is retried from its byte this many times in all (1 s, 2 s, 4 s apart)
 RETRY_BASE_S = 1.0
-# In the message of a read that failed READ_ATTEMPTS times: Ray Data retries such a task (a bounded number
-# of times, kilm_ray.data.plan.configure_ray_data), perhaps on another node.
+# In the message of a read that failed READ_ATTEMPTS times: Ray Data runs such a task's work again (a
+# bounded number of times, kilm_ray.data.plan.configure_ray_data), replaying it from its start.
 READ_KEEPS_FAILING = "a read kept failing"
 
 
@@ -114,7 +114,11 @@ def resilient_reads(open_at: Callable[[int], BinaryIO], uri: str, offset: int = 
                 if stream is None:
                     stream = open_at(position)
                 data = stream.read(read_size if left < 0 else min(read_size, left))
+            except (FileNotFoundError, PermissionError):
+                raise  # no retry reads a file that is not there or not ours
             except OSError as exc:
+                if "ACCESS_DENIED" in str(exc) or "NoSuchKey" in str(exc):  # S3's permanent answers
+                    raise
                 failures += 1
                 if stream is not None:
                     _close_quietly(stream)
@@ -126,6 +130,9 @@ def resilient_reads(open_at: Callable[[int], BinaryIO], uri: str, offset: int = 
                 continue
             failures = 0
             if not data:
+                if left > 0:  # the file is shorter than the range it was planned with
+                    raise TruncatedInput(uri, position, f"ends at byte {position}, {left} bytes before the end of "
+                                                        f"the range read from byte {offset}")
                 return
             position += len(data)
             left -= len(data) if left > 0 else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from kilm_ray import storage
-from kilm_ray.data.corpus.compressed import READ_SIZE, CompressedInputError, decompressed
+from kilm_ray.data.corpus.compressed import READ_SIZE, CompressedInputError, TruncatedInput, decompressed
 
 _TITLE_RE = re.compile(r"<title>(.*?)</title>", re.S)
 
@@ -170,11 +170,11 @@ def iter_raw_pages(uri: str | ReadUnit, max_pages: int = 0, keep_truncated: bool
             return
         final = not chunk
         buffer += decoder.decode(chunk, final=final)
-        while True:
-            start = buffer.find("<page>")
+        at = 0  # pages are cut by position and the buffer once per read (cutting it per page copied the
+        while True:  # rest of a 5 MB read for every page)
+            start = buffer.find("<page>", at)
             if start < 0:
-                # Keep a tail in case "<page>" straddles two reads.
-                buffer = buffer[-8:]
+                buffer = buffer[max(at, len(buffer) - 8):]  # a tail, in case "<page>" straddles two reads
                 break
             end = buffer.find("</page>", start)
             if end < 0:
@@ -183,16 +183,18 @@ def iter_raw_pages(uri: str | ReadUnit, max_pages: int = 0, keep_truncated: bool
             end += len("</page>")
             yield RawPage(uri, index, buffer[start:end])
             index += 1
-            buffer = buffer[end:]
+            at = end
             if max_pages and index >= max_pages:
                 chunks.close()
                 return
         if final:
             if "<page>" in buffer:
+                ends = unit.offset + unit.length if unit.length >= 0 else storage.file_size(unit.uri)
+                error = TruncatedInput(unit.uri, ends, f"ends at byte {ends} inside a page, after {index} pages of "
+                                                       f"{uri} (a partial download?)")
                 if not keep_truncated:
-                    raise CompressedInputError(unit.uri, unit.offset, f"the input of {uri} ends inside a page "
-                                                                      f"after {index} pages")
-                yield RawPage(uri, index, None, f"input ended inside a page after {index} pages")
+                    raise error
+                yield RawPage(uri, index, None, f"input ended inside a page after {index} pages: {error}")
             return
 
 

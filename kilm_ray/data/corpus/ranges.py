@@ -26,7 +26,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-from kilm_ray.data.corpus.compressed import TruncatedInput, decompressed, opener, resilient_reads
+from kilm_ray.data.corpus.compressed import CorruptInput, TruncatedInput, decompressed, opener, resilient_reads
 
 READ_SIZE = 4 << 20
 MAX_BLOCK_BYTES = 2 << 20  # a bzip2 block holds at most 900 kB of input; compressed it is shorter than this
@@ -230,59 +230,80 @@ def _bz2_blocks(uri: str, start: int, end: Optional[int], find=None) -> Iterator
     A 48-bit magic can also occur by chance inside compressed data (about once in 35 TB per magic and
     bit shift; Wikidata's dump is 100 GB). A candidate is a block boundary only if the block it closes
     decompresses on its own (the block's CRC checks it): one that does not is passed over as data inside
-    the block. A block *start* that never decompresses within ``MAX_BLOCK_BYTES`` (every real block is
-    shorter) was a false one: the range goes on from the next candidate. ``find``: the magic finder
-    (tests add false candidates through it)."""
+    the block. A block that starts where a real one ended (or the file's first, or the first of a stream)
+    is real: if it does not decompress within ``MAX_BLOCK_BYTES`` (every real block is shorter) the file is
+    damaged (:class:`CorruptInput`) or cut short (:class:`TruncatedInput`). Only a range's first start can
+    be a false magic (inside a block that began before the range, which the range before decodes whole,
+    the first block after its end included): it is passed over. ``find``: the magic finder (tests add
+    false candidates through it)."""
     find = find or find_magics
     buf = b""
     buf_start = start  # file offset of buf[0]
     scanned = 0  # bytes of buf searched for magics that start there (the last 7 wait for more data)
     candidates: list[tuple[int, int]] = []  # unsettled (file bit position, magic); [0] starts the open block
-    open_block = False  # candidates[0] starts the block being collected
+    open_block = confirmed = False  # candidates[0] starts the block being collected; known to be real
+    next_confirmed = start == 0  # the file's first block follows its header
     trial = 1  # the candidate to try next as the open block's end
-    abandoned = False  # the input ended with a block open and no block settled after it
+    settled = start  # where the last block ended (a real boundary lies within MAX_BLOCK_BYTES of any byte)
     last_eos = -1  # bit position of the last end-of-stream magic seen
     for data in itertools.chain(resilient_reads(opener(uri, start, -1), uri, start, read_size=READ_SIZE), (b"",)):
         eof = not data
+        if start == 0 and buf_start == 0 and not buf and data and not data.startswith(b"BZh"):
+            raise CorruptInput(uri, 0, "is not a bzip2 file (no BZh header)")
         buf += data
         stop = len(buf) if eof else max(0, len(buf) - 7)
         candidates += [(8 * buf_start + bit, magic) for bit, magic in find(buf, scanned, stop)]
         last_eos = max([last_eos] + [pos for pos, magic in candidates if magic == EOS_MAGIC])
         scanned = stop
+        held_end = buf_start + len(buf)
         while True:
             if not open_block:
                 while candidates and candidates[0][1] != BLOCK_MAGIC:
                     candidates.pop(0)  # an end of stream with no block open here (its block began before start)
                 if not candidates:
                     break
-                open_block, trial = True, 1
-            if trial >= len(candidates):
-                if not eof:
+                open_block, confirmed, next_confirmed, trial = True, next_confirmed, False, 1
+            block = candidates[0][0]
+            if trial >= len(candidates):  # no candidate left to close the open block with
+                if not eof and held_end - block // 8 <= MAX_BLOCK_BYTES:
                     break  # read on
-                candidates.pop(0)  # input over: the open block's start was false, or the file is cut short
-                open_block, abandoned = False, True
+                if confirmed:
+                    raise _unfinished_block(uri, block, held_end, last_eos, eof)
+                candidates.pop(0)  # a false magic at the range's start
+                open_block = False
                 continue
-            block, (position, magic) = candidates[0][0], candidates[trial]
+            position, magic = candidates[trial]
             data_block = _try_block(buf, block - 8 * buf_start, position - 8 * buf_start)
             if data_block is not None:
                 yield data_block, (end is not None and block >= 8 * end)
-                abandoned = False
+                settled = position // 8
                 candidates = candidates[trial:]
                 open_block, trial = magic == BLOCK_MAGIC, 1
+                confirmed = open_block  # a block that starts where a real one ended is real
                 if not open_block:
                     candidates.pop(0)
+                    next_confirmed = True  # and so is the first block of the next stream
             elif position - block > 8 * MAX_BLOCK_BYTES:
-                candidates.pop(0)  # no real block is this long: its start was a false magic
+                if confirmed:
+                    raise _unfinished_block(uri, block, held_end, last_eos, False)
+                candidates.pop(0)  # no real block is this long: the range's first start was a false magic
                 open_block = False
             else:
                 trial += 1  # not a boundary: a false magic inside the block
+        if not candidates and held_end - settled > MAX_BLOCK_BYTES:
+            raise CorruptInput(uri, settled, f"no bzip2 block between byte {settled} and byte {held_end} "
+                                             "(a damaged or zero-filled file?)")
         keep = candidates[0][0] // 8 - buf_start if candidates else scanned
         buf, buf_start, scanned = buf[keep:], buf_start + keep, scanned - keep
-    file_end = buf_start + len(buf)
-    # A whole file ends with an end-of-stream magic and its 32-bit CRC (then padding to a byte): a block
-    # left open at the end of such a file started at a false magic; of any other file, it was cut short.
-    if abandoned and (last_eos + _MAGIC_BITS + 32 + 7) // 8 != file_end:
-        raise TruncatedInput(uri, file_end, "ends inside a bzip2 block (a partial download?)")
+
+
+def _unfinished_block(uri: str, block_bit: int, held_end: int, last_eos: int, eof: bool) -> Exception:
+    """The error for a real block that never decompressed: the file was cut inside it (it does not end with
+    an end-of-stream magic and its CRC), or the block is damaged."""
+    if eof and (last_eos + _MAGIC_BITS + 32 + 7) // 8 != held_end:
+        return TruncatedInput(uri, held_end, "ends inside a bzip2 block (a partial download?)")
+    return CorruptInput(uri, block_bit // 8, f"the bzip2 block at byte {block_bit // 8} does not decompress "
+                                             "(a damaged file?)")
 
 
 def _try_block(data: bytes, start_bit: int, end_bit: int) -> Optional[bytes]:
