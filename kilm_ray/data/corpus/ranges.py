@@ -106,7 +106,7 @@ def owned_lines(inside: Iterable[bytes], beyond: Iterable[bytes], first: bool) -
 def iter_range_lines(r: TextRange) -> Iterator[str]:
     """The text lines (newline stripped) that range ``r`` owns, decoded as UTF-8."""
     if str(r.uri).endswith(".gz"):
-        inside, beyond = _gunzipped(r.uri), iter(())
+        inside, beyond = decompressed(r.uri, read_size=READ_SIZE), iter(())  # every member, whole
         first = True
     elif str(r.uri).endswith(".bz2"):
         blocks = _bz2_blocks(r.uri, r.offset, None if r.length < 0 else r.offset + r.length)
@@ -132,10 +132,6 @@ def _plain(uri: str, offset: int, length: int) -> tuple[Iterator[bytes], Iterato
     if length < 0:
         return read(offset, -1, READ_SIZE), iter(())
     return read(offset, length, READ_SIZE), read(offset + length, -1, 1 << 16)
-
-
-def _gunzipped(uri: str) -> Iterator[bytes]:
-    return decompressed(uri, read_size=READ_SIZE)  # every member, also one that ends on a read boundary
 
 
 def _until_beyond(blocks: Iterator[tuple[bytes, bool]]) -> tuple[Iterator[bytes], Iterator[bytes]]:
@@ -252,8 +248,9 @@ def _bz2_blocks(uri: str, start: int, end: Optional[int], find=None) -> Iterator
             raise CorruptInput(uri, 0, "is not a bzip2 file (no BZh header)")
         buf += data
         stop = len(buf) if eof else max(0, len(buf) - 7)
-        candidates += [(8 * buf_start + bit, magic) for bit, magic in find(buf, scanned, stop)]
-        last_eos = max([last_eos] + [pos for pos, magic in candidates if magic == EOS_MAGIC])
+        found = [(8 * buf_start + bit, magic) for bit, magic in find(buf, scanned, stop)]
+        candidates += found
+        last_eos = max([last_eos] + [pos for pos, magic in found if magic == EOS_MAGIC])
         scanned = stop
         held_end = buf_start + len(buf)
         while True:
