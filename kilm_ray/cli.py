@@ -215,6 +215,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings["host"] = args.host
     if not storage.exists(storage.join(args.model, "config.json")):
         raise storage.InputError(f"model not found: {args.model} has no config.json (a `kilm-ray export` directory)")
+    from kilm_ray.serve.gate import AuthSetupError, service_token
+
+    try:  # before Ray starts: a public service without its token is refused here, in one line
+        service_token(settings, dict(os.environ))
+    except AuthSetupError as exc:
+        raise UsageError(str(exc)) from None
     import ray
 
     owns_ray = not (args.address or os.environ.get("RAY_ADDRESS"))

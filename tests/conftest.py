@@ -168,7 +168,9 @@ def head_node(tmp_path_factory):
 SERVE_TEST_LIMITS = {"serve.max_batch_size": 8, "serve.batch_wait_timeout_s": 0.2, "serve.max_input_tokens": 64,
                      "serve.max_candidates": 4, "serve.max_request_bytes": 4096}
 SERVE_ON_THIS_MACHINE = {"serve.num_gpus": 0, "serve.device": "cpu", "serve.num_cpus": 0.5, "serve.num_replicas": 1,
-                         "serve.ingress_replicas": 1, "serve.ingress_cpus": 0.1}
+                         "serve.ingress_replicas": 1, "serve.ingress_cpus": 0.1,
+                         # 127.0.0.1 only; the token auth is the "locked" application's (a token file)
+                         "serve.auth": "open"}
 SERVE_TOKEN = "s3cret"
 
 
@@ -211,11 +213,13 @@ class ServeInstance:
         serve.run(app_builder(serve_deploy_args(trained_export)), name="kilm", route_prefix="/")
         settings = self.tiny_config.to_dict()["serve"]
         settings.update({k.split(".", 1)[1]: v for k, v in SERVE_TEST_LIMITS.items()}, num_cpus=0.25)
-        tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=1,
+        tight = dict(settings, max_queued_requests=1, max_ongoing_requests=1, max_batch_size=4, body_timeout_s=2.0,
                      batch_wait_timeout_s=0.0)
         serve.run(build_application(trained_export, tight), name="tight", route_prefix="/tight")
         # The locked app waits up to 1 s to fill a batch: a request is surely inside its replica meanwhile.
-        locked = dict(settings, auth_token=SERVE_TOKEN, batch_wait_timeout_s=1.0)
+        token_file = Path(tempfile.mkdtemp(prefix="kilm-serve-token-")) / "token"
+        token_file.write_text(SERVE_TOKEN + "\n")
+        locked = dict(settings, auth="required", auth_token_file=str(token_file), batch_wait_timeout_s=1.0)
         serve.run(build_application(trained_export, locked), name="locked", route_prefix="/locked")
         return f"http://127.0.0.1:{port}"
 

@@ -81,6 +81,17 @@ def test_serve_config_file_is_a_valid_serve_deploy_schema(trained_export):
     assert type(built).__name__ == "Application"
     with pytest.raises(ValueError, match="model="):
         app_builder({"config": args["config"]})
+    # Not open by default: the deployed application requires its token, read from a file on each node (never
+    # an arg: Serve shows args on its dashboard), and one without the file does not start.
+    from kilm_ray.serve.app import deploy_settings
+    from kilm_ray.serve.gate import AuthSetupError, service_token
+
+    _, settings = deploy_settings(args)
+    assert settings["auth"] == "required" and settings["auth_token_file"] == "/home/ray/.kilm/serve-token"
+    assert not any("token" in str(v).lower() and k != "serve.auth_token_file" for k, v in app["args"].items())
+    with pytest.raises(AuthSetupError, match="cannot read /home/ray/.kilm/serve-token"):
+        service_token(settings, {})
+    assert raw["http_options"]["request_timeout_s"] > 0
 
 
 @pytest.mark.slow

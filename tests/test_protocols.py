@@ -3,6 +3,7 @@
 ``openai`` client, streaming and not, against the shared Serve on 127.0.0.1 (conftest.py); auth, limits,
 control-token refusal and metrics on these routes too. The pure translation functions first."""
 
+import json
 import time
 
 import httpx
@@ -34,11 +35,40 @@ def test_error_bodies_per_protocol():
     assert proto.error_body("kilm", 422, "x: bad", ["x: bad"]) == {"error": "x: bad", "problems": ["x: bad"]}
     assert proto.error_body("kilm", 503, "full; retry later", retry_after_s=1) == {"error": "full; retry later",
                                                                                    "retry_after_s": 1}
-    assert proto.error_body("tgi", 503, "full") == {"error": "full", "error_type": "overloaded"}
+    # TGI's statuses and types: overloaded 429, a failed generation 424, an over-long input 422 validation; a
+    # 401 has no TGI type (its client raises the plain HTTP error, not UnknownError).
+    status = proto.protocol_status
+    assert [status("tgi", s) for s in (503, 500, 422, 401)] == [429, 424, 422, 401]
+    assert status("tgi", 413, "context_length_exceeded") == 422 and status("tgi", 413) == 413
+    assert proto.error_body("tgi", 429, "full") == {"error": "full", "error_type": "overloaded"}
+    assert proto.error_body("tgi", 424, "failed")["error_type"] == "generation"
     assert proto.error_body("tgi", 422, "bad")["error_type"] == "validation"
+    assert proto.error_body("tgi", 401, "who") == {"error": "who"}
+    # OpenAI: 400 for what it cannot take and for an over-long input (context_length_exceeded), the field named.
+    assert status("openai", 422) == 400 and status("openai", 413, "context_length_exceeded") == 400
     assert proto.error_body("openai", 404, "no", code="model_not_found") == {
         "error": {"message": "no", "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+    assert proto.error_body("openai", 400, "stream_options: only allowed when stream is true")["error"]["param"] == \
+        "stream_options"
+    assert proto.error_body("openai", 400, "parameters.max_new_tokens: too many")["error"]["param"] == \
+        "parameters.max_new_tokens"
+    assert proto.error_body("openai", 503, "full")["error"]["type"] == "server_error"
     assert proto.sse({"a": "é"}, "delta") == 'event: delta\ndata: {"a":"é"}\n\n'.encode()
+
+
+def test_protocol_details_as_the_specs_say():
+    # OpenAI's top_logprobs is keyed by text: of two alternatives with one text, the likelier stays.
+    top = [{"text": " a", "logprob": -0.1}, {"text": "b", "logprob": -1.0}, {"text": " a", "logprob": -2.0}]
+    assert proto._top_by_text(top) == {" a": -0.1, "b": -1.0}
+    # "usage": null on every chunk when usage was asked for; absent otherwise.
+    assert proto.openai_chunk("c", "m", 1, 0, "x", with_usage=True)["usage"] is None
+    assert "usage" not in proto.openai_chunk("c", "m", 1, 0, "x")
+    with pytest.raises(ValueError, match="stream_options: only allowed when stream is true"):
+        proto.openai_jobs(proto.CompletionRequest(model="m", prompt="x", stream_options={"include_usage": True}), 4)
+    # TGI streams each token's own text; the last one completes generated_text (a stop sequence included).
+    done = {"answer": {"text": "abc "}}
+    assert proto.tgi_last_text("abc", {"raw": " EN", "text": ""}, done, "END") == " END"
+    assert proto.tgi_last_text("ab", {"raw": "c ", "text": "c "}, done, None) == "c "
 
 
 def test_unsupported_options_are_refused_by_name():
@@ -107,12 +137,17 @@ def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_doe
     before = gate.in_flight
     request_log = logging.getLogger("ray.serve")  # Serve's logger does not propagate to the root one
     request_log.addHandler(caplog.handler)
+    level, propagate = request_log.level, request_log.propagate
+    request_log.setLevel(logging.INFO)  # as Serve configures it (alone, this test may run before Serve is imported)
+    request_log.propagate = False  # as Serve sets it (alone, this test runs before anything imports Serve)
     try:
         asyncio.run(api(scope, receive, send))
     except Exception:  # noqa: BLE001 - the disconnect may surface; what matters is the gate after it
         pass
     finally:
         request_log.removeHandler(caplog.handler)
+        request_log.setLevel(level)
+        request_log.propagate = propagate
     assert gate.in_flight == before
     assert started == ([True] if client == "reads every byte" else [])
     assert cancelled == ([] if status == 200 else [True])
@@ -143,11 +178,29 @@ def test_tgi_inference_client_streaming_and_not(service):
     if "<" not in knowledge.replace("<sep>", ""):
         title, _, description = knowledge.partition("<sep>")
         assert (title.strip(), description.strip()) == (probe["title"], probe["description"])
-    # Stop sequences end the text with the sequence (TGI's way).
+    # Stop sequences end the text with the sequence (TGI's way), streamed or not: the streamed token texts
+    # join to exactly the text /generate gives.
     if len(text) >= 6:
         stop = text[3:6]
         cut = client.text_generation(PROMPT, max_new_tokens=8, stop=[stop], details=True)
         assert cut.generated_text == text[: text.index(stop)] + stop and cut.details.finish_reason == "stop_sequence"
+        pieces = list(client.text_generation(PROMPT, max_new_tokens=8, stop=[stop], stream=True, details=True))
+        assert "".join(e.token.text for e in pieces) == cut.generated_text == pieces[-1].generated_text
+    # /generate ignores "stream" (TGI's does: its streaming route is /generate_stream).
+    r = httpx.post(f"{service}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}, "stream": True},
+                   timeout=120)
+    assert r.headers["content-type"] == "application/json" and "generated_text" in r.json()
+    # TGI's informational routes: /info (what its clients read), /health, /tokenize; /metrics refused by name.
+    info = InferenceClient(service, provider="hf-inference").get_endpoint_info()
+    assert info["model_id"] == "kilm" and info["max_stop_sequences"] == 4 and info["max_best_of"] == 1
+    assert info["max_total_tokens"] > info["max_input_tokens"] > 0
+    assert httpx.get(f"{service}/health", timeout=60).status_code == 200
+    tokens = httpx.post(f"{service}/tokenize", json={"inputs": PROMPT}, timeout=60).json()
+    # Offsets as the tokenizer gives them (TGI's too): BPE's leading space is not in a word's span.
+    assert all(PROMPT[t["start"]:t["stop"]] == t["text"] for t in tokens) and all(t["id"] >= 0 for t in tokens)
+    assert "".join(t["text"] for t in tokens) == PROMPT.replace(" ", "")
+    r = httpx.get(f"{service}/metrics", timeout=60)
+    assert r.status_code == 404 and "Prometheus" in r.json()["error"] and r.json()["error_type"] == "validation"
     with pytest.raises(ValidationError, match="parameters.max_new_tokens: 999 is above the server limit"):
         client.text_generation(PROMPT, max_new_tokens=999)
     with pytest.raises(ValidationError, match="parameters.temperature: not supported"):
@@ -198,6 +251,23 @@ def test_openai_client_completions_streaming_and_not(service):
         client.completions.create(model="kilm", prompt="a </s> b", stream=True)
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         client.completions.create(model="gpt-4", prompt=PROMPT)
+    # What most OpenAI tools call first: the model by id, and chat (refused in OpenAI's shape, saying what to use).
+    assert client.models.retrieve("kilm").id == "kilm"
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError, match="chat completions are not served.*POST /v1/completions") as err:
+        client.chat.completions.create(model="kilm", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "unsupported_endpoint"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="kilm", prompt=PROMPT, stream_options={"include_usage": True})
+    assert err.value.param == "stream_options"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="kilm", prompt="word " * 300)
+    assert err.value.code == "context_length_exceeded" and "the limit is 64" in err.value.message
+    raw = httpx.post(f"{service}/v1/completions", json={"model": "kilm", "prompt": PROMPT, "max_tokens": 4, "stream": True,
+                                                        "stream_options": {"include_usage": True}}, timeout=120)
+    frames = [json.loads(line[6:]) for line in raw.text.splitlines() if line.startswith("data: {")]
+    assert all(f["usage"] is None for f in frames[:-1]) and frames[-1]["usage"]["total_tokens"] > 0
 
 
 @pytest.mark.slow
@@ -205,7 +275,7 @@ def test_both_protocols_pass_the_gate(service):
     """Auth (before the body), the body limit and metrics apply to the protocol routes as to the probes."""
     import openai
     from huggingface_hub import InferenceClient
-    from huggingface_hub.errors import TextGenerationError
+    from huggingface_hub.errors import HfHubHTTPError, TextGenerationError
 
     locked = f"{service}/locked"
     with pytest.raises(openai.AuthenticationError):
@@ -213,13 +283,15 @@ def test_both_protocols_pass_the_gate(service):
             model="kilm", prompt=PROMPT, max_tokens=2)
     ok = openai.OpenAI(base_url=f"{locked}/v1", api_key=SERVE_TOKEN, max_retries=0, timeout=120)
     assert ok.completions.create(model="kilm", prompt=PROMPT, max_tokens=2).choices[0].finish_reason == "length"
-    with pytest.raises(TextGenerationError, match="missing or wrong bearer token"):
+    with pytest.raises(HfHubHTTPError, match="401") as err:  # TGI has no auth: a plain HTTP error, not UnknownError
         InferenceClient(locked, token="wrong").text_generation(PROMPT, max_new_tokens=2)
+    assert not isinstance(err.value, TextGenerationError)
     assert isinstance(InferenceClient(locked, token=SERVE_TOKEN, timeout=120).text_generation(PROMPT, max_new_tokens=2), str)
     for path in ("/generate", "/v1/completions"):
         r = httpx.post(f"{locked}{path}", content=b"x" * 100_000)
         assert r.status_code == 401  # not 413: the body of a stranger is not read
-        r = httpx.post(f"{service}{path}", content=b'{"inputs": "' + b"x" * 5000 + b'"}')
+        r = httpx.post(f"{service}{path}", content=b'{"inputs": "' + b"x" * 5000 + b'"}',
+                       headers={"content-type": "application/json"})
         assert r.status_code == 413 and "the limit is 4096" in str(r.json()["error"])
     with httpx.stream("POST", f"{service}/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}},
                       timeout=120) as r:

@@ -21,8 +21,19 @@ from conftest import GPT2_BPE, METRICS_PORT, SERVE_TOKEN, serve_deploy_args
 
 pytestmark = pytest.mark.slow
 
+JSON = {"content-type": "application/json"}
+
+
 def post(url, path, body, **kw):
     return httpx.post(f"{url}{path}", json=body, timeout=120, **kw)
+
+
+def replica_info(app: str = "kilm") -> dict:
+    """The model replica's own details (export URI, pid, memory), through Serve's handle: the HTTP
+    /v1/model shows none of them to clients."""
+    from ray import serve
+
+    return serve.get_deployment_handle("KilmModel", app).info.remote().result(timeout_s=60)
 
 
 TEXT = "Aristotle was a Greek <ent>philosopher</ent> and polymath."
@@ -36,6 +47,10 @@ def test_every_endpoint_answers(service):
     info = httpx.get(f"{service}/v1/model").json()
     assert info["special_tokens"] == ["<ent>", "</ent>", "<ent_desc>", "</ent_desc>", "<sep>"]
     assert info["step"] == 30 and info["generation_defaults"]["max_new_tokens"] > 0
+    # Nothing about the deployment itself: no storage URI or path, no process id.
+    inside = replica_info()
+    assert not {"model", "pid", "peak_rss_mb", "checkpoint", "meta"} & set(info), sorted(info)
+    assert inside["model"] not in json.dumps(info) and str(inside["pid"]) not in json.dumps(info)
     a = post(service, "/v1/describe", {"text": TEXT})
     b = post(service, "/v1/describe", {"left": "Aristotle was a Greek ", "mention": "philosopher",
                                         "right": " and polymath."})
@@ -147,7 +162,7 @@ def test_the_body_limit_counts_streamed_bytes(service):
         for _ in range(64):
             yield b"x" * 1024
         yield b' <ent>b</ent>"}'
-    r = httpx.post(f"{service}/v1/describe", content=chunks(), timeout=60)
+    r = httpx.post(f"{service}/v1/describe", content=chunks(), timeout=60, headers=JSON)
     assert r.status_code == 413 and "over 4096 bytes" in r.json()["error"]
 
 
@@ -163,6 +178,40 @@ def test_overload_answers_one_503_format_and_the_service_survives(service):
     assert post(service, "/tight/v1/describe", body).status_code == 200  # still serving afterwards
 
 
+def test_slow_bodies_hold_no_admission_slot_and_are_cut_at_the_body_deadline(service):
+    """Clients that announce a body and send it a byte at a time (the tight app admits 2 model jobs and
+    waits 2 s for a body): a normal request still gets its answer meanwhile, and each slow one gets a 408
+    naming the deadline. A non-JSON body is refused before it is read; a prompt list needs a slot per prompt."""
+    import socket
+
+    host, port = service.removeprefix("http://").split(":")
+    slow = []
+    for _ in range(6):
+        conn = socket.create_connection((host, int(port)), timeout=30)
+        conn.sendall(b"POST /tight/v1/describe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 200\r\n\r\n{\"te")
+        slow.append(conn)
+    try:
+        r = post(service, "/tight/v1/describe", {"text": TEXT, "max_new_tokens": 4})
+        assert r.status_code == 200, r.text
+        for conn in slow:
+            answer = b""
+            while not answer.endswith(b"}"):  # head and JSON body may come in separate reads
+                chunk = conn.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
+    finally:
+        for conn in slow:
+            conn.close()
+    r = httpx.post(f"{service}/v1/describe", content=json.dumps({"text": TEXT}), headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "Content-Type must be application/json" in r.json()["error"]
+    r = post(service, "/tight/v1/completions", {"model": "kilm", "prompt": ["a", "b", "c"], "max_tokens": 2})
+    assert r.status_code == 503 and "needs 3" in r.json()["error"]["message"], r.text
+    r = post(service, "/tight/v1/completions", {"model": "kilm", "prompt": ["a"], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_bearer_token_is_checked_before_the_body(service):
     body = {"text": "a <ent>philosopher</ent>"}
     r = post(service, "/locked/v1/describe", body)
@@ -173,7 +222,7 @@ def test_bearer_token_is_checked_before_the_body(service):
     for content in (b'{"text": "bro', b"x" * 100_000):
         assert httpx.post(f"{service}/locked/v1/describe", content=content).status_code == 401
     assert httpx.post(f"{service}/locked/v1/describe", content=b'{"text": "bro',
-                      headers={"Authorization": f"Bearer {SERVE_TOKEN}"}).status_code == 400
+                      headers={"Authorization": f"Bearer {SERVE_TOKEN}", **JSON}).status_code == 400
     assert httpx.get(f"{service}/locked/v1/model").status_code == 401
     assert httpx.get(f"{service}/locked/healthz").status_code == 200  # health checks stay open
     assert post(service, "/v1/describe", body).status_code == 200  # auth is off by default
@@ -252,7 +301,7 @@ def test_fuzzed_requests_never_get_a_5xx(service):
         st.tuples(endpoints, st.dictionaries(fields, value, max_size=5)),
         st.tuples(endpoints, st.binary(max_size=64)),
     )
-    before = httpx.get(f"{service}/v1/model").json()
+    before = replica_info()
     seen = []
 
     @settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -260,7 +309,7 @@ def test_fuzzed_requests_never_get_a_5xx(service):
     def check(endpoint_payload):
         endpoint, payload = endpoint_payload
         if isinstance(payload, bytes):
-            r = httpx.post(f"{service}{endpoint}", content=payload, timeout=120)
+            r = httpx.post(f"{service}{endpoint}", content=payload, timeout=120, headers=JSON)
         else:
             r = post(service, endpoint, payload)
         seen.append(r.status_code)
@@ -269,7 +318,7 @@ def test_fuzzed_requests_never_get_a_5xx(service):
             assert r.json()["error"]
 
     check()
-    after = httpx.get(f"{service}/v1/model").json()
+    after = replica_info()
     assert after["pid"] == before["pid"], "the model replica restarted"
     assert after["peak_rss_mb"] - before["peak_rss_mb"] < 300, (before["peak_rss_mb"], after["peak_rss_mb"])
     assert 200 in seen and 422 in seen
@@ -358,7 +407,8 @@ def test_docs_and_schema_are_behind_the_gate(service):
 BAD_BODIES = {"/v1/describe": {"txt": "x"}, "/v1/disambiguate": {"text": "a <ent>b</ent>"},
               "/v1/appositive": {"text": 3}, "/v1/qa": {}, "/v1/fill": {"text": "x", "num_beams": "2"},
               "/generate": {"input": "x"}, "/generate_stream": {"inputs": "x", "parameters": {"top_k": 5}},
-              "/": {"inputs": 7}, "/v1/completions": {"model": "kilm", "prompt": "x", "temperature": 0.9}}
+              "/": {"inputs": 7}, "/v1/completions": {"model": "kilm", "prompt": "x", "temperature": 0.9},
+              "/tokenize": {"inputs": ["x"]}}
 
 
 def test_published_error_schemas_are_the_real_bodies(service):
@@ -369,7 +419,11 @@ def test_published_error_schemas_are_the_real_bodies(service):
     spec = httpx.get(f"{service}/openapi.json").json()
     assert "HTTPValidationError" not in json.dumps(spec) and '"detail"' not in json.dumps(spec["components"])
     posts = {path for path, ops in spec["paths"].items() if "post" in ops}
-    assert posts == set(BAD_BODIES)
+    assert posts == set(BAD_BODIES) | {"/v1/chat/completions"}
+    refused = post(service, "/v1/chat/completions", {"model": "kilm", "messages": []})  # refused whatever it says
+    schema = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["404"]["content"]["application/json"]["schema"]
+    assert refused.status_code == 404
+    jsonschema.validate(refused.json(), {**schema, "components": spec["components"]})
     for path, body in BAD_BODIES.items():
         r = post(service, path, body)
         responses = spec["paths"][path]["post"]["responses"]
@@ -391,7 +445,7 @@ def test_a_model_replica_killed_mid_request_answers_json_and_comes_back(service)
 
     auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
     def model_info() -> dict:
-        return httpx.get(f"{service}/locked/v1/model", headers=auth, timeout=60).json()
+        return replica_info("locked")
 
     pid, idle = model_info()["pid"], model_info().get("waiting", 0)
     with cf.ThreadPoolExecutor(1) as pool:
@@ -472,7 +526,7 @@ def test_an_export_with_another_tokenizer_rolls_out_under_load(service, tmp_path
     for t in threads:
         t.join()
     after = [post(service, p, b).json() for p, b in bodies]
-    assert httpx.get(f"{service}/v1/model").json()["model"] == v2
+    assert replica_info()["model"] == v2
 
     def same(a: dict, b: dict) -> bool:
         """Alike but for float rounding (an answer under load ran in a batch; before and after ran alone)."""

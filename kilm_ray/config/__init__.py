@@ -178,7 +178,17 @@ def _type_of_dict_values(cfg: KilmConfig, section_key: str) -> Any:
     return typing.get_args(hint)[1]
 
 
+# Keys that existed once, with why they went and what replaces them.
+REMOVED_KEYS = {
+    "serve.auth_token": "removed: a token in the config shows in Serve's application config (the dashboard); put "
+                        "it in the environment variable named by serve.auth_token_env (KILM_SERVE_TOKEN) or in a "
+                        "file named by serve.auth_token_file (a mounted Kubernetes Secret)",
+}
+
+
 def _unknown_key_message(here: str, part: str, names: dict, source: str) -> str:
+    if here in REMOVED_KEYS:
+        return f"config key '{here}': {REMOVED_KEYS[here]} [{source}]"
     close = difflib.get_close_matches(part, list(names), n=1)
     prefix = here.rsplit(".", 1)[0] + "." if "." in here else ""
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(names))})"

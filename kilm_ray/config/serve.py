@@ -46,9 +46,25 @@ class ServeConfig:
         "session's logs/serve/ always have them.", default=False)
     access_log: bool = doc("Also Serve's own access line per HTTP request (ours, with endpoint, status, latency "
                             "and request id, is always written).", default=False)
-    auth_token: Optional[str] = doc(
-        "Bearer token required on /v1/* when set (null = open). Prefer the env KILM_SERVE_TOKEN.", default=None
-    )
+    auth: Literal["auto", "required", "open"] = doc(
+        "Bearer-token auth on every route but / and /healthz. required: the service does not start without a "
+        "token; open: no token, anyone who reaches the port; auto: required unless serve.host is a loopback "
+        "address (a Serve config file, whose proxy may listen anywhere, is always required). The token itself "
+        "is never a config value (it would show on the dashboard): see auth_token_env and auth_token_file.",
+        default="auto")
+    auth_token_env: str = doc("Environment variable holding the bearer token (read by the ingress replicas).",
+                              default="KILM_SERVE_TOKEN")
+    auth_token_file: Optional[str] = doc(
+        "File holding the bearer token (a mounted Kubernetes Secret; on `ray up`, a file_mounts entry); "
+        "wins over the environment variable.", default=None)
+    body_timeout_s: float = doc(
+        "A request body must arrive whole within this long (else 408); a slow body holds no admission slot "
+        "meanwhile.", default=10.0)
+    request_timeout_s: float = doc(
+        "End-to-end limit of one HTTP request at Serve's proxy (`kilm-ray serve`; a Serve config file sets "
+        "http_options.request_timeout_s). A client can lift it with the header x-request-timeout-seconds: 0: "
+        "have the load balancer drop that header (docs/serving.md).", default=300.0)
+    max_stop_chars: int = doc("Longest stop sequence a TGI or OpenAI request may give, in characters.", default=64)
     app_name: str = doc("Serve application name.", default="kilm")
     device: Literal["auto", "cpu", "cuda"] = doc("Device of a replica.", default="auto")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = doc("Weights dtype of a replica (auto: bf16 on GPU).", default="auto")
@@ -66,6 +82,10 @@ class ServeConfig:
         check_min(f"{path}.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         check_min(f"{path}.max_candidate_tokens", self.max_candidate_tokens, 3)
         check_min(f"{path}.drain_timeout_s", self.drain_timeout_s, 0)
+        check_min(f"{path}.max_stop_chars", self.max_stop_chars, 1)
+        check_min(f"{path}.request_timeout_s", self.request_timeout_s, 1)
+        if self.body_timeout_s <= 0:
+            raise ConfigError(f"{path}.body_timeout_s: must be > 0 (got {self.body_timeout_s})")
         if self.max_replicas < self.min_replicas:
             raise ConfigError(f"{path}.max_replicas: {self.max_replicas} < min_replicas {self.min_replicas}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

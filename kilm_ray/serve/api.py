@@ -9,9 +9,8 @@ OpenAI completions (``POST /v1/completions``, ``GET /v1/models``), a page to try
 
 # No "from __future__ import annotations": FastAPI must see real types on the ingress methods.
 
-# No "from __future__ import annotations": FastAPI must see real types on the ingress methods.
-
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -22,13 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kilm_ray.serve import protocols as proto
 from kilm_ray.serve.gate import (
-    ApiError, GatedRoute, current_gate, error_response, protocol_of, ray_failure, sse_response, validation_error,
+    ApiError, GatedRoute, current_gate, error_response, protocol_of, ray_failure, service_token, sse_response,
+    validation_error,
 )
 from kilm_ray.serve.protocols import (
     BusyErrorBody, CompletionRequest, ErrorBody, OpenAIErrorBody, TgiErrorBody, TgiRequest, ValidationErrorBody,
@@ -58,10 +58,10 @@ def _errors(model, codes, validation=None) -> dict:
     return out
 
 
-KILM_ERRORS = {**_errors(ErrorBody, (400, 401, 413, 500), ValidationErrorBody),
+KILM_ERRORS = {**_errors(ErrorBody, (400, 401, 408, 413, 415, 500), ValidationErrorBody),
                503: {"model": BusyErrorBody, "description": "full, stopping, or a replica restarting: retry later"}}
-TGI_ERRORS = _errors(TgiErrorBody, (400, 401, 413, 500, 503), TgiErrorBody)
-OPENAI_ERRORS = _errors(OpenAIErrorBody, (400, 401, 404, 413, 500, 503))
+TGI_ERRORS = _errors(TgiErrorBody, (400, 401, 413, 415, 424, 429), TgiErrorBody)
+OPENAI_ERRORS = _errors(OpenAIErrorBody, (400, 401, 404, 413, 415, 500, 503))
 SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
@@ -124,7 +124,8 @@ class ProbeAPI:
         self.created = int(time.time())
         gate = current_gate()
         gate.max_request_bytes = int(settings["max_request_bytes"])
-        gate.token = settings.get("auth_token") or os.environ.get("KILM_SERVE_TOKEN") or None
+        gate.body_timeout_s = float(settings["body_timeout_s"])
+        gate.token = service_token(settings, dict(os.environ))  # no token where one is required: no service
         gate.max_in_flight = admission_limit(settings)
         gate.metrics = {
             "requests": Counter("kilm_http_requests", description="HTTP requests answered",
@@ -157,24 +158,47 @@ class ProbeAPI:
         return max_new, beams
 
     async def _call(self, method: str, job: dict) -> dict:
+        return (await self._call_all(method, [job]))[0]
+
+    async def _call_all(self, method: str, jobs: list[dict]) -> list[dict]:
+        """Every job's answer; when one fails, the others are cancelled (no replica works for nobody)."""
+        responses = [getattr(self.model, method).remote(job) for job in jobs]
+        outs = []
         try:
-            out = await getattr(self.model, method).remote(job)
-        except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
-            raise ray_failure(exc) from None
-        if out.get("type") == "error":
-            raise ApiError(int(out["status"]), out["error"])
-        return out
+            for response in responses:
+                try:
+                    out = await response
+                except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
+                    raise ray_failure(exc) from None
+                if out.get("type") == "error":
+                    raise ApiError(int(out["status"]), out["error"], code=out.get("code"))
+                outs.append(out)
+        except BaseException:
+            for response in responses:
+                response.cancel()
+            raise
+        return outs
 
     async def _open(self, job: dict):
-        """Start a streamed answer; its first event is checked first, so a bad request is still a 4xx."""
+        return (await self._open_all([job]))[0]
+
+    async def _open_all(self, jobs: list[dict]) -> list:
+        """Start streamed answers; each one's first event is checked first, so a bad request is still a
+        4xx, and when one is refused the streams already opened are cancelled."""
+        streams = [self.model.options(stream=True).stream.remote(job) for job in jobs]
         try:
-            stream = self.model.options(stream=True).stream.remote(job)
-            first = await stream.__anext__()
-        except Exception as exc:  # noqa: BLE001
-            raise ray_failure(exc) from None
-        if first["type"] == "error":
-            raise ApiError(int(first["status"]), first["error"])
-        return first, stream
+            for stream in streams:
+                try:
+                    first = await stream.__anext__()
+                except Exception as exc:  # noqa: BLE001
+                    raise ray_failure(exc) from None
+                if first["type"] == "error":
+                    raise ApiError(int(first["status"]), first["error"], code=first.get("code"))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
 
     @staticmethod
     async def _events(stream) -> AsyncIterator[dict]:
@@ -191,7 +215,7 @@ class ProbeAPI:
         job = {"task": task, "fields": fields, "max_new_tokens": max_new, "num_beams": beams, "endpoint": endpoint}
         if not req.stream:
             return proto.probe_response(_done(await self._call("answer", job)))
-        _, stream = await self._open(job)
+        stream = await self._open(job)
 
         async def frames():
             async for event in self._events(stream):
@@ -228,8 +252,12 @@ class ProbeAPI:
         except Exception as exc:  # noqa: BLE001
             raise ray_failure(exc) from None
         s = self.settings
-        return {**info, "api_version": API_VERSION, "special_tokens": KILM_TOKENS, "id": self.model_id,
-                "checkpoint": info["meta"].get("checkpoint"), "step": info["meta"].get("step"),
+        # What a client needs to call the model well; no storage URI, path or process detail of the deployment.
+        public = {k: info[k] for k in ("device", "dtype", "parameters", "batching", "waiting")}
+        export_id = hashlib.sha256(str(info["model"]).encode()).hexdigest()[:12]  # changes with a rollout
+        return {**public, "api_version": API_VERSION, "special_tokens": KILM_TOKENS, "id": self.model_id,
+                "export_id": export_id,
+                "step": info["meta"].get("step"),
                 "generation_defaults": {"max_new_tokens": s["default_max_new_tokens"], "num_beams": 1,
                                         "no_repeat_ngram_size": s.get("no_repeat_ngram_size", 0)},
                 "limits": {k: s[k] for k in ("max_new_tokens_limit", "max_beams", "max_input_tokens",
@@ -270,7 +298,7 @@ class ProbeAPI:
 
     async def _tgi(self, req: TgiRequest, stream: bool, endpoint: str):
         try:
-            job = proto.tgi_job(req, int(self.settings["default_max_new_tokens"]))
+            job = proto.tgi_job(req, int(self.settings["default_max_new_tokens"]), int(self.settings["max_stop_chars"]))
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
         job["max_new_tokens"] = self._limit(job["max_new_tokens"], "parameters.max_new_tokens", 1, "max_new_tokens_limit")
@@ -279,30 +307,35 @@ class ProbeAPI:
             out = await self._call("answer", job)
             done = _done(out)
             return proto.tgi_response(req, out["tokens"], done, done["stop"])
-        _, events = await self._open(job)
+        events = await self._open(job)
 
         async def frames():
-            pending, index = None, 0  # each token goes out once the next one (or the end) is known
+            pending, index, streamed = None, 0, ""  # each token goes out once the next one (or the end) is known
             async for event in self._events(events):
                 if event["type"] == "token":
                     if pending is not None:
                         index += 1
+                        streamed += pending["raw"]
                         yield proto.sse(proto.tgi_stream_event(req, index, pending))
                     pending = event
                 elif event["type"] == "done":
-                    last = pending or {"id": -1, "text": "", "logprob": 0.0, "special": True}
+                    if pending is None:  # TGI has no empty answer (and no fake token): a validation error
+                        yield proto.stream_error("tgi", {"status": 422, "error": "nothing was generated: the input "
+                                                                                 "leaves the model no position"})
+                        return
                     index += 1
-                    last = {**last, "text": last["text"] + event["tail"]["text"]}
+                    last = {**pending, "raw": proto.tgi_last_text(streamed, pending, event, event["stop"])}
                     yield proto.sse(proto.tgi_stream_event(req, index, last, event, event["stop"]))
                 elif event["type"] == "error":
-                    yield proto.sse(proto.error_body("tgi", event["status"], event["error"]))
+                    yield proto.stream_error("tgi", event)
 
         return sse_response(frames(), [events])
 
-    @app.post("/generate", responses={**TGI_ERRORS, 200: {"content": SSE_CONTENT}})
+    @app.post("/generate", responses=TGI_ERRORS)
     async def tgi_generate(self, req: TgiRequest):
-        """TGI's generate: ``{generated_text, details}`` (server-sent events when the body says stream)."""
-        return await self._tgi(req, req.stream, "/generate")
+        """TGI's generate: ``{generated_text, details}``; a ``stream`` field is ignored, as TGI does (its
+        streaming route is /generate_stream)."""
+        return await self._tgi(req, False, "/generate")
 
     @app.post("/generate_stream", responses={**TGI_ERRORS, 200: {"content": SSE_CONTENT}})
     async def tgi_generate_stream(self, req: TgiRequest):
@@ -314,33 +347,78 @@ class ProbeAPI:
         """TGI's root route (what ``InferenceClient(url).text_generation`` posts to)."""
         return await self._tgi(req, req.stream, "/")
 
+    @app.get("/info")
+    async def tgi_info(self) -> dict:
+        """TGI's ``/info``: the model and the server's limits, as TGI's clients and routers read them."""
+        from kilm_ray import __version__
+
+        try:
+            info = await self.model.info.remote()
+        except Exception as exc:  # noqa: BLE001
+            raise ray_failure(exc) from None
+        return proto.tgi_info(self.model_id, self.settings, info["device"], info["dtype"], __version__,
+                              admission_limit(self.settings))
+
+    @app.get("/health", responses=TGI_ERRORS)
+    async def tgi_health(self):
+        """TGI's ``/health``: 200 once a model replica answers (503 while none does)."""
+        try:
+            await self.model.info.remote()
+        except Exception as exc:  # noqa: BLE001
+            raise ray_failure(exc) from None
+        return Response(status_code=200)
+
+    @app.post("/tokenize", responses=TGI_ERRORS)
+    async def tgi_tokenize(self, req: TgiRequest) -> list:
+        """TGI's ``/tokenize``: the input's tokens (id, text, start, stop) as the model's tokenizer splits it."""
+        try:
+            return await self.model.tokenize.remote({"text": req.inputs})
+        except Exception as exc:  # noqa: BLE001
+            raise ray_failure(exc) from None
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_elsewhere(self):
+        raise ApiError(404, proto.METRICS_REFUSED)
+
     # -- OpenAI completions -----------------------------------------------------------------------
 
     @app.get("/v1/models", responses=_errors(OpenAIErrorBody, (401,)))
     async def openai_models(self):
         return proto.openai_models(self.model_id, self.created)
 
+    @app.get("/v1/models/{model_id}", responses=_errors(OpenAIErrorBody, (401, 404)))
+    async def openai_model(self, model_id: str):
+        if model_id != self.model_id:
+            raise ApiError(404, f"model: '{model_id}' is not served here; this service serves '{self.model_id}'",
+                           code="model_not_found")
+        return proto.openai_model(self.model_id, self.created)
+
+    @app.post("/v1/chat/completions", responses=_errors(OpenAIErrorBody, (401, 404)))
+    async def openai_chat(self):
+        """Refused in OpenAI's shape: the model is not a chat model (the message says what to call instead)."""
+        raise ApiError(404, proto.CHAT_REFUSED, code="unsupported_endpoint")
+
     @app.post("/v1/completions", responses={**OPENAI_ERRORS, 200: {"content": SSE_CONTENT}})
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, request: Request):
         if req.model != self.model_id:
             raise ApiError(404, f"model: '{req.model}' is not served here; this service serves '{self.model_id}' "
                                 "(GET /v1/models)", code="model_not_found")
         try:
-            jobs = proto.openai_jobs(req, int(self.settings["max_batch_size"]))
+            jobs = proto.openai_jobs(req, int(self.settings["max_batch_size"]), int(self.settings["max_stop_chars"]))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         for job in jobs:
             job["max_new_tokens"] = self._limit(job["max_new_tokens"], "max_tokens", 16, "max_new_tokens_limit")
             job["endpoint"] = "/v1/completions"
+        current_gate().take_more(request, len(jobs) - 1)  # one admission slot per prompt
         cid, created = proto.completion_id(), int(time.time())
         if not req.stream:
-            outs = await asyncio.gather(*(self._call("answer", job) for job in jobs))
+            outs = await self._call_all("answer", jobs)
             dones = [_done(o) for o in outs]
             choices = [proto.openai_choice(i, o["tokens"], d, req.logprobs) for i, (o, d) in enumerate(zip(outs, dones))]
             return proto.openai_completion(cid, self.model_id, choices, dones, created)
-        opened = await asyncio.gather(*(self._open(job) for job in jobs))
+        streams = await self._open_all(jobs)
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        streams = [s for _, s in opened]
         return sse_response(self._openai_frames(req, streams, cid, created, usage), streams)
 
     async def _openai_frames(self, req: CompletionRequest, streams: list, cid: str, created: int, usage: bool):
@@ -363,14 +441,14 @@ class ProbeAPI:
                     if event["stop"] or not (event["text"] or want_logprobs):
                         continue
                     yield proto.sse(proto.openai_chunk(cid, self.model_id, created, index, event["text"], None,
-                                                       [event] if want_logprobs else None, offsets[index]))
+                                                       [event] if want_logprobs else None, offsets[index], usage))
                     offsets[index] += len(event["text"])
                 elif event["type"] == "done":
                     dones.append(event)
                     yield proto.sse(proto.openai_chunk(cid, self.model_id, created, index, event["tail"]["text"],
-                                                       event["finish_reason"]))
+                                                       event["finish_reason"], with_usage=usage))
                 elif event["type"] == "error":
-                    yield proto.sse(proto.error_body("openai", event["status"], event["error"]))
+                    yield proto.stream_error("openai", event)
             if usage:
                 yield proto.sse({"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
                                  "choices": [], "usage": proto.openai_usage(dones)})

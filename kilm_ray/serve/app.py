@@ -106,6 +106,13 @@ def build_application(model_uri: str, settings: dict, draining: bool = False):
 def app_builder(args: dict):
     """``serve run kilm_ray.serve.app:app_builder model=DIR [config=YAML] [serve.port=...]`` and Serve
     config files (``import_path: kilm_ray.serve.app:app_builder``)."""
+    model, settings = deploy_settings(args)
+    return build_application(model, settings)
+
+
+def deploy_settings(args: dict) -> tuple[str, dict]:
+    """A Serve config file's args as (model URI, serve settings). Its proxy may listen anywhere, so
+    ``serve.auth=auto`` means required here: the application does not start without its token."""
     from kilm_ray.config import load_config
 
     args = dict(args)
@@ -118,8 +125,10 @@ def app_builder(args: dict):
         in_checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), config)
         config = in_checkout if os.path.exists(in_checkout) else config
     overrides = [f"{k}={v}" for k, v in args.items()]
-    cfg = load_config(config, overrides)
-    return build_application(model, cfg.to_dict()["serve"])
+    settings = load_config(config, overrides).to_dict()["serve"]
+    if settings["auth"] == "auto":
+        settings["auth"] = "required"
+    return str(model), settings
 
 
 ROUTES_LINE = ("probes POST /v1/describe /v1/disambiguate /v1/appositive /v1/qa /v1/fill; TGI POST /generate "
@@ -128,7 +137,8 @@ ROUTES_LINE = ("probes POST /v1/describe /v1/disambiguate /v1/appositive /v1/qa 
 
 def run_service(model_uri: str, serve_settings: dict):
     """Start Serve's HTTP proxy on host:port and deploy the application; returns (handle, url)."""
-    serve.start(http_options={"host": serve_settings["host"], "port": serve_settings["port"]})
+    serve.start(http_options={"host": serve_settings["host"], "port": serve_settings["port"],
+                              "request_timeout_s": serve_settings["request_timeout_s"]})
     handle = serve.run(build_application(model_uri, serve_settings), name=serve_settings["app_name"],
                        route_prefix="/", blocking=False)
     url = f"http://{serve_settings['host']}:{serve_settings['port']}"

@@ -1,7 +1,12 @@
-"""What every request passes before and after its route: the bearer token, draining, admission (503 in
-the route's protocol before Serve's own queue would answer), the body limit counted on the bytes actually
-received, every error as JSON in the route's protocol, and the count of each answer (metrics and one log
-line), a streamed one at its last byte.
+"""What every request passes before and after its route: the bearer token, draining, a JSON content type,
+the body limit counted on the bytes actually received and a deadline for the whole body, admission (503 in
+the route's protocol before Serve's own queue would answer: taken once the body is in, one slot per model
+job), every error as JSON in the route's protocol, and the count of each answer (metrics and one log line),
+a streamed one at its last byte.
+
+The order is the defence: a request that is not allowed costs no read; a body that trickles in holds no
+admission slot and is cut at ``serve.body_timeout_s`` (Ray's proxy timeout can be switched off by a client
+header, ``x-request-timeout-seconds: 0``); a failure's details go to the log under an id, never to the client.
 
 A route class rather than a middleware: Serve's class-based ingress keeps the routes it is given. The
 routes themselves are ``api.py``'s.
@@ -14,6 +19,7 @@ import hmac
 import importlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
@@ -28,7 +34,8 @@ from kilm_ray.serve import protocols as proto
 
 log = logging.getLogger("kilm_ray.serve")
 request_log = logging.getLogger("ray.serve")  # Serve formats it (JSON with logging_config) and adds the request id
-OPEN_ROUTES = {("GET", "/"), ("GET", "/healthz")}  # no bearer token: the page (static) and health checks
+OPEN_ROUTES = {("GET", "/"), ("GET", "/healthz"), ("GET", "/health")}  # no token: the page (static), health checks
+PROBE_ROUTES = ("/v1/describe", "/v1/disambiguate", "/v1/appositive", "/v1/qa", "/v1/fill", "/v1/model")
 RETRY_AFTER_S = 1
 
 
@@ -41,24 +48,27 @@ class ApiError(Exception):
 
 
 def protocol_of(method: str, path: str) -> str:
-    if path in ("/generate", "/generate_stream") or (path == "/" and method == "POST"):
+    """The protocol whose error shape a path gets: TGI's routes, OpenAI's (every /v1 path that is not a probe
+    route, so an unknown one such as /v1/chat/... is a 404 an OpenAI client can read), else ours."""
+    if path in ("/generate", "/generate_stream", "/info", "/health", "/tokenize", "/metrics") or \
+            (path == "/" and method == "POST"):
         return "tgi"
-    if path in ("/v1/completions", "/v1/models"):
+    if path.startswith("/v1/") and path not in PROBE_ROUTES:
         return "openai"
     return "kilm"
 
 
 def error_response(protocol: str, status: int, message: str, problems: Optional[list[str]] = None,
                    code: Optional[str] = None) -> JSONResponse:
-    if protocol == "openai" and status == 422:
-        status = 400  # OpenAI answers a request it cannot take with 400 invalid_request_error
+    busy = status == 503
+    status = proto.protocol_status(protocol, status, code)
     headers = {}
-    if status == 503:
+    if busy:
         headers["Retry-After"] = str(RETRY_AFTER_S)
         message = message if message.endswith("retry later") else f"{message}; retry later"
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    body = proto.error_body(protocol, status, message, problems, RETRY_AFTER_S if status == 503 else None, code)
+    body = proto.error_body(protocol, status, message, problems, RETRY_AFTER_S if busy else None, code)
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
@@ -70,6 +80,14 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         problems.append(f"{where}: {err.get('msg')}")
     return ApiError(422, "; ".join(problems), problems)
+
+
+def internal_error(what: str, exc: BaseException) -> ApiError:
+    """A 500 that names no internals: the exception (paths, URIs, library text) goes to the log under an id
+    the client gets, so an operator can find it and a client learns nothing about the deployment."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s (error id %s): %s: %s", what, error_id, type(exc).__name__, exc)
+    return ApiError(500, f"{what} (error id {error_id}; the service log has the details)")
 
 
 def ray_failure(exc: BaseException) -> ApiError:
@@ -87,22 +105,40 @@ def ray_failure(exc: BaseException) -> ApiError:
         return ApiError(503, "the request was cancelled")
     if isinstance(exc, RayTaskError):
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return ApiError(500, f"the model failed on this request: {type(cause).__name__}: {str(cause)[:300]}")
-    return ApiError(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
+        return internal_error("the model failed on this request", cause)
+    return internal_error("internal error", exc)
 
 
 @dataclass
 class Gate:
     """The bearer token, draining (a graceful stop in progress), admission (so the ingress answers 503 in
     our format before Serve's own queue would), and the body limit counted on the bytes actually received
-    (a chunked body has no Content-Length)."""
+    (a chunked body has no Content-Length) within ``body_timeout_s``.
+
+    ``in_flight`` counts model jobs, not HTTP requests: an OpenAI prompt list of 32 holds 32 slots."""
 
     max_request_bytes: int = 65536
+    body_timeout_s: float = 10.0
     token: Optional[str] = None
     max_in_flight: int = 0  # 0: no limit
     in_flight: int = 0
     draining: bool = False
     metrics: dict = field(default_factory=dict)
+
+    def at_capacity(self, wanted: int = 1) -> bool:
+        return bool(self.max_in_flight) and self.in_flight + wanted > self.max_in_flight
+
+    def take_more(self, request: Request, more: int) -> None:
+        """Slots for the extra model jobs of one request (an OpenAI prompt list), released with its own; 503
+        when they are not free, so one request never runs more jobs than admission allows."""
+        if more <= 0:
+            return
+        if self.at_capacity(more):
+            raise ApiError(503, f"the service is at capacity ({self.in_flight} model jobs in flight; this request "
+                                f"needs {more + 1})")
+        self.in_flight += more
+        request.state.kilm_slots = getattr(request.state, "kilm_slots", 1) + more
+        _observe(self, "in_flight", self.in_flight)
 
     def unauthorized(self, method: str, path: str, authorization: Optional[str]) -> bool:
         if self.token is None or (method, path) in OPEN_ROUTES:
@@ -113,34 +149,88 @@ class Gate:
 
 _GATE = Gate()
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class AuthSetupError(RuntimeError):
+    """The service was asked to require a token and has none: it does not start (rather than start open)."""
+
+
+def bearer_token(settings: dict, environ: dict) -> Optional[str]:
+    """The service's bearer token: from ``serve.auth_token_file`` (a mounted secret) or the environment
+    variable ``serve.auth_token_env``; never a config value (Serve shows application configs on its dashboard)."""
+    path = settings.get("auth_token_file")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise AuthSetupError(f"serve.auth_token_file: cannot read {path}: {exc.strerror or exc}") from None
+        if not token:
+            raise AuthSetupError(f"serve.auth_token_file: {path} is empty")
+        return token
+    return environ.get(settings.get("auth_token_env") or "KILM_SERVE_TOKEN") or None
+
+
+def auth_required(settings: dict) -> bool:
+    mode = settings.get("auth", "auto")
+    return mode == "required" or (mode == "auto" and str(settings.get("host")) not in LOOPBACK_HOSTS)
+
+
+def service_token(settings: dict, environ: dict) -> Optional[str]:
+    """The token the gate checks (None: open); AuthSetupError when auth is required and there is none."""
+    if settings.get("auth") == "open":
+        return None
+    token = bearer_token(settings, environ)
+    if token is None and auth_required(settings):
+        raise AuthSetupError(
+            f"the probe service requires a bearer token (serve.auth={settings.get('auth', 'auto')}, serve.host="
+            f"{settings.get('host')}) and has none: set the environment variable "
+            f"{settings.get('auth_token_env') or 'KILM_SERVE_TOKEN'} on every node or serve.auth_token_file, "
+            "or serve.auth=open to serve without one (anyone who reaches the port may call the model)")
+    return token
+
 
 def current_gate() -> Gate:
     # Serve may ship this module's classes by value: always reach the importable module's gate.
     return importlib.import_module("kilm_ray.serve.gate")._GATE
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _read_limited(request: Request, limit: int, timeout_s: float) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise _TooLarge(f"request body is {length} bytes; the limit is {limit}")
+        raise ApiError(413, f"request body is {length} bytes; the limit is {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:  # stop reading: the rest is never buffered
-            raise _TooLarge(f"request body is over {limit} bytes (the limit)")
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:  # stop reading: the rest is never buffered
+                raise ApiError(413, f"request body is over {limit} bytes (the limit)")
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s ({len(body)} bytes came)") from None
     return bytes(body)
 
 
-def _as_json_request(request: Request, body: bytes) -> Request:
-    """The same request with its (already read) body replayed, declared as JSON: the API takes JSON only,
-    so ``curl -d`` (form content type) works as written instead of failing validation."""
+def json_content_type_problem(content_type: Optional[str]) -> Optional[str]:
+    """Why a POST body's declared type is refused, or None. JSON only: ``text/plain``, form types and no type
+    at all are what a web page may send cross-site without a CORS preflight, so taking them would let any
+    page make a visitor's browser call an open service."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return None
+    said = f"'{media}'" if media else "none"
+    return (f"Content-Type must be application/json (this request's: {said}); with curl add "
+            "-H 'Content-Type: application/json'")
+
+
+def _replayed(request: Request, body: bytes) -> Request:
+    """The same request with its (already read) body replayed to FastAPI."""
     scope = dict(request.scope)
-    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + \
-        [(b"content-type", b"application/json")]
+    scope.setdefault("state", {})
     replayed = False
 
     async def receive():
@@ -154,9 +244,9 @@ def _as_json_request(request: Request, body: bytes) -> Request:
 
 
 class GatedRoute(APIRoute):
-    """Auth, draining, admission and the streamed body limit run here, before FastAPI reads and validates
-    the body; every error becomes JSON in the route's protocol; a streamed answer stays counted in flight
-    until its last byte."""
+    """Auth, draining, the content type, the streamed body limit and deadline, then admission run here,
+    before FastAPI validates the body; every error becomes JSON in the route's protocol; a streamed answer
+    stays counted in flight until its last byte."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -166,23 +256,18 @@ class GatedRoute(APIRoute):
             gate = current_gate()
             started = time.perf_counter()
             protocol = protocol_of(request.method, path)
-            if gate.unauthorized(request.method, path, request.headers.get("authorization")):
-                response = error_response(protocol, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-            elif gate.draining:
-                response = error_response(protocol, 503, "the service is stopping")
-            elif gate.max_in_flight and gate.in_flight >= gate.max_in_flight:
-                response = error_response(protocol, 503, f"the service is at capacity ({gate.in_flight} requests in flight)")
-            else:
+            request, response = await _admitted(request, path, protocol, gate)
+            if response is None:
+                request.state.kilm_slots = 1
                 gate.in_flight += 1
                 _observe(gate, "in_flight", gate.in_flight)
-                response = None
                 try:
-                    response = await _answer(handler, request, protocol, gate)
+                    response = await _answer(handler, request, protocol)
                 finally:
                     if isinstance(response, CountedStream):
-                        response.on_end = lambda status: _end_stream(gate, request.method, path, started, status)
+                        response.on_end = lambda status: _end_stream(gate, request, path, started, status)
                     else:
-                        _release(gate)
+                        _release(gate, request)
                 if isinstance(response, CountedStream):
                     return response
             _record(gate, request.method, path, response.status_code, time.perf_counter() - started)
@@ -191,13 +276,33 @@ class GatedRoute(APIRoute):
         return gated
 
 
-async def _answer(handler, request: Request, protocol: str, gate: Gate):
+async def _admitted(request: Request, path: str, protocol: str, gate: Gate):
+    """``(request, None)`` when the request may take an admission slot (its body, if any, read and replayed
+    in the returned request); else ``(request, error answer)``. Nothing is read before the token and the
+    content type pass."""
+    if gate.unauthorized(request.method, path, request.headers.get("authorization")):
+        return request, error_response(protocol, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+    if gate.draining:
+        return request, error_response(protocol, 503, "the service is stopping")
+    if request.method in ("POST", "PUT", "PATCH"):
+        problem = json_content_type_problem(request.headers.get("content-type"))
+        if problem:
+            return request, error_response(protocol, 415, problem)
+        try:
+            request = _replayed(request, await _read_limited(request, gate.max_request_bytes, gate.body_timeout_s))
+        except ApiError as exc:
+            return request, error_response(protocol, exc.status, exc.message)
+        except ClientDisconnect:
+            return request, error_response(protocol, 499, "the client left before its body was read")
+    if gate.at_capacity():
+        return request, error_response(protocol, 503,
+                                       f"the service is at capacity ({gate.in_flight} model jobs in flight)")
+    return request, None
+
+
+async def _answer(handler, request: Request, protocol: str):
     try:
-        if request.method in ("POST", "PUT", "PATCH"):
-            request = _as_json_request(request, await _read_limited(request, gate.max_request_bytes))
         return await handler(request)
-    except _TooLarge as exc:
-        return error_response(protocol, 413, str(exc))
     except ApiError as exc:
         return error_response(protocol, exc.status, exc.message, exc.problems, exc.code)
     except RequestValidationError as exc:
@@ -214,8 +319,8 @@ async def _answer(handler, request: Request, protocol: str, gate: Gate):
         return error_response(protocol, e.status, e.message)
 
 
-def _release(gate: Gate) -> None:
-    gate.in_flight -= 1
+def _release(gate: Gate, request: Request) -> None:
+    gate.in_flight -= getattr(request.state, "kilm_slots", 1)
     _observe(gate, "in_flight", gate.in_flight)
 
 
@@ -225,16 +330,29 @@ class CountedStream(StreamingResponse):
     failed. An answer that did not finish cancels its model streams (``streams``), so the replica stops
     generating for nobody. (Counting in a wrapper of the body iterator leaked the in-flight slot when
     Starlette never started the body: a generator that never ran runs no ``finally``; enough leaks and every
-    request is a 503 "at capacity".)"""
+    request is a 503 "at capacity".)
+
+    "Every byte was sent" is known from the body iterator, not from ``__call__`` returning: under ASGI spec
+    2.3 (what uvicorn reports) Starlette watches for the client's disconnect and, when it comes, stops the
+    body and returns normally."""
 
     on_end: Optional[Callable[[int], None]] = None
     streams: Sequence[Any] = ()
+
+    def __init__(self, content: AsyncIterator[bytes], **kwargs) -> None:
+        self.finished = False
+        super().__init__(self._to_the_end(content), **kwargs)
+
+    async def _to_the_end(self, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in content:
+            yield chunk
+        self.finished = True
 
     async def __call__(self, scope, receive, send) -> None:
         status = 500
         try:
             await super().__call__(scope, receive, send)
-            status = 200
+            status = 200 if self.finished else 499
         except (ClientDisconnect, asyncio.CancelledError, OSError):
             status = 499
             raise
@@ -247,9 +365,9 @@ class CountedStream(StreamingResponse):
                 end(status)
 
 
-def _end_stream(gate: Gate, method: str, path: str, started: float, status: int) -> None:
-    _release(gate)
-    _record(gate, method, path, status, time.perf_counter() - started)
+def _end_stream(gate: Gate, request: Request, path: str, started: float, status: int) -> None:
+    _release(gate, request)
+    _record(gate, request.method, path, status, time.perf_counter() - started)
 
 
 def _observe(gate: Gate, name: str, value: float) -> None:

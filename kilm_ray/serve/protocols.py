@@ -19,6 +19,7 @@ possible beginning of a stop sequence): the deltas of a field plus its tail are 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -43,26 +44,54 @@ def sse(data: Any, event: Optional[str] = None) -> bytes:
 # ----------------------------------------------------------------------------------------------
 
 PROTOCOLS = ("kilm", "tgi", "openai")
-TGI_ERROR_TYPES = {401: "authentication", 503: "overloaded", 500: "generation"}
-OPENAI_ERROR_TYPES = {401: "authentication_error", 503: "server_error", 500: "server_error"}
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # an input over the model's or the server's token limit
+# TGI's router: 422 validation, 429 overloaded, 424 generation (huggingface_hub raises ValidationError,
+# OverloadedError, GenerationError from error_type). A 401 is not TGI's (it has no auth): no error_type, so the
+# client raises its plain HTTP error for a 401, as for any Hugging Face endpoint that refuses a token.
+TGI_ERROR_TYPES = {429: "overloaded", 424: "generation"}
+OPENAI_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+_PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+
+
+def protocol_status(protocol: str, status: int, code: Optional[str] = None) -> int:
+    """Our status as the protocol says it: OpenAI answers a request it cannot take (and an over-long input)
+    with 400; TGI says 429 when overloaded, 424 when generation failed, 422 for an over-long input."""
+    if protocol == "openai" and (status == 422 or code == CONTEXT_LENGTH_EXCEEDED):
+        return 400
+    if protocol == "tgi":
+        if code == CONTEXT_LENGTH_EXCEEDED:
+            return 422
+        return {503: 429, 500: 424}.get(status, status)
+    return status
 
 
 def error_body(protocol: str, status: int, message: str, problems: Optional[list[str]] = None,
                retry_after_s: Optional[int] = None, code: Optional[str] = None) -> dict:
-    """The body of an error answer in the protocol's own shape: ours ``{"error", ...}``; TGI's
-    ``{"error", "error_type"}`` (its clients raise ValidationError, OverloadedError, ... from it); OpenAI's
-    ``{"error": {"message", "type", "param", "code"}}``."""
+    """The body of an error answer (``status`` as ``protocol_status`` gives it) in the protocol's own shape:
+    ours ``{"error", ...}``; TGI's ``{"error", "error_type"}``; OpenAI's ``{"error": {"message", "type",
+    "param", "code"}}`` (``param``: the request field the message names first)."""
     if protocol == "tgi":
-        return {"error": message, "error_type": TGI_ERROR_TYPES.get(status, "validation")}
+        if status == 401:
+            return {"error": message}
+        return {"error": message, "error_type": TGI_ERROR_TYPES.get(status, "validation" if status < 500 else
+                                                                    "generation")}
     if protocol == "openai":
-        return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "invalid_request_error"),
-                          "param": None, "code": code}}
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        named = _PARAM.match(message)
+        return {"error": {"message": message, "type": kind, "param": named.group(1) if named else None,
+                          "code": code}}
     body: dict[str, Any] = {"error": message}
     if status == 422:
         body["problems"] = problems or [message]
     if retry_after_s is not None:
         body["retry_after_s"] = retry_after_s
     return body
+
+
+def stream_error(protocol: str, event: dict) -> bytes:
+    """A failure in the middle of a stream, as the protocol's error event."""
+    status = protocol_status(protocol, int(event["status"]), event.get("code"))
+    return sse(error_body(protocol, status, event["error"], code=event.get("code")))
 
 
 class ErrorBody(BaseModel):
@@ -84,7 +113,8 @@ class BusyErrorBody(ErrorBody):
 class TgiErrorBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     error: str
-    error_type: str = Field(description="validation, overloaded or generation (TGI's error types)")
+    error_type: Optional[str] = Field(None, description="validation, overloaded or generation (TGI's error types); "
+                                                        "absent on a 401 (TGI has no auth)")
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -142,19 +172,45 @@ def _refused(values: dict[str, Any], neutral: dict[str, Any], prefix: str = "") 
     return problems
 
 
-def stop_list(stop: Union[None, str, list[str]], field: str, limit: int = 4) -> list[str]:
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64  # serve.max_stop_chars' default
+
+
+def stop_list(stop: Union[None, str, list[str]], field: str, limit: int = MAX_STOPS,
+              max_chars: int = MAX_STOP_CHARS) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > limit:
         raise ValueError(f"{field}: {len(stops)} stop sequences; the limit is {limit}")
     if any(not s for s in stops):
         raise ValueError(f"{field}: a stop sequence is empty")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > max_chars:
+        raise ValueError(f"{field}: a stop sequence of {longest} characters; the limit is {max_chars}")
     return stops
+
+
+def held_suffix(text: str, stop: str) -> int:
+    """Length of the longest proper suffix of ``text`` that begins ``stop`` (0: none). Only positions where
+    ``stop``'s first character occurs are tried (found in C by ``str.find``), over the last len(stop)-1
+    characters: O(len(stop)) per call however long ``text`` grew."""
+    first, at = stop[0], max(0, len(text) - len(stop) + 1)
+    while True:
+        at = text.find(first, at)
+        if at < 0:
+            return 0
+        if stop.startswith(text[at:]):
+            return len(text) - at
+        at += 1
 
 
 class StopMatcher:
     """Stop sequences on streamed text: ``feed`` returns the text that is safe to send (a suffix that could
     begin a stop sequence is held back) and the stop sequence once one appears; the text before it is
-    the answer (OpenAI leaves the sequence out; TGI adds it back)."""
+    the answer (OpenAI leaves the sequence out; TGI adds it back).
+
+    Cost per fed token: what is held back is shorter than the longest stop, so each feed searches at most
+    len(delta) + len(stop) characters per stop (a 4 x 15,000-character stop list once cost ~18 ms a token;
+    stops are now capped at serve.max_stop_chars as well)."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
@@ -167,13 +223,13 @@ class StopMatcher:
         if not self.stops:
             return delta
         self.pending += delta
-        found = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        found = [(at, s) for s in self.stops if (at := self.pending.find(s)) >= 0]
         if found:
             at, stop = min(found)
             self.matched = stop
             out, self.pending = self.pending[:at], ""
             return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max(held_suffix(self.pending, s) for s in self.stops)
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out):]
         return out
@@ -223,11 +279,11 @@ class TgiRequest(BaseModel):
 TGI_NEUTRAL = {"do_sample": False, "decoder_input_details": False, "best_of": 1, "watermark": False}
 
 
-def _stops_or_refuse(stop, field: str, problems: list[str]) -> list[str]:
+def _stops_or_refuse(stop, field: str, problems: list[str], max_chars: int) -> list[str]:
     """The request's stop strings; ValueError naming every problem found so far (and the stop's own)."""
     stops: list[str] = []
     try:
-        stops = stop_list(stop, field)
+        stops = stop_list(stop, field, max_chars=max_chars)
     except ValueError as exc:
         problems.append(str(exc))
     if problems:
@@ -235,14 +291,14 @@ def _stops_or_refuse(stop, field: str, problems: list[str]) -> list[str]:
     return stops
 
 
-def tgi_job(req: TgiRequest, default_max_new_tokens: int) -> dict:
+def tgi_job(req: TgiRequest, default_max_new_tokens: int, max_stop_chars: int = MAX_STOP_CHARS) -> dict:
     """The replica job of a TGI request; ValueError lists every unsupported or wrong parameter."""
     p = req.parameters
     problems = _refused({k: getattr(p, k) for k in ("do_sample", "decoder_input_details", "best_of", "temperature",
                                                      "top_k", "top_p", "typical_p", "repetition_penalty",
                                                      "frequency_penalty", "truncate", "watermark", "grammar",
                                                      "adapter_id")}, TGI_NEUTRAL, "parameters.")
-    stops = _stops_or_refuse(p.stop, "parameters.stop", problems)
+    stops = _stops_or_refuse(p.stop, "parameters.stop", problems, max_stop_chars)
     return {"task": "complete", "fields": {"prompt": req.inputs}, "stop": stops,
             "max_new_tokens": p.max_new_tokens or default_max_new_tokens, "num_beams": 1,
             "top_n": p.top_n_tokens or 0}
@@ -252,7 +308,16 @@ TGI_FINISH = {"eos": "eos_token", "stop_sequence": "stop_sequence", "length": "l
 
 
 def _tgi_token(event: dict) -> dict:
-    return {"id": event["id"], "text": event["text"], "logprob": event["logprob"], "special": event["special"]}
+    """A token as TGI gives it: its own text (not held back for a possible stop sequence)."""
+    return {"id": event["id"], "text": event.get("raw", event["text"]), "logprob": event["logprob"],
+            "special": event["special"]}
+
+
+def tgi_last_text(streamed: str, last: dict, done: dict, stop: Optional[str]) -> str:
+    """The last streamed token's text: what completes the generated text, so that the streamed texts join to
+    exactly ``generated_text`` (a stop sequence included, nothing generated after it)."""
+    text = done["answer"]["text"] + (stop or "")
+    return text[len(streamed):] if text.startswith(streamed) else last.get("raw", last["text"])
 
 
 def _tgi_top(event: dict) -> list[dict]:
@@ -327,15 +392,17 @@ OPENAI_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "temperature": 0.0, "top_
                   "frequency_penalty": 0.0, "logit_bias": {}, "suffix": ""}
 
 
-def openai_jobs(req: CompletionRequest, max_prompts: int) -> list[dict]:
+def openai_jobs(req: CompletionRequest, max_prompts: int, max_stop_chars: int = MAX_STOP_CHARS) -> list[dict]:
     """One replica job per prompt; ValueError lists every unsupported or wrong option."""
     problems = _refused({k: getattr(req, k) for k in OPENAI_NEUTRAL}, OPENAI_NEUTRAL)
+    if req.stream_options is not None and not req.stream:
+        problems.append("stream_options: only allowed when stream is true")
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
     if not prompts:
         problems.append("prompt: the list is empty")
     if len(prompts) > max_prompts:
         problems.append(f"prompt: {len(prompts)} prompts; the limit is {max_prompts}")
-    stops = _stops_or_refuse(req.stop, "stop", problems)
+    stops = _stops_or_refuse(req.stop, "stop", problems, max_stop_chars)
     return [{"task": "complete", "fields": {"prompt": p}, "stop": stops, "max_new_tokens": req.max_tokens or 16,
              "num_beams": 1, "top_n": req.logprobs or 0} for p in prompts]
 
@@ -344,13 +411,22 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
+def _top_by_text(top: list[dict]) -> dict[str, float]:
+    """OpenAI's top_logprobs is keyed by text: two tokens with the same text keep the likelier one (the
+    list is most likely first; a plain dict comprehension kept the last, the least likely)."""
+    out: dict[str, float] = {}
+    for alt in top:
+        out.setdefault(alt["text"], alt["logprob"])
+    return out
+
+
 def _openai_logprobs(tokens: list[dict], offset: int) -> dict:
     text_offset, at = [], offset
     for t in tokens:
         text_offset.append(at)
         at += len(t["text"])
     return {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
-            "top_logprobs": [{a["text"]: a["logprob"] for a in t.get("top") or []} for t in tokens],
+            "top_logprobs": [_top_by_text(t.get("top") or []) for t in tokens],
             "text_offset": text_offset}
 
 
@@ -378,15 +454,49 @@ def openai_completion(cid: str, model: str, choices: list[dict], dones: list[dic
 
 
 def openai_chunk(cid: str, model: str, created: int, index: int, text: str, finish_reason: Optional[str] = None,
-                 tokens: Optional[list[dict]] = None, offset: int = 0) -> dict:
-    """One streamed chunk: the same object with one choice holding a text delta."""
+                 tokens: Optional[list[dict]] = None, offset: int = 0, with_usage: bool = False) -> dict:
+    """One streamed chunk: the same object with one choice holding a text delta (and ``"usage": null`` when
+    the request asked for usage: OpenAI sends it on every chunk, filled in on the last one only)."""
     choice = {"index": index, "text": text, "finish_reason": finish_reason,
               "logprobs": _openai_logprobs(tokens, offset) if tokens is not None else None}
-    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    chunk = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def openai_model(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "kilm_ray"}
 
 
 def openai_models(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "kilm_ray"}]}
+    return {"object": "list", "data": [openai_model(model, created)]}
+
+
+CHAT_REFUSED = ("chat completions are not served: this is a BART knowledge-infilling model, not a chat model; "
+                "POST /v1/completions with a prompt (text to continue, text with <mask>, or a mention marked "
+                "<ent>...</ent> for its knowledge), or the probe API (/v1/describe, ...; docs/serving.md)")
+
+
+# ----------------------------------------------------------------------------------------------
+# TGI's informational routes
+# ----------------------------------------------------------------------------------------------
+
+
+def tgi_info(model_id: str, settings: dict, device: str, dtype: str, version: str, max_concurrent: int) -> dict:
+    """``GET /info`` as TGI's router answers it (the fields its clients and routers read)."""
+    return {"model_id": model_id, "model_sha": None, "model_dtype": dtype, "model_device_type": device,
+            "model_pipeline_tag": "text2text-generation", "max_concurrent_requests": max_concurrent,
+            "max_best_of": 1, "max_stop_sequences": MAX_STOPS, "max_input_tokens": int(settings["max_input_tokens"]),
+            "max_input_length": int(settings["max_input_tokens"]),  # its name before TGI 2.1
+            "max_total_tokens": int(settings["max_input_tokens"]) + int(settings["max_new_tokens_limit"]),
+            "validation_workers": 1, "max_client_batch_size": 1, "router": "kilm_ray", "version": version,
+            "sha": None, "docker_label": None}
+
+
+METRICS_REFUSED = ("metrics are not on the service port: they are on Ray's Prometheus endpoint of every node "
+                   "(ray start --metrics-export-port): ray_kilm_http_requests_total, ray_kilm_http_request_latency_ms, "
+                   "ray_kilm_model_batch_size, ... (docs/serving.md, Operating it)")
 
 
 Protocol = Literal["kilm", "tgi", "openai"]

@@ -89,17 +89,22 @@ class InputTooLong(ValueError):
     pass
 
 
-def _error(status: int, message: str) -> dict:
-    return {"type": "error", "status": status, "error": message}
+def _error(status: int, message: str, code: Optional[str] = None) -> dict:
+    return {"type": "error", "status": status, "error": message, "code": code}
 
 
 def _failure(exc: BaseException, rows: int) -> dict:
-    """A batch that failed: out of memory is a 503 (retry later), anything else a 500 naming the error."""
+    """A batch that failed: out of memory is a 503 (retry later), anything else a 500 whose details go to the
+    log under an id the client gets (exception text can hold paths and URIs of the deployment)."""
+    import uuid
+
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return _error(503, f"the model ran out of memory on a batch of {rows} requests; retry later")
-    return _error(500, f"the model failed on this batch: {type(exc).__name__}: {exc}")
+    error_id = uuid.uuid4().hex[:12]
+    log.error("batch of %d failed (error id %s): %s: %s", rows, error_id, type(exc).__name__, exc)
+    return _error(500, f"the model failed on this batch (error id {error_id}; the service log has the details)")
 
 
 @serve.deployment(name="KilmModel")
@@ -183,7 +188,7 @@ class KilmModel:
             yield _error(422, str(exc))
             return
         except InputTooLong as exc:
-            yield _error(413, str(exc))
+            yield _error(413, str(exc), "context_length_exceeded")
             return
         task = job["task"]
         answer = AnswerStream(m.tokenizer, m.sp, task, row.stop_ids)
@@ -204,6 +209,7 @@ class KilmModel:
                 for step in steps:
                     logprobs.append(step.logprob)
                     field, delta = answer.feed(step.token)
+                    raw = delta  # the token's own text (TGI streams it; OpenAI's text holds back a stop's start)
                     is_stop = step.token in row.stop_ids
                     if is_stop:
                         stop_reason = "eos"
@@ -214,8 +220,8 @@ class KilmModel:
                     if step.top:
                         top = [{"id": t, "text": m.tokenizer.decode([t]), "logprob": lp, "special": t in m.special}
                                for t, lp in step.top]
-                    yield {"type": "token", "id": step.token, "text": delta, "field": field, "logprob": step.logprob,
-                           "special": step.token in m.special, "stop": is_stop, "top": top}
+                    yield {"type": "token", "id": step.token, "text": delta, "raw": raw, "field": field,
+                           "logprob": step.logprob, "special": step.token in m.special, "stop": is_stop, "top": top}
                     if matcher is not None and matcher.matched is not None:
                         stop_reason = "stop_sequence"
                         row.cancelled = True
@@ -348,13 +354,22 @@ class KilmModel:
         except ProbeError as exc:
             return _error(422, str(exc))
         except InputTooLong as exc:
-            return _error(413, str(exc))
+            return _error(413, str(exc), "context_length_exceeded")
         scores = await self.score_batch((m, prompt, continuations))
         if isinstance(scores, dict):
             return scores
         ranked = sorted(((lp / max(n, 1), lp, c) for (lp, n), c in zip(scores, f["candidates"])), key=lambda t: -t[0])
         return {"ranking": [{"title": c["title"], "description": c["description"], "mean_logprob": mean,
                              "logprob": lp, "rank": i + 1} for i, (mean, lp, c) in enumerate(ranked)]}
+
+    async def tokenize(self, job: dict) -> list[dict]:
+        """TGI's ``/tokenize``: the input's tokens as this export's tokenizer splits it (BART's <s> and </s>
+        included, as the encoder sees them), with character offsets (0, 0 for the added ones)."""
+        m = self.loaded
+        text = job["text"]
+        enc = m.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        return [{"id": int(i), "text": text[a:b], "start": int(a), "stop": int(b)}
+                for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
 
     def info(self) -> dict:
         m = self.loaded
