@@ -3,7 +3,7 @@
 One Serve application (the tiny export, serve settings as shipped, on this machine's CPUs), one run:
 
 1. baseline: ``--clients`` normal clients (describe, greedy, ``--max-new-tokens``) for ``--seconds``;
-2. attack: the same normal load while another process runs, all at once,
+2. attack: the same normal load while another process runs each attack alone, then all at once:
    - ``--slow-bodies`` connections that announce a 60 kB body and send a byte every 2 s (reopened when cut),
    - OpenAI completions with 4 stop sequences of the longest allowed length, and with 15,000-character ones,
    - streamed OpenAI prompt lists whose last prompt is refused (over the input limit),
@@ -129,7 +129,10 @@ async def vanishing_streams(http, url: str, stop_at: float, counts: collections.
         counts[f"vanishing:{r.status_code}"] += 1
 
 
-def attack(url: str, seconds: float, slow_bodies: int, result: "mp.Queue") -> None:
+ATTACKS = {"long_stops": long_stops, "prompt_lists": refused_prompt_lists, "vanishing_streams": vanishing_streams}
+
+
+def attack(url: str, seconds: float, kinds: list[str], slow_bodies: int, result: "mp.Queue") -> None:
     import httpx
 
     async def run() -> dict:
@@ -145,14 +148,31 @@ def attack(url: str, seconds: float, slow_bodies: int, result: "mp.Queue") -> No
                     counts[type(exc).__name__] += 1
 
         async with httpx.AsyncClient(timeout=60) as http:
-            tasks = [slow_body(host, int(port), stop_at, counts) for _ in range(slow_bodies)]
-            for make in (long_stops, refused_prompt_lists, vanishing_streams):
-                for _ in range(2):
-                    tasks.append(guarded(lambda make=make: make(http, url, stop_at, counts)))
+            tasks = [slow_body(host, int(port), stop_at, counts) for _ in range(slow_bodies)] \
+                if "slow_bodies" in kinds else []
+            for kind, make in ATTACKS.items():
+                if kind in kinds:
+                    for _ in range(2):
+                        tasks.append(guarded(lambda make=make: make(http, url, stop_at, counts)))
             await asyncio.gather(*tasks)
         return dict(counts)
 
-    result.put(asyncio.run(run()))
+    counts = asyncio.run(run())
+    counts["attacker_cpu_s"] = round(time.process_time(), 1)  # this process's own share of the machine's CPUs
+    result.put(counts)
+
+
+def under_attack(url: str, args, kinds: list[str]) -> dict:
+    """The normal load while the given attacks run in another process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    attacker = ctx.Process(target=attack, args=(url, args.seconds + 5, kinds, args.slow_bodies, queue))
+    attacker.start()
+    time.sleep(5)  # the slow bodies connected, the attack loops running
+    measured = normal_load(url, args.clients, args.seconds, args.max_new_tokens)
+    measured["attacks"] = queue.get(timeout=300)
+    attacker.join(60)
+    return measured
 
 
 def main() -> None:
@@ -164,6 +184,8 @@ def main() -> None:
     parser.add_argument("--slow-bodies", type=int, default=300)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=4)
+    parser.add_argument("--phases", default="slow_bodies,long_stops,prompt_lists,vanishing_streams,all",
+                        help="which attacks to run, one phase each (all: every attack at once)")
     parser.add_argument("--name", default="serve_abuse")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -179,27 +201,24 @@ def main() -> None:
     settings = load_config(args.config, args.overrides).to_dict()["serve"]
     settings.update(device="cpu", num_gpus=0)
     port = free_local_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": settings["request_timeout_s"]})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": settings.get("request_timeout_s")})
     serve.run(build_application(args.model, settings), name="kilm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     normal_load(url, args.clients, 5, args.max_new_tokens)  # warm-up
     baseline = normal_load(url, args.clients, args.seconds, args.max_new_tokens)
     print("baseline", baseline, flush=True)
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    attacker = mp.get_context("spawn").Process(target=attack, args=(url, args.seconds + 5, args.slow_bodies, queue))
-    attacker.start()
-    time.sleep(5)  # the slow bodies connected, the attack loops running
-    attacked = normal_load(url, args.clients, args.seconds, args.max_new_tokens)
-    attacks = queue.get(timeout=300)
-    attacker.join(60)
-    print("under attack", attacked, flush=True)
+    phases = {}
+    for name in args.phases.split(","):
+        kinds = ["slow_bodies", *ATTACKS] if name == "all" else [name]
+        phases[name] = under_attack(url, args, kinds)
+        phases[name]["p99_ratio"] = round(phases[name]["p99_ms"] / baseline["p99_ms"], 2)
+        phases[name]["p50_ratio"] = round(phases[name]["p50_ms"] / baseline["p50_ms"], 2)
+        print(name, phases[name], flush=True)
     serve.shutdown()
     ray.shutdown()
-    ratio = attacked["p99_ms"] / baseline["p99_ms"]
     result = {"config": {k: v for k, v in vars(args).items() if k != "overrides"}, "serve": settings,
-              "baseline": baseline, "under_attack": attacked, "attacks": attacks,
-              "p99_ratio_attack_over_baseline": round(ratio, 2),
-              "goal_met": attacked["success_rate"] >= 0.99 and ratio <= 2.0}
+              "baseline": baseline, "under_attack": phases,
+              "goal_met": {name: p["success_rate"] >= 0.99 and p["p99_ratio"] <= 2.0 for name, p in phases.items()}}
     save(args.name, result)
 
 

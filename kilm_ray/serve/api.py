@@ -157,6 +157,13 @@ class ProbeAPI:
         beams = self._limit(req.num_beams, "num_beams", 1, "max_beams")
         return max_new, beams
 
+    async def _call_raw(self, method: str, *args):
+        """A model deployment method's own answer; a failed call as the JSON error the client gets."""
+        try:
+            return await getattr(self.model, method).remote(*args)
+        except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
+            raise ray_failure(exc) from None
+
     async def _call(self, method: str, job: dict) -> dict:
         return (await self._call_all(method, [job]))[0]
 
@@ -247,10 +254,7 @@ class ProbeAPI:
     async def model_info(self) -> dict:
         from kilm_ray.method.tokenizer import KILM_TOKENS
 
-        try:
-            info = await self.model.info.remote()
-        except Exception as exc:  # noqa: BLE001
-            raise ray_failure(exc) from None
+        info = await self._call_raw("info")
         s = self.settings
         # What a client needs to call the model well; no storage URI, path or process detail of the deployment.
         public = {k: info[k] for k in ("device", "dtype", "parameters", "batching", "waiting")}
@@ -352,29 +356,20 @@ class ProbeAPI:
         """TGI's ``/info``: the model and the server's limits, as TGI's clients and routers read them."""
         from kilm_ray import __version__
 
-        try:
-            info = await self.model.info.remote()
-        except Exception as exc:  # noqa: BLE001
-            raise ray_failure(exc) from None
+        info = await self._call_raw("info")
         return proto.tgi_info(self.model_id, self.settings, info["device"], info["dtype"], __version__,
                               admission_limit(self.settings))
 
     @app.get("/health", responses=TGI_ERRORS)
     async def tgi_health(self):
         """TGI's ``/health``: 200 once a model replica answers (503 while none does)."""
-        try:
-            await self.model.info.remote()
-        except Exception as exc:  # noqa: BLE001
-            raise ray_failure(exc) from None
+        await self._call_raw("info")
         return Response(status_code=200)
 
     @app.post("/tokenize", responses=TGI_ERRORS)
     async def tgi_tokenize(self, req: TgiRequest) -> list:
         """TGI's ``/tokenize``: the input's tokens (id, text, start, stop) as the model's tokenizer splits it."""
-        try:
-            return await self.model.tokenize.remote({"text": req.inputs})
-        except Exception as exc:  # noqa: BLE001
-            raise ray_failure(exc) from None
+        return await self._call_raw("tokenize", {"text": req.inputs})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_elsewhere(self):
@@ -411,6 +406,10 @@ class ProbeAPI:
             job["max_new_tokens"] = self._limit(job["max_new_tokens"], "max_tokens", 16, "max_new_tokens_limit")
             job["endpoint"] = "/v1/completions"
         current_gate().take_more(request, len(jobs) - 1)  # one admission slot per prompt
+        if len(jobs) > 1:  # all prompts checked before any generates: a refused one costs the others nothing
+            refused = await self._call_raw("check", jobs)
+            if refused is not None:
+                raise ApiError(int(refused["status"]), refused["error"], code=refused.get("code"))
         cid, created = proto.completion_id(), int(time.time())
         if not req.stream:
             outs = await self._call_all("answer", jobs)

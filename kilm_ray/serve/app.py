@@ -64,6 +64,9 @@ def _versioned(deployment):
     return deployment.options(version=code_version(), _internal=True)
 
 
+INGRESS_BODY_ROOM = 1024  # requests an ingress replica holds beyond admission: bodies arriving, fast refusals
+
+
 def build_application(model_uri: str, settings: dict, draining: bool = False):
     """The bound application (ingress + model) for ``serve.run``; ``settings`` = the serve config.
 
@@ -94,9 +97,12 @@ def build_application(model_uri: str, settings: dict, draining: bool = False):
     ingress = _versioned(ProbeAPI.options(
         ray_actor_options={"num_cpus": s["ingress_cpus"], **quiet},
         num_replicas=s["ingress_replicas"],
-        # Our gate answers 503 at `admission`; Serve's own limit sits above it (room for the fast 503s) and
-        # Serve never queues for the ingress, so every 503 a client sees has the same JSON body.
-        max_ongoing_requests=admission + 64 if admission else max(s["max_ongoing_requests"], 2 * s["max_batch_size"]),
+        # Our gate answers 503 at `admission`; Serve's own limit sits above it, with room for the fast 503s and
+        # for requests whose bodies are still arriving (they hold no admission slot, but Serve counts them: a
+        # few hundred slow bodies within 64 of the limit queued every normal request behind them), and Serve
+        # never queues for the ingress, so every 503 a client sees has the same JSON body.
+        max_ongoing_requests=admission + INGRESS_BODY_ROOM if admission else
+        max(s["max_ongoing_requests"], 2 * s["max_batch_size"]) + INGRESS_BODY_ROOM,
         max_queued_requests=-1,
         user_config={"draining": bool(draining)}, logging_config=logging_config, **graceful,
     ))

@@ -160,6 +160,22 @@ class KilmModel:
         return Row(m, prompt, tuple(sorted({prompt.stop_id, m.sp.eos})), int(job["max_new_tokens"]),
                    int(job.get("num_beams", 1)), int(job.get("top_n", 0)), no_repeat_ngram_size=no_repeat)
 
+    async def check(self, jobs: list[dict]) -> Optional[dict]:
+        """Every job tokenized and checked against the limits, none generated: the first one's error event,
+        or None. An OpenAI prompt list is checked so before any of its prompts starts, so a list with one
+        refused prompt costs no generation (opening them all and cancelling cost 7 generations a request)."""
+        from kilm_ray.method.probes import ProbeError
+
+        m = self.loaded
+        for job in jobs:
+            try:
+                self._row(m, job)
+            except ProbeError as exc:
+                return _error(422, str(exc))
+            except InputTooLong as exc:
+                return _error(413, str(exc), "context_length_exceeded")
+        return None
+
     # -- the request's events ---------------------------------------------------------------------
 
     async def stream(self, job: dict) -> AsyncIterator[dict]:
