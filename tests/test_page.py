@@ -3,7 +3,10 @@ selenium): type a sentence, select the mention and mark it, pick the probe, ask,
 it streams in, title and description apart; the same answer as the API gives. CI installs chromium
 (.ci/run) and sets KILM_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping.
 
-``KILM_PAGE_SCREENSHOT=docs/serving-page.png`` also saves the screenshot where the docs show it."""
+``KILM_PAGE_SCREENSHOT=docs/serving-page.png`` also saves the screenshot where the docs show it; with
+``KILM_PAGE_URL`` (a running service, e.g. ``kilm-ray demo --keep-serving``'s) and ``KILM_PAGE_SENTENCE`` /
+``KILM_PAGE_MENTION`` the page is driven against that service and sentence instead (how the docs' picture of
+the demo's model answering a held-out mention was taken)."""
 
 import os
 import shutil
@@ -18,8 +21,9 @@ MISSING = "Debian's chromium and chromium-driver are not installed (apt-get inst
 
 pytestmark = pytest.mark.slow
 
-SENTENCE = "Aristotle was a Greek philosopher and polymath."
-MENTION = "philosopher"
+SENTENCE = os.environ.get("KILM_PAGE_SENTENCE", "Aristotle was a Greek philosopher and polymath.")
+MENTION = os.environ.get("KILM_PAGE_MENTION", "philosopher")
+MAX_TOKENS = int(os.environ.get("KILM_PAGE_MAX_TOKENS", "12"))
 
 
 @pytest.fixture()
@@ -44,9 +48,17 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_the_page_streams_a_probe_answer_in_a_real_browser(service, browser, tmp_path):
+@pytest.fixture()
+def page_service(request) -> str:
+    """The service the page is driven against: KILM_PAGE_URL when given, else the session's test service."""
+    return os.environ.get("KILM_PAGE_URL") or request.getfixturevalue("service")
+
+
+def test_the_page_streams_a_probe_answer_in_a_real_browser(page_service, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    service = page_service
 
     browser.get(f"{service}/")
     assert "Probe the knowledge" in browser.find_element(By.TAG_NAME, "h1").text
@@ -62,7 +74,7 @@ def test_the_page_streams_a_probe_answer_in_a_real_browser(service, browser, tmp
     browser.find_element(By.CSS_SELECTOR, "input[name=probe][value=describe]").click()
     tokens = browser.find_element(By.ID, "max")
     tokens.clear()
-    tokens.send_keys("12")
+    tokens.send_keys(str(MAX_TOKENS))
     browser.find_element(By.ID, "ask").click()
     answer = browser.find_element(By.ID, "answer")
     WebDriverWait(browser, 90).until(lambda d: answer.get_attribute("data-state") in ("done", "error"))
@@ -70,7 +82,7 @@ def test_the_page_streams_a_probe_answer_in_a_real_browser(service, browser, tmp
     assert answer.get_attribute("data-state") == "done", status
     title = browser.find_element(By.ID, "field-title").get_property("textContent")
     description = browser.find_element(By.ID, "field-description").get_property("textContent")
-    api = httpx.post(f"{service}/v1/describe", json={"text": marked, "max_new_tokens": 12}, timeout=120).json()
+    api = httpx.post(f"{service}/v1/describe", json={"text": marked, "max_new_tokens": MAX_TOKENS}, timeout=120).json()
     assert (title, description) == (api["title"], api["description"])
     assert int(answer.get_attribute("data-deltas")) >= 2 or len(api["title"] + api["description"]) < 8, \
         "the answer came in one piece, not streamed"

@@ -264,6 +264,9 @@ def test_openai_client_completions_streaming_and_not(service):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="kilm", prompt="word " * 300)
     assert err.value.code == "context_length_exceeded" and "the limit is 64" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # a list is checked whole before any prompt generates
+        client.completions.create(model="kilm", prompt=[PROMPT, "word " * 300], stream=True)
+    assert err.value.code == "context_length_exceeded"
     raw = httpx.post(f"{service}/v1/completions", json={"model": "kilm", "prompt": PROMPT, "max_tokens": 4, "stream": True,
                                                         "stream_options": {"include_usage": True}}, timeout=120)
     frames = [json.loads(line[6:]) for line in raw.text.splitlines() if line.startswith("data: {")]
