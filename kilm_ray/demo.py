@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -280,7 +281,10 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            pass
+            # A terminal's Ctrl-C also reaches Ray's processes; a second one must not cut the shutdown short
+            # (a KeyboardInterrupt traceback out of ray.shutdown, and the demo reported as failed).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print("stopping the service", flush=True)
     from ray import serve
 
     if owns_ray:  # the whole local Ray goes (serve.shutdown first would leave a task-failure line on stdout)
