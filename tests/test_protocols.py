@@ -155,6 +155,7 @@ def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_doe
     assert logged == [["POST", "/v1/stream-probe", str(status)]], logged
 
 
+@pytest.mark.slow  # a Serve run: the fast subset has none (docs/development.md)
 def test_tgi_inference_client_streaming_and_not(service):
     from huggingface_hub import InferenceClient
     from huggingface_hub.errors import ValidationError
