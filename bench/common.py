@@ -42,3 +42,17 @@ def save(name: str, result: dict) -> Path:
     print(json.dumps(result, indent=2, default=str))
     print(f"-> {path}", file=sys.stderr)
     return path
+
+
+def local_serve(cpus: int, request_timeout_s=None) -> int:
+    """A local Ray with ``cpus`` CPUs and Serve's HTTP proxy on a free 127.0.0.1 port (returned)."""
+    import ray
+    from ray import serve
+
+    from kilm_ray.cluster import free_local_port
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    port = free_local_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": request_timeout_s})
+    return port

@@ -23,7 +23,6 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import threading
@@ -32,8 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, save  # noqa: E402
-from kilm_ray.cluster import free_local_port  # noqa: E402
+from bench.common import REPO, local_serve, save  # noqa: E402
 
 TEXT = "Aristotle was a Greek <ent>philosopher</ent> and polymath during the Classical period."
 
@@ -196,12 +194,9 @@ def main() -> None:
     from kilm_ray.config import load_config
     from kilm_ray.serve.app import build_application
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     settings = load_config(args.config, args.overrides).to_dict()["serve"]
     settings.update(device="cpu", num_gpus=0)
-    port = free_local_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": settings.get("request_timeout_s")})
+    port = local_serve(args.cpus, settings.get("request_timeout_s"))
     serve.run(build_application(args.model, settings), name="kilm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     normal_load(url, args.clients, 5, args.max_new_tokens)  # warm-up

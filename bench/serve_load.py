@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import os
 import statistics
 import sys
 import time
@@ -22,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, save  # noqa: E402
-from kilm_ray.cluster import free_local_port  # noqa: E402
+from bench.common import REPO, local_serve, save  # noqa: E402
 
 TEXTS = [
     "Aristotle was a Greek <ent>philosopher</ent> and polymath during the Classical period.",
@@ -126,11 +124,8 @@ def main() -> None:
     from kilm_ray.config import load_config
     from kilm_ray.serve.app import build_application
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     cfg = load_config(args.config, args.overrides)
-    port = free_local_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = local_serve(args.cpus)
     base = cfg.to_dict()["serve"]
     base.update(max_ongoing_requests=max(4 * args.batch, args.clients), max_queued_requests=-1,
                 max_input_tokens=512)

@@ -48,15 +48,15 @@ class ServeConfig:
                             "and request id, is always written).", default=False)
     auth: Literal["auto", "required", "open"] = doc(
         "Bearer-token auth on every route but / and /healthz. required: the service does not start without a "
-        "token; open: no token, anyone who reaches the port; auto: required unless serve.host is a loopback "
+        "token; open: no token (anyone who reaches the port may call the model); auto: required unless serve.host is a loopback "
         "address (a Serve config file, whose proxy may listen anywhere, is always required). The token itself "
         "is never a config value (it would show on the dashboard): see auth_token_env and auth_token_file.",
         default="auto")
     auth_token_env: str = doc("Environment variable holding the bearer token (read by the ingress replicas).",
                               default="KILM_SERVE_TOKEN")
     auth_token_file: Optional[str] = doc(
-        "File holding the bearer token (a mounted Kubernetes Secret; on `ray up`, a file_mounts entry); "
-        "wins over the environment variable.", default=None)
+        "File holding the bearer token (a mounted Kubernetes Secret; on `ray up`, the file cluster.yaml writes "
+        "from Secrets Manager); wins over the environment variable.", default=None)
     body_timeout_s: float = doc(
         "A request body must arrive whole within this long (else 408); a slow body holds no admission slot "
         "meanwhile.", default=10.0)
