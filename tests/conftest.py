@@ -237,6 +237,25 @@ def service(serve_instance) -> str:
 
 
 @pytest.fixture
+def request_log(caplog):
+    """``caplog`` holding the gate's request lines (``ray.serve``) once each: the logger set up as Serve sets
+    it (INFO, not propagating), which a test that runs before anything imports Serve would otherwise lack."""
+    import logging
+
+    request_log = logging.getLogger("ray.serve")
+    level, propagate = request_log.level, request_log.propagate
+    request_log.addHandler(caplog.handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
+    try:
+        yield caplog
+    finally:
+        request_log.removeHandler(caplog.handler)
+        request_log.setLevel(level)
+        request_log.propagate = propagate
+
+
+@pytest.fixture
 def no_serve(serve_instance) -> None:
     """The session cluster's CPUs without the serving tests' Serve on them."""
     serve_instance.release()

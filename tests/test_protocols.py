@@ -91,12 +91,12 @@ def test_unsupported_options_are_refused_by_name():
 
 
 @pytest.mark.parametrize("client, status", [("reads every byte", 200), ("gone before the body began", 499)])
-def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_does(client, status, caplog):
+def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_does(client, status,
+                                                                                   request_log):
     """Through the gated route: the in-flight count of a stream is released once, when its ASGI call ends,
     also when the body never began (a body-iterator wrapper never ran its ``finally`` then: the slot leaked,
     and enough leaks answer 503); an answer the client left is logged as 499 and cancels its model stream."""
     import asyncio
-    import logging
 
     from fastapi import FastAPI
 
@@ -135,23 +135,14 @@ def test_a_streamed_answer_frees_its_admission_slot_once_whatever_the_client_doe
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     gate = serve_gate.current_gate()
     before = gate.in_flight
-    request_log = logging.getLogger("ray.serve")  # Serve's logger does not propagate to the root one
-    request_log.addHandler(caplog.handler)
-    level, propagate = request_log.level, request_log.propagate
-    request_log.setLevel(logging.INFO)  # as Serve configures it (alone, this test may run before Serve is imported)
-    request_log.propagate = False  # as Serve sets it (alone, this test runs before anything imports Serve)
     try:
         asyncio.run(api(scope, receive, send))
     except Exception:  # noqa: BLE001 - the disconnect may surface; what matters is the gate after it
         pass
-    finally:
-        request_log.removeHandler(caplog.handler)
-        request_log.setLevel(level)
-        request_log.propagate = propagate
     assert gate.in_flight == before
     assert started == ([True] if client == "reads every byte" else [])
     assert cancelled == ([] if status == 200 else [True])
-    logged = [r.getMessage().split()[:3] for r in caplog.records if "/v1/stream-probe" in r.getMessage()]
+    logged = [r.getMessage().split()[:3] for r in request_log.records if "/v1/stream-probe" in r.getMessage()]
     assert logged == [["POST", "/v1/stream-probe", str(status)]], logged
 
 

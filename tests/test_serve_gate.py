@@ -3,8 +3,6 @@ bearer token comes from and when one is required, the JSON-only body, and a stre
 leaves, through a real uvicorn server (ASGI spec 2.3, as Serve's proxy runs it)."""
 
 import asyncio
-import logging
-import socket
 import threading
 import time
 
@@ -13,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kilm_ray.cluster import free_local_port
 from kilm_ray.serve import gate as serve_gate
 from kilm_ray.serve import protocols as proto
 
@@ -127,13 +126,7 @@ def test_only_json_bodies_are_read(content_type, refused):
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_client_that_leaves_a_stream_cancels_it_under_uvicorns_asgi_spec(caplog):
+def test_a_client_that_leaves_a_stream_cancels_it_under_uvicorns_asgi_spec(request_log):
     """uvicorn reports ASGI spec 2.3: Starlette then watches for the disconnect itself and returns normally
     when it comes. The stream must still count as left (499) and cancel its model stream, and its slot is
     freed; a client that reads to the end is a 200."""
@@ -158,14 +151,9 @@ def test_a_client_that_leaves_a_stream_cancels_it_under_uvicorns_asgi_spec(caplo
     async def stream_probe(n: int = 500):
         return serve_gate.sse_response(tokens(n), [ModelStream()])
 
-    port = _free_port()
+    port = free_local_port()
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
-    request_log = logging.getLogger("ray.serve")
-    request_log.addHandler(caplog.handler)
-    level, propagate = request_log.level, request_log.propagate
-    request_log.setLevel(logging.INFO)  # as Serve configures it (alone, this test may run before Serve is imported)
-    request_log.propagate = False
     gate = serve_gate.current_gate()
     before = gate.in_flight
     thread.start()
@@ -189,8 +177,5 @@ def test_a_client_that_leaves_a_stream_cancels_it_under_uvicorns_asgi_spec(caplo
     finally:
         server.should_exit = True
         thread.join(30)
-        request_log.removeHandler(caplog.handler)
-        request_log.setLevel(level)
-        request_log.propagate = propagate
-    statuses = [r.getMessage().split()[2] for r in caplog.records if "/v1/stream-probe" in r.getMessage()]
+    statuses = [r.getMessage().split()[2] for r in request_log.records if "/v1/stream-probe" in r.getMessage()]
     assert statuses == ["499", "200"] and cancelled == [True]

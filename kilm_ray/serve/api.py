@@ -96,6 +96,21 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return error_response("kilm", e.status, e.message, e.problems)
 
 
+async def _answer_of(awaitable):
+    """What a call to the model deployment gave; its failure as the JSON error the client gets."""
+    try:
+        return await awaitable
+    except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
+        raise ray_failure(exc) from None
+
+
+def _unless_refused(event: dict) -> dict:
+    """The replica's answer or first event, unless it is an error event: then the client's error."""
+    if event.get("type") == "error":
+        raise ApiError(int(event["status"]), event["error"], code=event.get("code"))
+    return event
+
+
 def _done(out: dict) -> dict:
     if "done" not in out:
         raise ApiError(int(out.get("status", 500)), str(out.get("error", "no answer")))
@@ -159,10 +174,7 @@ class ProbeAPI:
 
     async def _call_raw(self, method: str, *args):
         """A model deployment method's own answer; a failed call as the JSON error the client gets."""
-        try:
-            return await getattr(self.model, method).remote(*args)
-        except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
-            raise ray_failure(exc) from None
+        return await _answer_of(getattr(self.model, method).remote(*args))
 
     async def _call(self, method: str, job: dict) -> dict:
         return (await self._call_all(method, [job]))[0]
@@ -173,13 +185,7 @@ class ProbeAPI:
         outs = []
         try:
             for response in responses:
-                try:
-                    out = await response
-                except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
-                    raise ray_failure(exc) from None
-                if out.get("type") == "error":
-                    raise ApiError(int(out["status"]), out["error"], code=out.get("code"))
-                outs.append(out)
+                outs.append(_unless_refused(await _answer_of(response)))
         except BaseException:
             for response in responses:
                 response.cancel()
@@ -195,12 +201,7 @@ class ProbeAPI:
         streams = [self.model.options(stream=True).stream.remote(job) for job in jobs]
         try:
             for stream in streams:
-                try:
-                    first = await stream.__anext__()
-                except Exception as exc:  # noqa: BLE001
-                    raise ray_failure(exc) from None
-                if first["type"] == "error":
-                    raise ApiError(int(first["status"]), first["error"], code=first.get("code"))
+                _unless_refused(await _answer_of(stream.__anext__()))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -358,7 +359,7 @@ class ProbeAPI:
 
         info = await self._call_raw("info")
         return proto.tgi_info(self.model_id, self.settings, info["device"], info["dtype"], __version__,
-                              admission_limit(self.settings))
+                              current_gate().max_in_flight)
 
     @app.get("/health", responses=TGI_ERRORS)
     async def tgi_health(self):
@@ -407,9 +408,9 @@ class ProbeAPI:
             job["endpoint"] = "/v1/completions"
         current_gate().take_more(request, len(jobs) - 1)  # one admission slot per prompt
         if len(jobs) > 1:  # all prompts checked before any generates: a refused one costs the others nothing
-            refused = await self._call_raw("check", jobs)
+            refused = await self._call_raw("check", jobs)  # None when every prompt passes
             if refused is not None:
-                raise ApiError(int(refused["status"]), refused["error"], code=refused.get("code"))
+                _unless_refused(refused)
         cid, created = proto.completion_id(), int(time.time())
         if not req.stream:
             outs = await self._call_all("answer", jobs)

@@ -82,12 +82,17 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(422, "; ".join(problems), problems)
 
 
-def internal_error(what: str, exc: BaseException) -> ApiError:
-    """A 500 that names no internals: the exception (paths, URIs, library text) goes to the log under an id
-    the client gets, so an operator can find it and a client learns nothing about the deployment."""
+def logged_under_an_id(what: str, exc: BaseException) -> str:
+    """The message of a failure that names no internals: the exception (paths, URIs, library text) goes to
+    the log under an id the client gets, so an operator can find it and a client learns nothing about the
+    deployment. (The ingress's 500s and the model replica's failed batches alike.)"""
     error_id = uuid.uuid4().hex[:12]
     log.error("%s (error id %s): %s: %s", what, error_id, type(exc).__name__, exc)
-    return ApiError(500, f"{what} (error id {error_id}; the service log has the details)")
+    return f"{what} (error id {error_id}; the service log has the details)"
+
+
+def internal_error(what: str, exc: BaseException) -> ApiError:
+    return ApiError(500, logged_under_an_id(what, exc))
 
 
 def ray_failure(exc: BaseException) -> ApiError:
@@ -128,6 +133,12 @@ class Gate:
     def at_capacity(self, wanted: int = 1) -> bool:
         return bool(self.max_in_flight) and self.in_flight + wanted > self.max_in_flight
 
+    def hold(self, request: Request, slots: int) -> None:
+        """Count ``slots`` more model jobs in flight for ``request``; all of them go when it ends (``_release``)."""
+        self.in_flight += slots
+        request.state.kilm_slots = getattr(request.state, "kilm_slots", 0) + slots
+        _observe(self, "in_flight", self.in_flight)
+
     def take_more(self, request: Request, more: int) -> None:
         """Slots for the extra model jobs of one request (an OpenAI prompt list), released with its own; 503
         when they are not free, so one request never runs more jobs than admission allows."""
@@ -136,9 +147,7 @@ class Gate:
         if self.at_capacity(more):
             raise ApiError(503, f"the service is at capacity ({self.in_flight} model jobs in flight; this request "
                                 f"needs {more + 1})")
-        self.in_flight += more
-        request.state.kilm_slots = getattr(request.state, "kilm_slots", 1) + more
-        _observe(self, "in_flight", self.in_flight)
+        self.hold(request, more)
 
     def unauthorized(self, method: str, path: str, authorization: Optional[str]) -> bool:
         if self.token is None or (method, path) in OPEN_ROUTES:
@@ -258,9 +267,7 @@ class GatedRoute(APIRoute):
             protocol = protocol_of(request.method, path)
             request, response = await _admitted(request, path, protocol, gate)
             if response is None:
-                request.state.kilm_slots = 1
-                gate.in_flight += 1
-                _observe(gate, "in_flight", gate.in_flight)
+                gate.hold(request, 1)
                 try:
                     response = await _answer(handler, request, protocol)
                 finally:
@@ -320,7 +327,7 @@ async def _answer(handler, request: Request, protocol: str):
 
 
 def _release(gate: Gate, request: Request) -> None:
-    gate.in_flight -= getattr(request.state, "kilm_slots", 1)
+    gate.in_flight -= request.state.kilm_slots
     _observe(gate, "in_flight", gate.in_flight)
 
 

@@ -93,18 +93,24 @@ def _error(status: int, message: str, code: Optional[str] = None) -> dict:
     return {"type": "error", "status": status, "error": message, "code": code}
 
 
+def _refused_input(exc: Exception) -> dict:
+    """A request whose input the replica refuses: too long for the model or the server (413, OpenAI's
+    context_length_exceeded), or not a prompt the probe can build (422)."""
+    if isinstance(exc, InputTooLong):
+        return _error(413, str(exc), "context_length_exceeded")
+    return _error(422, str(exc))
+
+
 def _failure(exc: BaseException, rows: int) -> dict:
     """A batch that failed: out of memory is a 503 (retry later), anything else a 500 whose details go to the
     log under an id the client gets (exception text can hold paths and URIs of the deployment)."""
-    import uuid
-
     import torch
+
+    from kilm_ray.serve.gate import logged_under_an_id
 
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return _error(503, f"the model ran out of memory on a batch of {rows} requests; retry later")
-    error_id = uuid.uuid4().hex[:12]
-    log.error("batch of %d failed (error id %s): %s: %s", rows, error_id, type(exc).__name__, exc)
-    return _error(500, f"the model failed on this batch (error id {error_id}; the service log has the details)")
+    return _error(500, logged_under_an_id(f"the model failed on a batch of {rows} requests", exc))
 
 
 @serve.deployment(name="KilmModel")
@@ -170,10 +176,8 @@ class KilmModel:
         for job in jobs:
             try:
                 self._row(m, job)
-            except ProbeError as exc:
-                return _error(422, str(exc))
-            except InputTooLong as exc:
-                return _error(413, str(exc), "context_length_exceeded")
+            except (ProbeError, InputTooLong) as exc:
+                return _refused_input(exc)
         return None
 
     # -- the request's events ---------------------------------------------------------------------
@@ -200,11 +204,8 @@ class KilmModel:
         m = self.loaded  # this request's model, whatever a rollout swaps in meanwhile
         try:
             row = self._row(m, job)
-        except ProbeError as exc:
-            yield _error(422, str(exc))
-            return
-        except InputTooLong as exc:
-            yield _error(413, str(exc), "context_length_exceeded")
+        except (ProbeError, InputTooLong) as exc:
+            yield _refused_input(exc)
             return
         task = job["task"]
         answer = AnswerStream(m.tokenizer, m.sp, task, row.stop_ids)
@@ -367,10 +368,8 @@ class KilmModel:
             room = min(int(self.settings["max_candidate_tokens"]), m.max_positions - len(prompt.decoder_prefix))
             continuations = [candidate_continuation(m.tokenizer, m.sp, c["title"], c["description"], room,
                                                     f"candidates.{i}") for i, c in enumerate(f["candidates"])]
-        except ProbeError as exc:
-            return _error(422, str(exc))
-        except InputTooLong as exc:
-            return _error(413, str(exc), "context_length_exceeded")
+        except (ProbeError, InputTooLong) as exc:
+            return _refused_input(exc)
         scores = await self.score_batch((m, prompt, continuations))
         if isinstance(scores, dict):
             return scores
