@@ -1,5 +1,5 @@
 """The evaluation's controls as pure functions: bootstrap intervals and paired tests, the seeded sample,
-the tables' group-by rows, the memory ceiling, what counts as a title the mention does not give, the
+the tables' group-by rows, the training lookup, what counts as a title the mention does not give, the
 data-matched baseline's plain-text probe, and question files as published. No Ray, no model."""
 
 import gzip
@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kilm_ray.method.metrics import same_up_to_inflection
 from kilm_ray.eval.stats import claim, interval, paired_test, ratio_interval
@@ -44,7 +46,7 @@ def test_ratio_interval_is_a_ratio_of_sums_over_items():
     loss, tokens = [10.0, 30.0, 20.0], [5, 10, 5]
     r = ratio_interval(loss, tokens, seed=0)
     assert r["ratio"] == pytest.approx(60 / 20) and r["low"] <= 3.0 <= r["high"]
-    frac = ratio_interval([1, 0, 1, 1], [1, 1, 1, 1])  # a model's EM over the ceiling's, same mentions
+    frac = ratio_interval([1, 0, 1, 1], [1, 1, 1, 1])  # a model's EM over the lookup's, same mentions
     assert frac["ratio"] == 0.75
 
 
@@ -201,7 +203,7 @@ def _mention_item(tok, sp, left, mention, right, title, desc, k):
 
 
 def test_probe_functions_on_a_model(probe_model):
-    """Each probe gives one result per item, in both forms; the ceiling scores its prediction against the
+    """Each probe gives one result per item, in both forms; the training lookup scores its prediction against the
     gold; an unbuildable appositive and a question with a control token are refused, not raised."""
     from kilm_ray.eval import probing
     from kilm_ray.method.masking import MaskingParams
@@ -211,15 +213,15 @@ def test_probe_functions_on_a_model(probe_model):
     items = [_mention_item(tok, sp, "The Greek ", "philosophers", " taught in Athens. Then more.", "Philosopher",
                            "a lover of wisdom", 1),
              _mention_item(tok, sp, "He wrote in ", "Hebrew", ".", "Hebrew alphabet", "the script of Hebrew", 2)]
-    items[0]["ceiling_knowledge"] = items[0]["knowledge"]  # the ceiling knows this one
+    items[0]["lookup_knowledge"] = items[0]["knowledge"]  # the lookup knows this one
     items[1]["candidates"] = [{"title": "Hebrew language", "knowledge": items[0]["knowledge"]},
                               {"title": "Hebrew alphabet", "knowledge": items[1]["knowledge"]}]
     items[1]["gold"] = 1
     for form in ("slot", "text"):
         rows = probing.mentions(probe_model(form), items)
         assert [r["id"] for r in rows] == ["1:0", "2:0"]
-        assert rows[0]["ceiling"] == {"title_exact_match": 1.0, "description_f1": 1.0, "description_rouge_l": 1.0}
-        assert rows[1]["ceiling"]["title_exact_match"] == 0.0  # nothing known of this anchor text: no answer
+        assert rows[0]["lookup"] == {"title_exact_match": 1.0, "description_f1": 1.0, "description_rouge_l": 1.0}
+        assert rows[1]["lookup"]["title_exact_match"] == 0.0  # nothing known of this anchor text: no answer
         assert rows[0]["title_differs"] is False and rows[0]["copy_rule"] == 0.0  # an inflection, not knowledge
         assert rows[1]["title_differs"] is True and "anchor" in rows[1] and "anchor" not in rows[0]
         assert all(0 <= r["describe"]["description_f1"] <= 1 and "<sep>" in r["describe"]["generated"] for r in rows)
@@ -290,3 +292,74 @@ def test_mention_as_a_title_candidate_is_kept_only_where_the_model_scores_it_hig
 
     with pytest.raises(ConfigError, match="eval.title_candidates applies to greedy decoding; eval.num_beams is 2"):
         load_config(None, ["eval.num_beams=2", "eval.title_candidates=generated_or_mention"])
+
+
+def test_cluster_bootstrap_widens_intervals_where_items_share_an_article():
+    """Mentions of one article move together: resampling them as independent items understates the
+    uncertainty. With the articles as clusters the interval is wider, the mean the same, and every figure
+    says how many clusters it rests on; a label per item is required."""
+    rng = np.random.default_rng(5)
+    article_effect = rng.normal(0, 0.3, 10)
+    articles = np.repeat(np.arange(10), 100)  # 1,000 mentions in 10 articles
+    scores = np.clip(0.5 + article_effect[articles] + rng.normal(0, 0.1, 1000), 0, 1)
+    naive, clustered = interval(scores, seed=2), interval(scores, seed=2, clusters=articles.tolist())
+    assert clustered["mean"] == naive["mean"] and clustered["n"] == 1000
+    assert clustered["clusters"] == 10 and naive["clusters"] == 1000
+    assert (clustered["high"] - clustered["low"]) > 3 * (naive["high"] - naive["low"])
+    # Every item its own cluster is the plain bootstrap; one cluster gives no spread to resample.
+    assert interval(scores, seed=2, clusters=list(range(1000))) == naive
+    one = interval([0.2, 0.4], clusters=["A", "A"])
+    assert one["low"] == one["high"] == pytest.approx(0.3) and one["clusters"] == 1
+    with pytest.raises(ValueError, match="label every item"):
+        interval(scores, clusters=[0, 1])
+    # Paired: a difference carried by one article of ten is not a difference of the model.
+    b = rng.uniform(0, 1, 1000)
+    a = b + np.where(articles == 3, 0.3, 0.0)
+    naive_test, clustered_test = paired_test(a, b, seed=0), paired_test(a, b, seed=0, clusters=articles)
+    assert naive_test["p_value"] < 0.001 and naive_test["low"] > 0
+    assert clustered_test["p_value"] > 0.05 and clustered_test["low"] <= 0.0 < clustered_test["high"]
+    loss = ratio_interval(scores * 10, np.full(1000, 10.0), seed=0, clusters=articles)
+    assert loss["ratio"] == pytest.approx(scores.mean()) and loss["clusters"] == 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.floats(0, 1)), min_size=1, max_size=40),
+       st.integers(0, 2**16))
+def test_cluster_bootstrap_interval_holds_the_mean_of_some_resample(items, seed):
+    """Whatever the labels: the interval lies within the cluster means' range, and the point figure is
+    the mean over items (not over clusters)."""
+    labels, values = zip(*items)
+    iv = interval(values, seed=seed, resamples=200, clusters=labels)
+    by_cluster = {c: np.mean([v for lab, v in items if lab == c]) for c in set(labels)}
+    assert min(by_cluster.values()) - 1e-9 <= iv["low"] <= iv["high"] <= max(by_cluster.values()) + 1e-9
+    assert iv["mean"] == pytest.approx(np.mean(values)) and iv["clusters"] == len(by_cluster)
+
+
+def test_test_ledger_counts_every_look_at_the_same_test_articles_and_refuses_undeclared_ones(tmp_path):
+    """The ledger belongs to the test articles, not to a run: another tokenizer or another copy of the dump
+    is the same split; another split seed is not. A look beyond the declared count is refused, naming the
+    earlier looks; the ledger sits beside out/manifest.json, never inside a committed dataset."""
+    from kilm_ray.eval.ledger import TestLookRefused, check_look, ledger_path, read_looks, record_look, split_key
+
+    def manifest(dump, seed=2, vocab=4000):
+        return {"dumps": [dump], "config": {"corpus": {"split_seed": seed, "test_fraction": 0.1},
+                                            "tokenizer": {"vocab_size": vocab}}}
+
+    key = split_key(manifest("/data/enwiki.xml.bz2"))
+    assert key == split_key(manifest("s3://bucket/dumps/enwiki.xml.bz2", vocab=8000))
+    assert key != split_key(manifest("/data/enwiki.xml.bz2", seed=3))
+    out = tmp_path / "out"
+    assert ledger_path(str(out / "datasets" / "5a7f")) == ledger_path(str(out)) == str(out / "test_looks.jsonl")
+    path = ledger_path(str(out))
+    out.mkdir()
+    check_look(read_looks(path, key), 0, path)  # nothing looked at yet: a first look
+    first = record_look(path, key, "model a", "kilm-ray eval", step=10)
+    assert first["look"] == 1 and first["ledger"] == path
+    with pytest.raises(TestLookRefused, match=r"looked at 1 time\(s\).*model a.*eval.test_looks_before=1"):
+        check_look(read_looks(path, key), 0, path)
+    check_look(read_looks(path, key), 1, path)  # declared: allowed, and counted
+    with open(path, "a") as f:
+        f.write('{"split_key": "torn')  # a writer killed mid-line loses that line only
+    assert record_look(path, key, "rule r", "kilm-ray demo")["look"] == 2
+    assert record_look(path, "another", "model b", "kilm-ray eval")["look"] == 1
+    assert [r["what"] for r in read_looks(path, key)] == ["model a", "rule r"]

@@ -117,19 +117,25 @@ def _probe_rows(probe: str, keys: list[tuple[str, str]]) -> list[tuple[str, tupl
     spec = []
     for group in GROUPS:
         spec.append((f"**{group} entities**: mentions", (probe, group, "mentions"), 0))
+        spec.append((f"{group}: articles they are in (the bootstrap's unit)", (probe, group, "clusters"), 0))
         spec += [(f"{group}: {label}", (probe, group, key), 3) for key, label in keys]
     return spec
 
 
-def _aligned(a: dict[str, list], b: dict[str, list], key: str, group: Optional[str]) -> tuple[list, list]:
-    """Two models' per-item scores on the items both scored (and of ``group``), in the first's order."""
+def _aligned(a: dict[str, list], b: dict[str, list], key: str,
+             group: Optional[str]) -> tuple[list, list, list]:
+    """Two models' per-item scores on the items both scored (and of ``group``), in the first's order, and
+    each item's cluster (its article; the item itself where the file predates clusters)."""
+    ids = a.get("id", [])
     index = {i: k for k, i in enumerate(b.get("id", []))}
-    xs, ys = [], []
-    for k, (i, g) in enumerate(zip(a.get("id", []), a.get("group", [None] * len(a.get("id", []))))):
+    clusters = a.get("cluster", ids)
+    xs, ys, cs = [], [], []
+    for k, (i, g) in enumerate(zip(ids, a.get("group", [None] * len(ids)))):
         if i in index and (group is None or g == group):
             xs.append(a[key][k])
             ys.append(b[key][index[i]])
-    return xs, ys
+            cs.append(clusters[k])
+    return xs, ys, cs
 
 
 def paired_rows(models: dict[str, dict], spec: list[tuple[str, str, Optional[str], str]]) -> list[list[str]]:
@@ -147,20 +153,20 @@ def paired_rows(models: dict[str, dict], spec: list[tuple[str, str, Optional[str
             if not a or not b or key not in a or key not in b:
                 row.append("-")
                 continue
-            xs, ys = _aligned(a, b, key, group)
+            xs, ys, cs = _aligned(a, b, key, group)
             if not xs:
                 row.append("-")
                 continue
-            test = paired_test(xs, ys)
-            verdict = claim(interval(xs), interval(ys), test)
+            test = paired_test(xs, ys, clusters=cs)
+            verdict = claim(interval(xs, clusters=cs), interval(ys, clusters=cs), test)
             row.append(f"{test['difference']:+.3f} [{test['low']:+.3f}, {test['high']:+.3f}], p {test['p_value']:.4f}, "
-                       f"n {test['n']}: {verdict}")
+                       f"n {test['n']} in {test['clusters']} articles: {verdict}")
         rows.append(row)
     return rows
 
 
 def _fraction_cell(m: dict, group: str, key: str) -> str:
-    f = _get(m, "describe", "fraction_of_ceiling", group, key)
+    f = _get(m, "describe", "fraction_of_lookup", group, key)
     if not f or f.get("ratio") != f.get("ratio"):
         return "-"
     return f"{f['ratio']:.2f} [{f['low']:.2f}, {f['high']:.2f}]"
@@ -193,51 +199,64 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
                   f"own first sentence as knowledge (the first-sentence fallback), so that sentence of a held-out "
                   f"article was training data; {exposure.get('evaluated_mentions_in_exposed_articles')} of the "
                   f"evaluated mentions are in those articles.", ""]
-    ledger = [f"{n}: {_get(m, 'test_evaluations')}" for n, m in models.items() if _get(m, "test_evaluations")]
-    if ledger:
-        lines += [f"Test evaluations of each reported model (its run's ledger; 1 = computed once): {', '.join(ledger)}.",
-                  ""]
+    looks = {n: m["test_look"] for n, m in models.items() if isinstance(m.get("test_look"), dict)}
+    if looks:
+        first_look = next(iter(looks.values()))
+        lines += [f"Looks at these test articles (the dataset's test ledger `{_shown_path(first_look.get('ledger'))}`, "
+                  f"split key `{first_look.get('split_key')}`, which counts every evaluation of any model or rule "
+                  "on them): " + ", ".join(f"{n}: look {k['look']} (declared {k.get('declared_before', 0)} before "
+                                           "it)" for n, k in looks.items()) + ".", ""]
     lines += ["Every figure is the mean over the evaluated items with its bootstrap 95% interval in brackets "
-              "(2,000 resamples of the items); differences are claimed only where the intervals do not overlap and "
-              "the paired test's interval excludes zero.", ""]
+              "(2,000 resamples of the **articles**: the mentions and chunks of one article are resampled together, a "
+              "question alone, the usage examples of one word together; the number of articles stands beside the number "
+              "of mentions); differences are claimed only where the intervals do not overlap and the paired test's "
+              "interval excludes zero.", ""]
+    cut = _get(first, "config", "data", "max_knowledge_tokens")
+    f1 = f"description token F1 (gold cut to {cut} tokens)"
+    lines += [f"**What description F1 measures.** The gold is the knowledge string as stored for training: title, "
+              f"`<sep>` and description cut together to the first {cut} tokens (`data.max_knowledge_tokens`). F1 and "
+              "ROUGE-L compare the generated description with the description part of that cut string, not with the "
+              "whole description.", ""]
     lines += ["### Description generation on held-out mentions (describe probe)", ""]
     forms = ", ".join(f"{n}: `{m.get('probe_form', 'slot')}`" for n, m in models.items())
     lines += [f"Probe form per model ({forms}): `slot` asks `<ent>mention</ent><ent_desc><mask></ent_desc>`; `text` "
-              "asks `mention, <mask>,` and ranks candidates as plain continuations. The memory ceiling (no model) "
+              "asks `mention, <mask>,` and ranks candidates as plain continuations. The training lookup (no model) "
               "answers each mention with the most frequent training title of its anchor text and that title's "
-              "training knowledge: what a perfect memory of the training split gives.", ""]
+              "training knowledge. It is a reference, not an upper bound: it gives one title per anchor text and "
+              "nothing for an anchor text never linked in training, so a model that reads the context can beat it "
+              "(a fraction above 1).", ""]
     lines += _table(head, _rows(models, _probe_rows("describe", [
         ("title_exact_match", "title exact match"),
         ("title_exact_match_title_not_mention", "title exact match where the title is not the mention text (nor an "
                                                 "inflection of it)"),
         ("copy_rule_title_exact_match", "copy rule (mention text as the title; no model)"),
-        ("description_f1", "description token F1"), ("description_rouge_l", "description ROUGE-L")])))
+        ("description_f1", f1), ("description_rouge_l", f"description ROUGE-L (gold cut to {cut} tokens)")])))
     rows = []
     for group in GROUPS:
-        rows += [[f"{group}: memory ceiling, title exact match (no model)",
-                  *(_cell(m, ("memory_ceiling", group, "title_exact_match")) for m in models.values())],
-                 [f"{group}: memory ceiling, description token F1 (no model)",
-                  *(_cell(m, ("memory_ceiling", group, "description_f1")) for m in models.values())]]
-        if group == "seen":  # unseen: a memory of training names no untrained entity (ceiling ~0), no ratio
-            rows += [[f"{group}: title exact match as a fraction of the ceiling's",
+        rows += [[f"{group}: training lookup, title exact match (no model)",
+                  *(_cell(m, ("training_lookup", group, "title_exact_match")) for m in models.values())],
+                 [f"{group}: training lookup, {f1} (no model)",
+                  *(_cell(m, ("training_lookup", group, "description_f1")) for m in models.values())]]
+        if group == "seen":  # unseen: a memory of training names no untrained entity (lookup ~0), no ratio
+            rows += [[f"{group}: title exact match as a fraction of the lookup's",
                       *(_fraction_cell(m, group, "title_exact_match") for m in models.values())],
-                     [f"{group}: description F1 as a fraction of the ceiling's",
+                     [f"{group}: description F1 as a fraction of the lookup's",
                       *(_fraction_cell(m, group, "description_f1") for m in models.values())]]
     lines += _table(head, rows)
     if len(models) > 1:
         lines += [f"Paired tests on the same held-out mentions ({names[0]} minus each other model: difference [95% "
-                  "interval], randomization p-value, mentions, verdict):", ""]
+                  "interval], randomization p-value with one sign per article, mentions and their articles, verdict):", ""]
         spec = [(f"{g}: {label}", "describe", g, key) for g in GROUPS for key, label in
-                (("title_exact_match", "title exact match"), ("description_f1", "description token F1"))]
+                (("title_exact_match", "title exact match"), ("description_f1", f1))]
         lines += _table(["comparison", *[f"{names[0]} - {n}" for n in names[1:]]], paired_rows(models, spec))
     lines += _table(head, _rows(models, [
         ("training mentions (recall of training samples, not held out): mentions", ("training_recall", "all", "mentions"), 0),
         ("training mentions: title exact match", ("training_recall", "all", "title_exact_match"), 3),
-        ("training mentions: description token F1", ("training_recall", "all", "description_f1"), 3)]))
+        ("training mentions: " + f1, ("training_recall", "all", "description_f1"), 3)]))
     lines += ["### Appositive generation on held-out mentions", "",
               "The knowledge slot at the end of the mention's sentence; the text after `<sep>` (or `:`) against the "
               "held-out description.", ""]
-    lines += _table(head, _rows(models, _probe_rows("appositive", [("description_f1", "description token F1"),
+    lines += _table(head, _rows(models, _probe_rows("appositive", [("description_f1", f1),
                                                                     ("title_exact_match", "title exact match")])))
     excluded = _get(first, "disambiguation_anchor", "unseen_excluded")
     lines += ["### Disambiguation", "",
@@ -287,7 +306,7 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
         sel_head = ["valid split (selection)", *selection]
         spec = [(f"{g}: {label}", ("describe", g, key), 3) for g in GROUPS for key, label in
                 (("title_exact_match", "title exact match"), ("copy_rule_title_exact_match", "copy rule"),
-                 ("description_f1", "description token F1"))]
+                 ("description_f1", f1))]
         spec[:0] = [("mentions", ("split", "mentions"), 0), ("seen mentions", ("split", "seen"), 0)]
         lines += ["### Valid split: the figures configs were chosen on", ""]
         lines += _table(sel_head, [[label, *(_cell(m, path, d) for m in selection.values())] for label, path, d in spec])
