@@ -235,6 +235,7 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
     from transformers import AutoTokenizer
 
     from kilm_ray.eval.harness import Context, knowledge_line, mention_items, rule_knowledge
+    from kilm_ray.eval.ledger import look_line
 
     rule = cfg.demo
     print(f"[5/5] held-out knowledge: describe on every mention in {rule.split} articles (never trained on) of an "
@@ -265,7 +266,7 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
                "tensorboard": str(runs / "demo" / "tensorboard"), "export": str(export), "url": url,
                "log": str(out / "demo.log") if quiet else "(printed above: --verbose)",
                "minutes": round((time.time() - started) / 60, 1)}
-    line = knowledge_line(figures)
+    line = knowledge_line(figures, cfg.data.max_knowledge_tokens)
     (out / "demo.json").write_text(json.dumps({"summary": summary, "answers": answers, "knowledge": figures,
                                                "knowledge_line": line, "rule": cfg.to_dict()["demo"]}, indent=2))
     print("\nWhere everything is:\n" + "\n".join(f"  {k:12s} {v}" for k, v in summary.items()), flush=True)
@@ -273,6 +274,8 @@ def _run_demo(out: Path, dump: Optional[str], knowledge: Optional[str], override
         print(f"titles: decoded, or the mention as written where the model scores it higher "
               f"({figures.get('titles_from_mention', 0)} of {figures['mentions']}; eval.title_candidates); decoded "
               f"titles alone: exact match {figures['title_exact_match_generated']:.2f}", flush=True)
+    if "test_look" in figures:
+        print(f"this line is {look_line(figures['test_look'])}", flush=True)
     print(line, flush=True)
     if keep_serving:
         print(f"\nServing {url} until Ctrl-C. Try:\n  kilm-ray probe describe "

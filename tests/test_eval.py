@@ -18,7 +18,7 @@ def test_metric_functions():
     assert rouge_l("z y x w", "w x y z") == pytest.approx(0.25)  # LCS 1 ("a" would be dropped as an article)
 
 
-def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shared_data, tmp_path):
+def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shared_data, tmp_path, capsys):
     from kilm_ray.cli import main
 
     qa = tmp_path / "nq-open-test.qa.csv"  # the DPR NQ-open layout: question<TAB>Python list of answers
@@ -43,10 +43,10 @@ def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shar
     assert low <= d["seen"]["copy_rule_title_exact_match"] <= high and high - low > 0
     assert sorted(d["per_item"]["id"]) == sorted(set(d["per_item"]["id"])) and len(d["per_item"]["id"]) == 40
     assert all("<sep>" in e["gold"] for g in ("seen", "unseen") for e in d["examples"][g])
-    ceiling = metrics["memory_ceiling"]
-    assert ceiling["all"]["mentions"] == 40 and ceiling["seen"]["title_exact_match"] > 0
-    assert ceiling["unseen"]["title_exact_match"] < 0.1  # a memory of training cannot name an untrained entity
-    assert set(d["fraction_of_ceiling"]["seen"]) == {"title_exact_match", "description_f1"}
+    lookup = metrics["training_lookup"]
+    assert lookup["all"]["mentions"] == 40 and lookup["seen"]["title_exact_match"] > 0
+    assert lookup["unseen"]["title_exact_match"] < 0.1  # a memory of training cannot name an untrained entity
+    assert set(d["fraction_of_lookup"]["seen"]) == {"title_exact_match", "description_f1"}
     assert metrics["training_recall"]["all"]["mentions"] == 16
     assert metrics["appositive"]["all"]["mentions"] + sum(metrics["appositive"].get("refused", {}).values()) == 40
     senses = metrics["word_senses"]["all"]
@@ -61,11 +61,14 @@ def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shar
     assert (q["read"], q["questions"], q["skipped"]) == (3, 2, {"a control token in the question": 1})
     assert q["examples"][1]["answers"] == ["Paris", "paris"]
     assert metrics["config"]["masking"]["knowledge_slot"] is True and metrics["model_parameters"] > 0
-    assert metrics["probe_form"] == "slot" and metrics["test_evaluations"] >= 1
+    assert metrics["probe_form"] == "slot" and metrics["test_look"]["look"] == 1
+    # The dataset's ledger counted that look; a second one must be declared (refused before any probe runs).
+    again = main(["eval", "--model", trained_export, "--data", tiny_data, "--report", str(tmp_path / "again")])
+    assert again == 2 and "looked at 1 time(s)" in capsys.readouterr().err and not (tmp_path / "again").exists()
     assert metrics["data_manifest"]["run_key"] and len(metrics["source"]["commit"] or "x" * 40) == 40
     report = (out / "report.md").read_text()
     assert "seen: title exact match" in report and "held-out text: infilling loss" in report
-    assert "memory ceiling, title exact match" in report and "questions skipped" in report
+    assert "training lookup, title exact match" in report and "questions skipped" in report
     assert (out / "describe.png").stat().st_size > 5000
 
 
@@ -190,9 +193,9 @@ def test_compare_report_side_by_side(tmp_path):
     # The paired test on the same mentions: KILM right on 36 of 60 where the other is right on none.
     assert "| seen: title exact match | +0.600 [" in report and ": higher |" in report
     assert "| seen: description token F1 | +0.000 [+0.000, +0.000], p 1.0000, n 30: no difference claimed |" in report
-    # The model as a fraction of the memory ceiling: seen entities only (no memory of training names an
+    # The model as a fraction of the training lookup: seen entities only (no memory of training names an
     # unseen one: a ratio to ~0 means nothing).
-    assert "| seen: title exact match as a fraction of the ceiling's |" in report
+    assert "| seen: title exact match as a fraction of the lookup's |" in report
     assert "unseen: title exact match as a fraction" not in report
     from kilm_ray.eval.report import _shown_path
 

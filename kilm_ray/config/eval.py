@@ -13,6 +13,11 @@ class EvalConfig:
     split: Literal["test", "valid"] = doc(
         "The held-out split evaluated (articles never trained on). valid is what training validated on.",
         default="test")
+    test_looks_before: int = doc(
+        "Earlier looks at this dataset's test articles this evaluation knows of (the test ledger, "
+        "<out>/test_looks.jsonl, counts every look by any model or rule). 0 = a first look: a test evaluation "
+        "is refused when the ledger holds more looks than this, so a second look is a choice stated on the "
+        "command line. A comparison of N models declares 0 .. N-1.", default=0)
     max_samples: int = doc(
         "Held-out mentions every mention probe runs on: a seeded random sample across the split's articles "
         "(the smallest keyed hashes of sample id and entity; eval.seed). 0 = all.", default=500)
@@ -29,7 +34,8 @@ class EvalConfig:
         "under the model (summed log-probability of title and <sep>), of the decoded title and the mention as "
         "written, the description then decoded after it. A small model's commonest title error is a misspelled "
         "copy of the mention; its own score picks the spelling. Reports also give the decoded titles' figure. "
-        "Greedy decoding only.",
+        "Greedy decoding only. Evaluation only: the service's describe decodes titles (generated), so a figure "
+        "measured with generated_or_mention is not what the served model answers (the report says which).",
         default="generated")
     no_repeat_ngram_size: int = doc(
         "Greedy decoding of slot-trained models: no n-gram repeated within one answer (the prompt is not counted; "
@@ -61,7 +67,7 @@ class EvalConfig:
             raise ConfigError(f"{path}.{key} applies to greedy decoding; {path}.num_beams is {self.num_beams}")
         check_range(f"{path}.cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, low_open=True)
         check_range(f"{path}.gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
-        for name in ("max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
+        for name in ("test_looks_before", "max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
                      "max_sense_items"):
             check_min(f"{path}.{name}", getattr(self, name), 0)
 

@@ -9,7 +9,7 @@ shards by Ray Data group-bys, written under the dataset and listed in its manife
                              (most linked first, at most MAX_TITLES), counts, mentions
 
 What the harness asks of them is bounded by the mentions it evaluates: a held-out mention is *seen*
-when its title has ``train_mentions > 0``; anchor candidates and the memory ceiling (most frequent
+when its title has ``train_mentions > 0``; anchor candidates and the training lookup (most frequent
 training title of the anchor text, with its knowledge) come from ``surfaces`` and ``titles``; a
 held-out article whose title is a trained entity with ``first_sentence`` knowledge had its first
 sentence in the training data (counted at build time). Lookups stream the tables with a filter on the

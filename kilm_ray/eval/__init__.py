@@ -3,7 +3,7 @@
     harness.py     the evaluation: which parts run on which items, in one Ray Data stage of probe actors
     select.py      the seeded sample of mentions / chunks of a split (bottom-k of keyed hashes)
     stages.py      the Ray Data layer: read the chosen rows, run probes in actors holding the model
-    probing.py     the probes, one small function each (describe, appositive, anchors, ceiling, senses, QA,
+    probing.py     the probes, one small function each (describe, appositive, anchors, training lookup, senses, QA,
                    retention); no Ray
     summary.py     per-item results -> figures with bootstrap intervals; stats.py: intervals, paired tests
     senses.py      WordNet usage examples (the word-sense probe's items)

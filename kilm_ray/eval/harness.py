@@ -11,7 +11,7 @@ knowledge) or **unseen**. What it reads, and where (no process reads the train s
 4. the probes, as Ray Data map stages over the chosen rows, in actors that hold the model
    (``stages``, ``probing``); then every figure with its bootstrap interval (``summary``).
 
-Probes: description generation (describe; beside it the copy rule and the memory ceiling), appositive
+Probes: description generation (describe; beside it the copy rule and the training lookup), appositive
 generation, anchor disambiguation (seen entities: an unseen entity is never a training candidate, so its
 accuracy is 0 by construction), word senses from WordNet usage examples, retention (text-infilling loss),
 zero-shot QA. Provenance lives in ``provenance``, question files in ``qa_files``.
@@ -43,6 +43,24 @@ class Context:
         self.tokenizer_json = storage.read_bytes(storage.join(
             data_dir, self.manifest.get("tokenizer", "tokenizer"), "tokenizer.json")).decode()
         self.tables = dataset_tables(data_dir, cfg)
+
+    def test_looks(self, declared: Optional[int] = None) -> list[dict]:
+        """The ledger's earlier looks at this dataset's test articles; refused (``TestLookRefused``) when
+        ``declared`` is given and they are more."""
+        from kilm_ray.eval.ledger import check_look, ledger_path, read_looks, split_key
+
+        path = ledger_path(self.data_dir)
+        earlier = read_looks(path, split_key(self.manifest))
+        if declared is not None:
+            check_look(earlier, declared, path)
+        return earlier
+
+    def record_test_look(self, what: str, by: str, step: Any = None, **facts: Any) -> dict:
+        """Count a look at the test articles (after its figures exist: a failed run saw nothing)."""
+        from kilm_ray.eval.ledger import ledger_path, record_look, split_key
+
+        return record_look(ledger_path(self.data_dir), split_key(self.manifest), what, by, step,
+                           dataset=self.manifest.get("run_key"), **facts)
 
     def files(self, split: str, sample_ids: Optional[set] = None) -> list[str]:
         from kilm_ray.eval.select import shard_entries, shards_holding
@@ -87,7 +105,7 @@ def model_facts(model_dir: str) -> dict[str, Any]:
 def mention_extras(ctx: Context, chosen: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
     """Per chosen mention: its group (seen/unseen), training mentions of its entity, anchor candidates
     (training titles of its anchor text, most linked first, with their knowledge), the gold's index among
-    them, and the memory ceiling's answer. Returns (extras sent to the probes, title rows asked)."""
+    them, and the training lookup's answer. Returns (extras sent to the probes, title rows asked)."""
     from kilm_ray.eval.select import group_of
     from kilm_ray.data.tables import surface_key
 
@@ -105,7 +123,7 @@ def mention_extras(ctx: Context, chosen: list[dict]) -> tuple[dict[str, dict], d
         extra: dict[str, Any] = {"surface": m["surface"], "group": group_of(title_row),
                                  "train_mentions": int((title_row or {}).get("train_mentions") or 0)}
         if ranked and ranked[0] in titles:
-            extra["ceiling_knowledge"] = titles[ranked[0]]["knowledge"]
+            extra["lookup_knowledge"] = titles[ranked[0]]["knowledge"]
         if len(ranked) >= 2 and (not e.max_disambiguation_mentions or anchors < e.max_disambiguation_mentions):
             anchors += 1
             extra["candidates"] = [{"title": t, "knowledge": titles[t]["knowledge"]} for t in ranked if t in titles]
@@ -139,6 +157,11 @@ class Part:
     finish: Callable[[list[dict]], Any]
 
 
+def _article_of(chosen: list[dict]) -> dict[str, str]:
+    """Item id -> its article: the cluster every interval resamples (mentions of one article move together)."""
+    return {f"{m['sample_id']}:{m['entity']}" if "entity" in m else str(m["sample_id"]): m["article"] for m in chosen}
+
+
 def _wanted(chosen: list[dict]) -> dict[int, list[int]]:
     wanted: dict[int, list[int]] = {}
     for m in chosen:
@@ -164,12 +187,13 @@ def held_out_mentions(ctx: Context, split: str) -> tuple[Part, dict[str, Any]]:
                              f"{(overlap['articles_in_train'] or overlap['samples_in_train'])[:3]}")
     wanted = _wanted(chosen)
     order = {f"{m['sample_id']}:{m['entity']}": k for k, m in enumerate(chosen)}
+    article = _article_of(chosen)
 
     def finish(rows: list[dict]) -> dict[str, Any]:
         for r in rows:
             extra = extras[r["id"]]
             r.update(order=order[r["id"]], surface=extra["surface"], group=extra["group"],
-                     train_mentions=extra["train_mentions"])
+                     train_mentions=extra["train_mentions"], cluster=article[r["id"]])
             if "anchor" in r:
                 r.update(gold=extra["gold"], candidates=len(extra["candidates"]))
         return mention_metrics(sorted(rows, key=lambda r: r["order"]), cfg.eval.seed)
@@ -186,15 +210,15 @@ def held_out_mentions(ctx: Context, split: str) -> tuple[Part, dict[str, Any]]:
 
 
 def mention_metrics(rows: list[dict], seed: int) -> dict[str, Any]:
-    """describe (with the memory ceiling as a fraction), appositive, anchors from the mention rows."""
-    from kilm_ray.eval.summary import examples_by_group, fraction_of_ceiling, knowledge_summary, ranking_summary
+    """describe (with the training lookup as a fraction), appositive, anchors from the mention rows."""
+    from kilm_ray.eval.summary import examples_by_group, fraction_of_lookup, knowledge_summary, ranking_summary
 
     out: dict[str, Any] = {}
     out["describe"] = knowledge_summary(rows, "describe", seed)
     out["describe"]["examples"] = examples_by_group(rows, "describe")
-    out["memory_ceiling"] = knowledge_summary(rows, "ceiling", seed)
-    out["describe"]["fraction_of_ceiling"] = fraction_of_ceiling(out["describe"]["per_item"],
-                                                                 out["memory_ceiling"]["per_item"], seed=seed)
+    out["training_lookup"] = knowledge_summary(rows, "lookup", seed)
+    out["describe"]["fraction_of_lookup"] = fraction_of_lookup(out["describe"]["per_item"],
+                                                                 out["training_lookup"]["per_item"], seed=seed)
     out["appositive"] = knowledge_summary(rows, "appositive", seed)
     out["appositive"]["examples"] = examples_by_group(rows, "appositive")
     anchors = ranking_summary(rows, "anchor", ("seen",), seed)
@@ -214,10 +238,11 @@ def describe_part(ctx: Context, name: str, split: str, chosen: list[dict], group
 
     extras = {f"{m['sample_id']}:{m['entity']}": {"surface": m["surface"]} for m in chosen}
     wanted = _wanted(chosen)
+    article = _article_of(chosen)
 
     def finish(rows: list[dict]) -> dict[str, Any]:
         for r in rows:
-            r["group"] = group or "seen"
+            r.update(group=group or "seen", cluster=article[r["id"]])
         summary = knowledge_summary(rows, "describe", ctx.cfg.eval.seed)
         if keep_answers:
             summary["answers"] = {r["id"]: r["describe"]["generated"] for r in rows
@@ -248,8 +273,10 @@ def retention(ctx: Context, name: str, split: str, n: int) -> tuple[Part, int]:
 
     chosen = sample_split(ctx.files(split), "chunks", ctx.cfg.eval.seed, n)
     wanted = {c["sample_id"]: [] for c in chosen}
+    article = _article_of(chosen)
     ds = read_items(ctx.files(split, set(wanted)), wanted, "chunks", tag={"probe": "retention", "part": name})
-    return Part(name, ds, lambda rows: retention_summary(rows, ctx.cfg.eval.seed)), len(chosen)
+    return Part(name, ds, lambda rows: retention_summary([{**r, "cluster": article[r["id"]]} for r in rows],
+                                                         ctx.cfg.eval.seed)), len(chosen)
 
 
 def word_senses(ctx: Context, kb_file: str) -> Part:
@@ -273,7 +300,7 @@ def word_senses(ctx: Context, kb_file: str) -> Part:
     def finish(rows: list[dict]) -> dict[str, Any]:
         for r in rows:
             it = by_id[r["id"]]
-            r.update(group=it["group"], gold=it["gold"], candidates=len(it["senses"]))
+            r.update(group=it["group"], gold=it["gold"], candidates=len(it["senses"]), cluster=it["word"])
         return {**ranking_summary(rows, "senses", seed=e.seed), "examples_available": len(candidates)}
 
     return Part("word_senses", items_dataset(items, {"probe": "senses", "part": "word_senses"}), finish)
@@ -316,13 +343,15 @@ def run_parts(ctx: Context, parts: list[Part]) -> dict[str, Any]:
 def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[str] = None,
              qa_file: Optional[str] = None, device: str = "auto", run_dir: Optional[str] = None) -> dict[str, Any]:
     from kilm_ray.eval.probing import form_of
-    from kilm_ray.eval.provenance import data_summary, record_test_evaluation, source_commit, training_summary
+    from kilm_ray.eval.provenance import data_summary, source_commit, training_summary
     from kilm_ray.store.loader import verify_tokenizer
 
     verify_tokenizer(data_dir)  # the stored ids must mean the tokens of the dataset's tokenizer
     check_tokenizers(model_dir, data_dir)
     ctx = Context(model_dir, data_dir, cfg, device)
     split = cfg.eval.split
+    if split == "test":  # refused before any work when the ledger holds more looks than declared
+        ctx.test_looks(cfg.eval.test_looks_before)
     model = model_facts(model_dir)
     mentions, split_info = held_out_mentions(ctx, split)
     parts = [mentions]
@@ -349,8 +378,17 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
     metrics.update(results.pop("mentions"))
     metrics.update(results)
     if split == "test":
-        metrics["test_evaluations"] = record_test_evaluation(run_dir, model_dir, model["step"])
+        metrics["test_look"] = ctx.record_test_look(f"model {model_dir}", "kilm-ray eval", model["step"],
+                                                    declared_before=cfg.eval.test_looks_before, run=run_dir)
     return metrics
+
+
+def _figure_name(key: str, metrics: dict[str, Any]) -> str:
+    """A figure's printed name: description F1 says its gold is the knowledge cut to the training length."""
+    if key == "description_f1":
+        cut = metrics.get("config", {}).get("data", {}).get("max_knowledge_tokens")
+        return f"description token F1 (gold cut to {cut} tokens)"
+    return key.replace("_", " ")
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -358,7 +396,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     split = metrics.get("split", {}).get("evaluated", "held-out")
     for probe, label in (("describe", f"{split} mentions"), ("appositive", "appositive"),
-                         ("memory_ceiling", "memory ceiling (no model)")):
+                         ("training_lookup", "training lookup (no model)")):
         for group in ("seen", "unseen"):
             d = metrics.get(probe, {}).get(group, {})
             if not d.get("mentions"):
@@ -366,7 +404,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             for key in ("title_exact_match", "description_f1"):
                 if probe == "appositive" and key == "title_exact_match":
                     continue
-                out[f"{label}, {group} entities: {key.replace('_', ' ')}"] = d[key]
+                out[f"{label}, {group} entities: {_figure_name(key, metrics)}"] = d[key]
     d = metrics.get("training_recall", {}).get("all", {})
     if d.get("mentions"):
         out["training mentions (recall, not held out): title exact match"] = d["title_exact_match"]
@@ -421,20 +459,26 @@ def mention_items(ctx: Context, split: str, chosen: list[dict]) -> list[dict]:
 
 
 def rule_knowledge(model_dir: str, data_dir: str, cfg: KilmConfig, split: str, min_train_mentions: int,
-                   device: str = "auto") -> tuple[dict[str, Any], list[dict]]:
+                   device: str = "auto", by: str = "kilm-ray demo") -> tuple[dict[str, Any], list[dict]]:
     """Describe on the rule's mentions (:func:`rule_mentions`): the summary over them (title exact match,
     copy rule, description F1, with intervals; ``answers``: each mention's answer by item id) and the
     chosen mentions in order."""
     ctx = Context(model_dir, data_dir, cfg, device)
     chosen = rule_mentions(ctx, split, min_train_mentions)
     summary = run_parts(ctx, [describe_part(ctx, "rule", split, chosen, keep_answers=True)])["rule"]
-    return {**summary["all"], "answers": summary.get("answers", {}),
-            "titles_from_mention_ids": summary.get("titles_from_mention_ids", [])}, chosen
+    figures = {**summary["all"], "answers": summary.get("answers", {}),
+               "titles_from_mention_ids": summary.get("titles_from_mention_ids", [])}
+    if split == "test":  # the demo never refuses a look: it says which one its line is
+        figures["test_look"] = ctx.record_test_look(
+            f"rule: describe, entities in >= {min_train_mentions} training mentions, model {model_dir}", by,
+            model_facts(model_dir)["step"])
+    return figures, chosen
 
 
-def knowledge_line(summary: dict[str, Any]) -> str:
-    """The demo's last line."""
-    return (f"held-out knowledge: {summary['mentions']} mentions, title exact match "
+def knowledge_line(summary: dict[str, Any], knowledge_tokens: int) -> str:
+    """The demo's last line (``knowledge_tokens``: the length the gold knowledge was cut to)."""
+    articles = f" in {summary['clusters']} articles" if summary.get("clusters") else ""
+    return (f"held-out knowledge: {summary['mentions']} mentions{articles}, title exact match "
             f"{summary.get('title_exact_match', float('nan')):.2f} (copy rule "
             f"{summary.get('copy_rule_title_exact_match', float('nan')):.2f}), description F1 "
-            f"{summary.get('description_f1', float('nan')):.2f}")
+            f"{summary.get('description_f1', float('nan')):.2f} (gold cut to {knowledge_tokens} tokens)")

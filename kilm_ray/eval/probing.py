@@ -245,19 +245,19 @@ def anchors(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
     return [{"predicted": p, "correct": float(p == it["gold"])} for p, it in zip(picked, items)]
 
 
-def ceiling(pm: ProbeModel, item: dict) -> dict[str, float]:
-    """The memory ceiling of a mention, no model: the most frequent training title of its anchor text,
+def training_lookup(pm: ProbeModel, item: dict) -> dict[str, float]:
+    """The training lookup of a mention, no model: the most frequent training title of its anchor text,
     with that title's training knowledge (nothing when the anchor text was never linked in training)."""
     gold_title, gold_desc = gold_of(pm, item)
-    predicted = item.get("ceiling_knowledge")
+    predicted = item.get("lookup_knowledge")
     title, desc = parse_knowledge(pm.tokenizer, pm.sp, list(predicted)) if predicted else ("", "")
     return knowledge_scores(title, desc, gold_title, gold_desc)
 
 
 def mentions(pm: ProbeModel, items: Sequence[dict], appositives: bool = True) -> list[dict]:
-    """Every per-mention probe of held-out mentions: facts and the memory ceiling (no model), describe,
+    """Every per-mention probe of held-out mentions: facts and the training lookup (no model), describe,
     appositive, and anchors for the items that have candidates."""
-    out = [{"id": it["id"], **mention_facts(pm, it), "ceiling": ceiling(pm, it)} for it in items]
+    out = [{"id": it["id"], **mention_facts(pm, it), "lookup": training_lookup(pm, it)} for it in items]
     for row, res in zip(out, describe(pm, items)):
         row["describe"] = res
     if appositives:

@@ -1,18 +1,12 @@
-"""What produced an evaluation's numbers: the source commit, the dataset's manifest, the training run,
-and how many times the test split was evaluated for a model (figures are chosen on valid; a test figure
-is computed once per reported model, and the ledger says whether that held)."""
+"""What produced an evaluation's numbers: the source commit, the dataset's manifest, the training run.
+How many times the test articles were looked at is the dataset's test ledger (``kilm_ray.eval.ledger``)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-from kilm_ray import storage
-
-TEST_LEDGER = "test_evaluations.jsonl"
 
 
 def source_commit() -> dict[str, Any]:
@@ -55,16 +49,3 @@ def training_summary(run_dir: Optional[str]) -> dict[str, Any]:
         if values:
             out[f"last_{key}"] = values[-1]
     return out
-
-
-def record_test_evaluation(run_dir: Optional[str], model_dir: str, model_step: Any) -> int:
-    """Append this test evaluation to the run's ledger; returns how many test evaluations of this model
-    (same export, same step) the ledger holds, this one included (0 without a run directory)."""
-    if not run_dir:
-        return 0
-    path = storage.join(run_dir, TEST_LEDGER)
-    old = storage.read_bytes(path).decode() if storage.exists(path) else ""
-    entry = {"model": model_dir, "step": model_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    storage.write_bytes(path, (old + json.dumps(entry) + "\n").encode())
-    rows = [json.loads(line) for line in (old + json.dumps(entry)).splitlines() if line.strip()]
-    return sum(1 for r in rows if r.get("model") == model_dir and r.get("step") == model_step)
