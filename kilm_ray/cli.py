@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> KilmConfig:
 # working directories of their own, so every relative path is made absolute here, on the driver,
 # against the directory the command was typed in, before anything is sent to Ray.
 PATH_ARGUMENTS = ("config", "dump", "knowledge", "out", "data", "run_dir", "checkpoint", "model", "report",
-                  "run", "qa", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection", "wikidata")
+                  "run", "qa", "appos", "metrics", "runs", "into", "wordnet_dir", "jsonl", "selection", "wikidata")
 
 
 OUTPUT_ARGUMENTS = ("out", "run_dir", "report")
@@ -273,6 +273,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     init_ray(args.address)  # the probes run as Ray Data stages
     if args.qa:
         cfg = cfg.with_overrides({"eval.qa_file": args.qa})
+    if args.appos:
+        cfg = cfg.with_overrides({"eval.appos_file": args.appos})
     if args.split:
         cfg = cfg.with_overrides({"eval.split": args.split})
     metrics = evaluate(args.model, args.data, cfg, kb_file=args.knowledge, qa_file=cfg.eval.qa_file,
@@ -410,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knowledge", help="a WordNet-shaped knowledge base: adds sense disambiguation")
     p.add_argument("--qa", help="questions for zero-shot QA (.gz or not): NQ-open JSONL, DPR's TSV "
                               "(question<TAB>['answer', ...]), question<TAB>answer..., or a JSON list")
+    p.add_argument("--appos", help="ApposCorpus: a test.jsonl, or the corpus root with eval.appos_subset=wiki_per "
+                                 "(...): the paper's appositive generation task (eval.appos_file)")
     p.add_argument("--split", choices=["test", "valid"], help="the held-out split to evaluate (eval.split)")
     p.add_argument("--label", default="model", help="the model's name in the report")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

@@ -24,11 +24,20 @@ def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shar
     qa = tmp_path / "nq-open-test.qa.csv"  # the DPR NQ-open layout: question<TAB>Python list of answers
     qa.write_text("who taught alexander the great\t['Aristotle']\nwhat is the capital of france\t['Paris', 'paris']\n"
                   "what does <ent> mean\t['a token']\n")  # a control token: skipped and counted, not a crash
+    train_qa = tmp_path / "webquestions.examples.train.json"  # few-shot exemplars, in WebQuestions' layout
+    train_qa.write_text(json.dumps([{"utterance": "who taught plato?", "targetValue": '(list (description Socrates))'},
+                                    {"utterance": "what is the capital of italy?", "targetValue": "(list (description Rome))"},
+                                    {"utterance": "who wrote the republic?", "targetValue": "(list (description Plato))"}]))
+    appos = tmp_path / "appos-test.jsonl"  # ApposCorpus's layout (a row of news_gold_test/en/per)
+    appos.write_text(json.dumps({"previous_sentence": [], "input": ["Aristotle", ",", "<appos>", ",", "taught", "."],
+                                 "next_sentence": [], "name": "Aristotle", "target": ["a", "Greek", "philosopher"],
+                                 "descriptions": "Greek philosopher"}) + "\n")
     out = tmp_path / "report"
     code = main(["eval", "--model", trained_export, "--data", tiny_data, "--report", str(out), "--qa", str(qa),
                  "--knowledge", str(shared_data / "wordnet-nouns.jsonl.gz"), "--run",
                  str(tmp_path.parent), "eval.max_samples=40", "eval.max_disambiguation_mentions=40",
-                 "eval.train_recall_samples=16", "eval.max_sense_items=24", "eval.retention_max_chunks=24"])
+                 "eval.train_recall_samples=16", "eval.max_sense_items=24", "eval.retention_max_chunks=24",
+                 "eval.qa_shots=2", f"eval.qa_exemplar_file={train_qa}", "eval.qa_prompt=1", "--appos", str(appos)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     split = metrics["split"]
@@ -60,6 +69,9 @@ def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shar
     q = metrics["qa"]
     assert (q["read"], q["questions"], q["skipped"]) == (3, 2, {"a control token in the question": 1})
     assert q["examples"][1]["answers"] == ["Paris", "paris"]
+    # Few-shot as the paper: 2 exemplars by TF-IDF from the training questions (a tiny model answers nothing
+    # useful: this is the plumbing, not a score).
+    assert (q["shots"], q["exemplars"], q["exemplar_pool"], q["prompt_variant"]) == (2, "tfidf", 3, 1)
     assert metrics["config"]["masking"]["knowledge_slot"] is True and metrics["model_parameters"] > 0
     assert metrics["probe_form"] == "slot" and metrics["test_look"]["look"] == 1
     # The dataset's ledger counted that look; a second one must be declared (refused before any probe runs).
@@ -69,6 +81,8 @@ def test_full_evaluation_and_report(trained_export, tiny_data, tiny_config, shar
     report = (out / "report.md").read_text()
     assert "seen: title exact match" in report and "held-out text: infilling loss" in report
     assert "training lookup, title exact match" in report and "questions skipped" in report
+    assert "### 2-shot, exemplars by tfidf from" in report and "(prompt variant 1)" in report
+    assert metrics["appos_corpus"]["scored"] == 1 and "### ApposCorpus appositive generation" in report
     assert (out / "describe.png").stat().st_size > 5000
 
 
@@ -192,7 +206,8 @@ def test_compare_report_side_by_side(tmp_path):
     assert "| seen: title exact match | 0.600 [0.500, 0.700] | 0.000 [-0.100, 0.100] |" in report
     # The paired test on the same mentions: KILM right on 36 of 60 where the other is right on none.
     assert "| seen: title exact match | +0.600 [" in report and ": higher |" in report
-    assert "| seen: description token F1 | +0.000 [+0.000, +0.000], p 1.0000, n 30: no difference claimed |" in report
+    assert ("| seen: description token F1 | +0.000 [+0.000, +0.000], p 1.0000, n 30 in 30 articles: no difference "
+            "claimed |") in report
     # The model as a fraction of the training lookup: seen entities only (no memory of training names an
     # unseen one: a ratio to ~0 means nothing).
     assert "| seen: title exact match as a fraction of the lookup's |" in report

@@ -172,6 +172,65 @@ def test_question_files_as_published(tmp_path):
         parse_qa_text("just a line\n", "empty.tsv")
     # The official KILM QA post-processing.
     assert cut_answer(" Aristotle\nQuestion: who") == "Aristotle" and cut_answer("Paris Question: next") == "Paris"
+    # TriviaQA's published JSON, pretty-printed (as unfiltered-web-dev.json) or on one line: normalized aliases.
+    trivia = {"Data": [{"Answer": {"Aliases": ["Sinclair Lewis", "Harry Sinclair Lewis"], "NormalizedAliases": [
+        "sinclair lewis", "harry sinclair lewis"], "Value": "Sinclair Lewis", "Type": "WikipediaEntity"},
+        "EntityPages": [], "Question": "Which American-born Sinclair won the Nobel Prize for Literature in 1930?",
+        "QuestionId": "tc_1", "QuestionSource": "http://www.triviacountry.com/"},
+        {"Answer": {"Value": "Exeter", "Type": "FreeForm"}, "Question": "Where is the UK's Met Office?"},
+        {"Answer": {}, "Question": "no answer at all"}], "Domain": "Web", "Split": "dev", "Version": 1.0}
+    for text in (json.dumps(trivia, indent=2), json.dumps(trivia)):
+        got = parse_qa_text(text, "unfiltered-web-dev.json")
+        assert got.format == "triviaqa json" and got.rows == 3 and got.skipped["no answer strings"] == 1
+        assert got.pairs == [(trivia["Data"][0]["Question"], ["sinclair lewis", "harry sinclair lewis"]),
+                             ("Where is the UK's Met Office?", ["Exeter"])]
+    # WebQuestions' published JSON: the answers are targetValue's descriptions, quoted or not.
+    webq = json.dumps([{"url": "http://www.freebase.com/view/en/justin_bieber", "targetValue":
+                        '(list (description "Jazmyn Bieber") (description "Jaxon Bieber"))',
+                        "utterance": "what is the name of justin bieber brother?"},
+                       {"url": "u", "targetValue": "(list (description Canada))", "utterance": "where is toronto?"},
+                       {"url": "u", "targetValue": "(list)", "utterance": "nothing?"}])
+    got = parse_qa_text(webq, "webquestions.examples.test.json")
+    assert got.format == "webquestions json" and got.skipped["no answer strings"] == 1
+    assert got.pairs == [("what is the name of justin bieber brother?", ["Jazmyn Bieber", "Jaxon Bieber"]),
+                         ("where is toronto?", ["Canada"])]
+    with pytest.raises(QAFileError, match="'Data' list"):
+        parse_qa_text('{"version": 1,\n "data": []}', "squad.json")
+
+
+def test_few_shot_prompts_and_exemplars_as_the_paper_chooses_them():
+    """The four prompt variants; k exemplars by TF-IDF (the most similar training questions, never the
+    question itself) or one seeded random draw shared by every question; a long prompt keeps its end."""
+    from kilm_ray.method.fewshot import TfidfExemplars, choose_exemplars, qa_text
+    from kilm_ray.method.probes import ProbeError, qa_prompt
+    from kilm_ray.method.tokenizer import special_ids
+
+    assert qa_text("who wrote hamlet") == "Question: who wrote hamlet? Answer:"  # the zero-shot prompt as before
+    shots = [("who wrote macbeth", "Shakespeare"), ("capital of france", "Paris")]
+    assert qa_text("who wrote hamlet?", shots, 1) == ("Question: who wrote macbeth Answer: Shakespeare \n\n Question: "
+                                                      "capital of france Answer: Paris \n\n Question: who wrote hamlet? Answer: ")
+    assert qa_text("q", shots[:1], 4) == "Q: who wrote macbeth A:Shakespeare \n\n Q: q? A:"
+    pool = [("who wrote macbeth", "Shakespeare"), ("what is the capital of france", "Paris"),
+            ("who wrote the odyssey", "Homer"), ("who wrote hamlet", "Shakespeare"), ("how tall is everest", "8849 m"),
+            *[(f"how many legs has animal number {i}", str(i)) for i in range(12)]]  # DrQA's idf: 0 for common words
+    index = TfidfExemplars(pool)
+    near = index.nearest("who wrote hamlet?", 2)
+    assert ("who wrote hamlet", "Shakespeare") not in near  # the question asked is never its own exemplar
+    assert near[0] == ("who wrote macbeth", "Shakespeare") and len(near) == 2
+    assert index.nearest("capital city of france", 1) == [("what is the capital of france", "Paris")]
+    drawn = choose_exemplars(["a?", "b?"], pool, 3, "random", seed=7)
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 3 and drawn == choose_exemplars(["c?", "d?"], pool, 3, "random", 7)
+    assert choose_exemplars(["a?"], pool, 3, "random", 8) != drawn[:1]
+    assert choose_exemplars(["a?"], pool, 0, "tfidf", 0) == [[]]
+    tok = _tokenizer()
+    sp = special_ids(tok)
+    zero = qa_prompt(tok, sp, "who wrote hamlet")
+    assert tok.decode(zero.decoder_prefix[2:]) == "Question: who wrote hamlet? Answer:"
+    few = qa_prompt(tok, sp, "who wrote hamlet", shots, variant=3, max_input_tokens=12)
+    assert len(few.encoder_ids) == 12 and tok.decode(few.decoder_prefix[2:]).endswith("who wrote hamlet? A: ")
+    assert few.encoder_ids[-2:] == [sp.mask, sp.eos] and few.decoder_prefix[2:] == few.encoder_ids[1:-2]
+    with pytest.raises(ProbeError, match="exemplar 0"):
+        qa_prompt(tok, sp, "q", [("what is <mask>", "x")])
 
 
 @pytest.fixture(scope="module")
@@ -363,3 +422,56 @@ def test_test_ledger_counts_every_look_at_the_same_test_articles_and_refuses_und
     assert record_look(path, key, "rule r", "kilm-ray demo")["look"] == 2
     assert record_look(path, "another", "model b", "kilm-ray eval")["look"] == 1
     assert [r["what"] for r in read_looks(path, key)] == ["model a", "rule r"]
+
+
+def _appos_rows():
+    return [{"previous_sentence": [["The", "summit", "opened", "on", "Monday", "."]],
+             "input": ["Talks", "were", "led", "by", "Angela", "Merkel", ",", "<appos>", ",", "in", "Berlin", "."],
+             "next_sentence": ["They", "ended", "late", "."], "name": "Angela Merkel",
+             "target": ["the", "German", "chancellor"], "descriptions": "Chancellor of Germany from 2005 to 2021",
+             "used": [False], "properties": ["position held"], "values": ["chancellor"], "qualifiers": [[]]},
+            {"previous_sentence": [], "input": ["Acme", "Corp", "<appos>", "said", "so", "."],
+             "next_sentence": [], "name": "Acme Corp", "target": [], "descriptions": ""},
+            {"previous_sentence": [], "input": ["no", "slot", "here"], "next_sentence": [], "name": "no", "target": []},
+            {"previous_sentence": [], "input": ["A", "<appos>"], "next_sentence": [], "name": "Zed", "target": []}]
+
+
+def test_appos_corpus_as_published(tmp_path):
+    """ApposCorpus's JSONL rows become appositive items built as the official loader builds them (the
+    sentence before and after, the slot after the word before it); bad rows are skipped and counted; a
+    subset name finds its test file under the corpus root."""
+    from kilm_ray.eval.appos_files import ApposFileError, appos_path, read_appos
+
+    root = tmp_path / "ApposCorpus"
+    test = root / "news_gold_test" / "en" / "per" / "test.jsonl"
+    test.parent.mkdir(parents=True)
+    test.write_text("\n".join(json.dumps(r) for r in _appos_rows()) + "\nnot json\n")
+    assert appos_path(str(root), "news_per") == str(test)
+    parsed = read_appos(str(root), "news_per")
+    assert parsed.rows == 5 and len(parsed.items) == 2 and sum(parsed.skipped.values()) == 3
+    assert parsed.skipped["the sentence holds 0 <appos> slots"] == 1
+    assert parsed.skipped["the name does not occur before the slot"] == 1
+    first = parsed.items[0]
+    assert first["text"] == ("The summit opened on Monday . Talks were led by Angela Merkel ,<appos> , in Berlin . "
+                             "They ended late .")
+    assert (first["mention"], first["target"]) == ("Angela Merkel", "the German chancellor")
+    assert parsed.items[1]["target"] == "" and parsed.items[1]["text"] == "Acme Corp<appos> said so ."
+    with pytest.raises(ApposFileError, match="wiki_org"):
+        appos_path(str(root), "blog_per")
+    (test.parent / "other.jsonl").write_text('{"input": ["x"]}\n')
+    with pytest.raises(ApposFileError, match="no ApposCorpus row"):
+        read_appos(str(test.parent / "other.jsonl"))
+
+
+def test_appos_corpus_probe_scores_against_the_gold_appositive(probe_model):
+    from kilm_ray.eval import probing
+    from kilm_ray.eval.appos_files import row_item
+    from kilm_ray.eval.summary import appos_summary
+
+    items = [row_item(r, k) for k, r in enumerate(_appos_rows()[:2])]
+    for form in ("slot", "text"):
+        rows = [{"id": it["id"], **r} for it, r in zip(items, probing.appos_corpus(probe_model(form), items))]
+        assert 0 <= rows[0]["appositive_f1"] <= 1 and "description_f1" in rows[0]
+        assert rows[1]["target_empty"] is True and "appositive_f1" not in rows[1]
+        summary = appos_summary(rows, {"path": "x", "rows": 2}, {it["id"]: it for it in items})
+        assert summary["scored"] == 1 and summary["target_empty"] == 1 and "appositive_f1" in summary["intervals"]

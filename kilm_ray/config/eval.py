@@ -52,6 +52,29 @@ class EvalConfig:
         "{question, answer(s)} objects / [question, answers] pairs. Unreadable rows and questions holding a "
         "control token are skipped and counted.",
         default=None, path="local")
+    qa_shots: int = doc(
+        "Few-shot QA as the paper evaluates it: exemplars (question, first answer) from eval.qa_exemplar_file "
+        "before each question (the paper: 1, 2, 5, 10). 0 = zero-shot.", default=0)
+    qa_exemplars: Literal["tfidf", "random"] = doc(
+        "How exemplars are chosen: tfidf = the training questions most similar to the question asked (TF-IDF "
+        "over word unigrams and bigrams); random = one draw seeded by eval.seed, the same for every question.",
+        default="tfidf")
+    qa_exemplar_file: Optional[str] = doc(
+        "The training questions exemplars come from, in any format eval.qa_file reads (the train split of the "
+        "dataset asked: NQ-open train for NQ, TriviaQA's train JSON for TriviaQA, ...). Needed when "
+        "eval.qa_shots > 0.", default=None, path="local")
+    qa_prompt: int = doc(
+        "The QA prompt variant (the official code's --method): 1 'Question: q? Answer: a', 2 'Question: q? "
+        "Answer:a', 3 'Q: q? A: a', 4 'Q: q? A:a' (the space after the trigger changes the answer's first "
+        "token).", default=2)
+    appos_file: Optional[str] = doc(
+        "ApposCorpus for the appositive generation task (the paper's): a test.jsonl, or the corpus root with "
+        "eval.appos_subset. The slot stands where the gold appositive does; scored by token F1 and ROUGE-L "
+        "against it.", default=None, path="local")
+    appos_subset: str = doc(
+        "With eval.appos_file a corpus root: wiki_org, wiki_per, news_org or news_per (its test.jsonl).",
+        default="")
+    appos_max_items: int = doc("ApposCorpus rows probed (a seeded sample; 0 = all).", default=0)
     seed: int = doc("Seed of the samples (mentions, chunks, word senses) and of the retention test's masks.",
                      default=1234)
     actors: int = doc("Probe actors (each holds the model) in the evaluation's Ray Data stages.", default=1)
@@ -65,9 +88,14 @@ class EvalConfig:
         if self.num_beams > 1 and (self.no_repeat_ngram_size or self.title_candidates != "generated"):
             key = "no_repeat_ngram_size" if self.no_repeat_ngram_size else "title_candidates"
             raise ConfigError(f"{path}.{key} applies to greedy decoding; {path}.num_beams is {self.num_beams}")
+        check_range(f"{path}.qa_prompt", self.qa_prompt, 1, 4)
+        check_range(f"{path}.qa_shots", self.qa_shots, 0, 64)
+        if self.qa_shots and not self.qa_exemplar_file:
+            raise ConfigError(f"{path}.qa_shots is {self.qa_shots}: set {path}.qa_exemplar_file to the training "
+                              "questions the exemplars come from")
         check_range(f"{path}.cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, low_open=True)
         check_range(f"{path}.gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
-        for name in ("test_looks_before", "max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
+        for name in ("test_looks_before", "appos_max_items", "max_samples", "max_disambiguation_mentions", "retention_max_chunks", "train_recall_samples",
                      "max_sense_items"):
             check_min(f"{path}.{name}", getattr(self, name), 0)
 

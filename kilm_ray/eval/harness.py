@@ -307,19 +307,52 @@ def word_senses(ctx: Context, kb_file: str) -> Part:
 
 
 def question_answering(ctx: Context, qa_file: str) -> Part:
-    """Zero-shot QA on a question file as published (read, skipped and scored counts reported)."""
+    """Zero- or few-shot QA on a question file as published (read, skipped and scored counts reported);
+    few-shot exemplars (eval.qa_shots) come from eval.qa_exemplar_file, chosen on the driver."""
     from kilm_ray.eval.qa_files import read_qa_file
     from kilm_ray.eval.stages import items_dataset
     from kilm_ray.eval.summary import qa_summary
+    from kilm_ray.method.fewshot import choose_exemplars
 
+    e = ctx.cfg.eval
     parsed = read_qa_file(qa_file)
     items = [{"id": f"{k:07d}", "question": q, "answers": a} for k, (q, a) in enumerate(parsed.pairs)]
-    info = {"path": qa_file, "format": parsed.format, "rows": parsed.rows, "skipped": dict(parsed.skipped)}
+    info = {"path": qa_file, "format": parsed.format, "rows": parsed.rows, "skipped": dict(parsed.skipped),
+            "shots": e.qa_shots, "prompt_variant": e.qa_prompt}
+    if e.qa_shots:
+        train = read_qa_file(e.qa_exemplar_file)
+        pool = [(q, answers[0]) for q, answers in train.pairs]
+        for it, shots in zip(items, choose_exemplars([it["question"] for it in items], pool, e.qa_shots,
+                                                     e.qa_exemplars, e.seed)):
+            it["exemplars"] = [list(x) for x in shots]
+        info.update(exemplars=e.qa_exemplars, exemplar_file=e.qa_exemplar_file, exemplar_pool=len(pool),
+                    exemplar_seed=e.seed if e.qa_exemplars == "random" else None)
 
     def finish(rows: list[dict]) -> dict[str, Any]:
         return {**qa_summary(rows, info, items, ctx.cfg.eval.seed), "skipped_examples": parsed.examples}
 
     return Part("qa", items_dataset(items, {"probe": "qa", "part": "qa"}), finish)
+
+
+def appos_corpus(ctx: Context, path: str, subset: str) -> Part:
+    """ApposCorpus (the paper's appositive generation task) as published; rows read, skipped, scored."""
+    import random
+
+    from kilm_ray.eval.appos_files import read_appos
+    from kilm_ray.eval.stages import items_dataset
+    from kilm_ray.eval.summary import appos_summary
+
+    e = ctx.cfg.eval
+    parsed = read_appos(path, subset)
+    items = parsed.items
+    if e.appos_max_items and len(items) > e.appos_max_items:
+        keep = sorted(random.Random(e.seed).sample(range(len(items)), e.appos_max_items))
+        items = [items[k] for k in keep]
+    info = {"path": parsed.path, "rows": parsed.rows, "skipped": dict(parsed.skipped), "probed": len(items),
+            "skipped_examples": parsed.examples}
+    by_id = {it["id"]: it for it in items}
+    return Part("appos_corpus", items_dataset(items, {"probe": "appos", "part": "appos_corpus"}),
+                lambda rows: appos_summary(rows, info, by_id, e.seed))
 
 
 def run_parts(ctx: Context, parts: list[Part]) -> dict[str, Any]:
@@ -363,6 +396,8 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
     parts += [held, retention(ctx, "retention_train_text", "train", n_chunks)[0]]  # as many training chunks
     if qa_file:
         parts.append(question_answering(ctx, qa_file))
+    if cfg.eval.appos_file:
+        parts.append(appos_corpus(ctx, cfg.eval.appos_file, cfg.eval.appos_subset))
     s = ctx.tables.summary
     split_info.update({f"{split}_articles": s["articles"].get(split), f"{split}_samples": ctx.manifest["samples"][split],
                        "train_articles": s["articles"].get("train"), "train_samples": ctx.manifest["samples"]["train"],
@@ -417,6 +452,8 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
         out["retention: infilling loss on held-out text"] = metrics["retention"]["infilling_loss"]
     if "retention_train_text" in metrics:
         out["infilling loss on training text"] = metrics["retention_train_text"]["infilling_loss"]
+    if metrics.get("appos_corpus", {}).get("scored"):
+        out["ApposCorpus: appositive token F1"] = metrics["appos_corpus"]["appositive_f1"]
     if "qa" in metrics:
         out["qa exact match"] = metrics["qa"]["exact_match"]
         out["qa f1"] = metrics["qa"]["f1"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -41,6 +41,8 @@ class ProbeModel:
     # greedy, slot form: no n-gram repeated within an answer (a text-form answer copies the right context)
     no_repeat_ngram_size: int = 0
     title_candidates: str = "generated"  # or "generated_or_mention" (eval.title_candidates; slot form only)
+    qa_prompt_variant: int = 2  # eval.qa_prompt (kilm_ray.method.fewshot.QA_PROMPTS)
+    max_input_tokens: Optional[int] = None  # the model's positions: a long few-shot prompt loses its start
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -187,6 +189,12 @@ def appositive_prompt_of(pm: ProbeModel, item: dict) -> tuple[Prompt, list[int]]
     ids, start, end = list(item["ids"]), int(item["start"]), int(item["end"])
     text, mention = appositive_text(_decode(pm.tokenizer, ids[:start]), _decode(pm.tokenizer, ids[start:end]),
                                     _decode(pm.tokenizer, ids[end:]))
+    return appositive_slot_prompt(pm, text, mention)
+
+
+def appositive_slot_prompt(pm: ProbeModel, text: str, mention: str) -> tuple[Prompt, list[int]]:
+    """``text`` with one ``<appos>`` slot after ``mention``: the prompt in the model's form and the tokens
+    after the slot (the right context a text-form answer must stop before)."""
     if pm.form == "slot":
         prompt = appositive_prompt(pm.tokenizer, pm.sp, text, mention)
         at = prompt.encoder_ids.index(pm.sp.desc_end)
@@ -210,6 +218,27 @@ def appositive(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
         title, desc = _read_knowledge(pm, out.tokens, right)
         gold_title, gold_desc = gold_of(pm, items[k])
         results[k] = {**knowledge_scores(title, desc, gold_title, gold_desc), "generated": f"{title} <sep> {desc}"}
+    return results
+
+
+def appos_corpus(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
+    """ApposCorpus (``kilm_ray.eval.appos_files``): the knowledge slot where the gold appositive stands;
+    the generated description against the gold appositive (token F1, ROUGE-L; rows whose gold is empty are
+    kept unscored, ``target_empty``) and against the entity's description."""
+    results, kept, built = build_or_refuse(items, lambda it: appositive_slot_prompt(pm, it["text"], it["mention"]))
+    prompts, rights = [p for p, _ in built], [r for _, r in built]
+    budget = pm.max_new_tokens if pm.form == "slot" else pm.max_knowledge_tokens + 4
+    for k, out, right in zip(kept, _generate(pm, prompts, budget), rights):
+        _, desc = _read_knowledge(pm, out.tokens, right)
+        it = items[k]
+        result: dict[str, Any] = {"generated": desc, "target": it["target"]}
+        if it["target"].strip():
+            result.update(appositive_f1=token_f1(desc, it["target"]), appositive_rouge_l=rouge_l(desc, it["target"]))
+        else:
+            result["target_empty"] = True
+        if it.get("description"):
+            result["description_f1"] = token_f1(desc, it["description"])
+        results[k] = result
     return results
 
 
@@ -288,10 +317,15 @@ def senses(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
 
 
 def qa(pm: ProbeModel, items: Sequence[dict]) -> list[dict]:
-    """Zero-shot QA: the answer generated after ``Question: {q}? Answer:``, cut as the official KILM code
-    cuts it, scored by exact match and token F1 (best over the gold answers). A question the prompt
-    refuses (a control token in it) is skipped with its reason, never an error of the run."""
-    results, kept, prompts = build_or_refuse(items, lambda it: qa_prompt(pm.tokenizer, pm.sp, it["question"]))
+    """Zero- or few-shot QA: the answer generated after ``Question: {q}? Answer:`` (prompt variant
+    ``pm.qa_prompt_variant``, after the item's ``exemplars`` if any), cut as the official KILM code cuts it,
+    scored by exact match and token F1 (best over the gold answers). A question the prompt refuses (a
+    control token in it) is skipped with its reason, never an error of the run."""
+    def build(it: dict) -> Prompt:
+        return qa_prompt(pm.tokenizer, pm.sp, it["question"], [tuple(x) for x in it.get("exemplars") or []],
+                         pm.qa_prompt_variant, pm.max_input_tokens)
+
+    results, kept, prompts = build_or_refuse(items, build)
     for r in results:
         if "refused" in r:
             reason = r.pop("refused")

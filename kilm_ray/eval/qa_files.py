@@ -7,6 +7,12 @@ Formats (``.gz`` or not, recognised by content):
 - DPR's TSV (``nq-test.qa.csv``): ``question<TAB>['answer', ...]``, read with Python's CSV reader and a
   tab delimiter as DPR reads it (a quoted question may hold a tab), the answers a Python list literal;
   ``question<TAB>answer[<TAB>answer...]`` too;
+- TriviaQA's published JSON (``unfiltered-web-dev.json``, ``verified-wikipedia-dev.json``, ...): one object
+  whose ``Data`` holds ``{"Question", "Answer": {"NormalizedAliases", "Aliases", "Value", ...}}`` items, the
+  answers its normalized aliases as the official KILM code reads them (its aliases, then its value, where a
+  file has none);
+- WebQuestions' published JSON (``webquestions.examples.test.json``): a list of ``{"utterance", "targetValue":
+  "(list (description X) (description \"Y Z\"))"}``, the answers the descriptions of ``targetValue``;
 - a JSON list of ``{"question", "answer(s)"}`` objects or ``[question, answers]`` pairs.
 
 A row that is not a question with at least one answer is skipped and counted with its line, never a
@@ -20,6 +26,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -71,6 +78,41 @@ def _add(out: QAFile, where: str, question: Any, answers: Any) -> None:
         out.pairs.append((question.strip(), ans))
 
 
+_DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^()"]*?))\s*\)')
+
+
+def webquestions_answers(target_value: Any) -> Optional[list[str]]:
+    """The answers of a WebQuestions ``targetValue``: each ``(description X)`` or ``(description "X Y")``."""
+    if not isinstance(target_value, str):
+        return None
+    found = [(quoted.replace('\\"', '"').replace("\\\\", "\\") if quoted else bare).strip()
+             for quoted, bare in _DESCRIPTION.findall(target_value)]
+    return [a for a in found if a] or None
+
+
+def _triviaqa_answers(answer: Any) -> Any:
+    if not isinstance(answer, dict):
+        return None
+    return answer.get("NormalizedAliases") or answer.get("Aliases") or answer.get("Value")
+
+
+def _parse_triviaqa(text: str, out: QAFile) -> None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QAFileError(f"{out.path}: starts like a JSON object but is neither JSON lines nor one JSON object "
+                          f"({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("Data"), list):
+        raise QAFileError(f"{out.path}: one JSON object without a 'Data' list: not TriviaQA's published layout")
+    for k, row in enumerate(data["Data"]):
+        out.rows += 1
+        where = f"{out.path}: Data[{k}]"
+        if not isinstance(row, dict):
+            out.skip(where, "not a JSON object")
+            continue
+        _add(out, where, row.get("Question"), _triviaqa_answers(row.get("Answer")))
+
+
 def _parse_json_list(text: str, out: QAFile) -> None:
     try:
         rows = json.loads(text)
@@ -79,7 +121,10 @@ def _parse_json_list(text: str, out: QAFile) -> None:
     for k, row in enumerate(rows):
         out.rows += 1
         where = f"{out.path}: item {k}"
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "utterance" in row:  # WebQuestions
+            out.format = "webquestions json"
+            _add(out, where, row.get("utterance"), webquestions_answers(row.get("targetValue")))
+        elif isinstance(row, dict):
             _add(out, where, row.get("question"), row.get("answers", row.get("answer")))
         elif isinstance(row, list) and len(row) == 2:
             _add(out, where, row[0], row[1])
@@ -131,8 +176,12 @@ def detect_format(text: str) -> str:
     head = text.lstrip()
     if head.startswith("["):
         return "json"
-    if head.startswith("{"):
-        return "jsonl"
+    if head.startswith("{"):  # JSON lines, or one object (TriviaQA's layout, pretty-printed or not)
+        try:
+            first = json.loads(head.split("\n", 1)[0])
+        except json.JSONDecodeError:
+            return "triviaqa json"
+        return "triviaqa json" if isinstance(first, dict) and "Data" in first else "jsonl"
     return "tsv"
 
 
@@ -140,12 +189,12 @@ def parse_qa_text(text: str, path: str = "qa file") -> QAFile:
     """Parse a question file's text (see the module doc)."""
     fmt = detect_format(text)
     out = QAFile(path, fmt, [])
-    {"json": _parse_json_list, "jsonl": _parse_jsonl, "tsv": _parse_tsv}[fmt](text, out)
+    {"json": _parse_json_list, "jsonl": _parse_jsonl, "tsv": _parse_tsv, "triviaqa json": _parse_triviaqa}[fmt](text, out)
     if not out.pairs:
         found = "; ".join(out.examples[:2]) or "it is empty"
         raise QAFileError(f"{path}: no question with an answer was read as {fmt} ({found}). Expected NQ-open JSONL "
-                          "({\"question\", \"answer\": [...]}) lines, DPR's question<TAB>['answer', ...] TSV, or a "
-                          "JSON list")
+                          "({\"question\", \"answer\": [...]}) lines, DPR's question<TAB>['answer', ...] TSV, TriviaQA's or "
+                          "WebQuestions' published JSON, or a JSON list")
     return out
 
 

@@ -212,11 +212,12 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
               "of mentions); differences are claimed only where the intervals do not overlap and the paired test's "
               "interval excludes zero.", ""]
     cut = _get(first, "config", "data", "max_knowledge_tokens")
-    f1 = f"description token F1 (gold cut to {cut} tokens)"
-    lines += [f"**What description F1 measures.** The gold is the knowledge string as stored for training: title, "
-              f"`<sep>` and description cut together to the first {cut} tokens (`data.max_knowledge_tokens`). F1 and "
-              "ROUGE-L compare the generated description with the description part of that cut string, not with the "
-              "whole description.", ""]
+    f1 = f"description token F1 (gold cut to {cut} tokens)" if cut else "description token F1"
+    if cut:
+        lines += [f"**What description F1 measures.** The gold is the knowledge string as stored for training: title, "
+                  f"`<sep>` and description cut together to the first {cut} tokens (`data.max_knowledge_tokens`). F1 "
+                  "and ROUGE-L compare the generated description with the description part of that cut string, not "
+                  "with the whole description.", ""]
     lines += ["### Description generation on held-out mentions (describe probe)", ""]
     forms = ", ".join(f"{n}: `{m.get('probe_form', 'slot')}`" for n, m in models.items())
     lines += [f"Probe form per model ({forms}): `slot` asks `<ent>mention</ent><ent_desc><mask></ent_desc>`; `text` "
@@ -230,7 +231,7 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
         ("title_exact_match_title_not_mention", "title exact match where the title is not the mention text (nor an "
                                                 "inflection of it)"),
         ("copy_rule_title_exact_match", "copy rule (mention text as the title; no model)"),
-        ("description_f1", f1), ("description_rouge_l", f"description ROUGE-L (gold cut to {cut} tokens)")])))
+        ("description_f1", f1), ("description_rouge_l", f1.replace("token F1", "ROUGE-L"))])))
     rows = []
     for group in GROUPS:
         rows += [[f"{group}: training lookup, title exact match (no model)",
@@ -293,7 +294,10 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
                      *(_fmt(matched["heldout_text_loss"].get(n)) for n in names)])
     lines += _table(head, rows)
     if any("qa" in m for m in models.values()):
-        lines += ["### Zero-shot QA", ""]
+        shots = _get(first, "qa", "shots") or 0
+        how = f"{shots}-shot, exemplars by {_get(first, 'qa', 'exemplars')} from `{_shown_path(_get(first, 'qa', 'exemplar_file'))}`" \
+            if shots else "Zero-shot"
+        lines += [f"### {how} QA (prompt variant {_get(first, 'qa', 'prompt_variant') or 2})", ""]
         rows = _rows(models, [("questions read", ("qa", "read"), 0), ("questions scored", ("qa", "questions"), 0),
                               ("exact match", ("qa", "exact_match"), 3), ("token F1", ("qa", "f1"), 3)])
         rows.insert(1, ["questions skipped (reason: count)",
@@ -302,6 +306,16 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
         lines += _table(head, rows)
         lines += [f"Questions: `{_shown_path(_get(first, 'qa', 'file'))}` ({_get(first, 'qa', 'format')}); answers cut at the first "
                   "newline or `Question:`, as the official KILM QA code cuts them.", ""]
+    if any("appos_corpus" in m for m in models.values()):
+        lines += ["### ApposCorpus appositive generation", "",
+                  f"`{_shown_path(_get(first, 'appos_corpus', 'path'))}`: the knowledge slot where the gold appositive "
+                  "stands, the generated description against it (rows whose gold is empty are counted, not scored).", ""]
+        lines += _table(head, _rows(models, [
+            ("rows read", ("appos_corpus", "rows"), 0), ("rows probed", ("appos_corpus", "probed"), 0),
+            ("rows scored (gold appositive not empty)", ("appos_corpus", "scored"), 0),
+            ("appositive token F1", ("appos_corpus", "appositive_f1"), 3),
+            ("appositive ROUGE-L", ("appos_corpus", "appositive_rouge_l"), 3),
+            ("token F1 against the entity's description", ("appos_corpus", "description_f1"), 3)]))
     if selection:
         sel_head = ["valid split (selection)", *selection]
         spec = [(f"{g}: {label}", ("describe", g, key), 3) for g in GROUPS for key, label in

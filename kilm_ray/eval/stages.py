@@ -101,7 +101,7 @@ class ProbeActor:
         e = cfg.eval
         self.pm = ProbeModel(model, tokenizer, special_ids(tokenizer), form_of(cfg.masking), e.max_new_tokens,
                              e.batch_size, e.num_beams, cfg.data.max_knowledge_tokens, e.no_repeat_ngram_size,
-                             e.title_candidates)
+                             e.title_candidates, e.qa_prompt, int(model.config.max_position_embeddings))
         self.cfg, self.probe = cfg, probe
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -128,6 +128,8 @@ class ProbeActor:
                        zip(items, probing.retention(self.pm, items, params, self.cfg.eval.seed))]
         elif probe == "senses":
             results = [{"id": it["id"], "senses": r} for it, r in zip(items, probing.senses(self.pm, items))]
+        elif probe == "appos":
+            results = [{"id": it["id"], **r} for it, r in zip(items, probing.appos_corpus(self.pm, items))]
         elif probe == "qa":
             results = [{"id": it["id"], **r} for it, r in zip(items, probing.qa(self.pm, items))]
         else:

@@ -138,7 +138,9 @@ def qa_summary(rows: Sequence[dict], file_info: dict[str, Any], items: Sequence[
             skipped[r["skipped"]] = skipped.get(r["skipped"], 0) + 1
     out: dict[str, Any] = {"file": file_info.get("path"), "format": file_info.get("format"),
                            "read": file_info.get("rows"), "skipped": skipped, "questions": len(scored),
-                           "clusters": _clusters(scored)}
+                           "clusters": _clusters(scored),
+                           **{k: file_info[k] for k in ("shots", "prompt_variant", "exemplars", "exemplar_file",
+                                                        "exemplar_pool", "exemplar_seed") if k in file_info}}
     _mean_with_interval(out, "exact_match", scored, [r["exact_match"] for r in scored], seed)
     _mean_with_interval(out, "f1", scored, [r["f1"] for r in scored], seed)
     by_id = {it["id"]: it for it in items}
@@ -146,6 +148,27 @@ def qa_summary(rows: Sequence[dict], file_info: dict[str, Any], items: Sequence[
                         "generated": r["generated"]} for r in scored[:8]]
     out["per_item"] = {"id": [r["id"] for r in scored], "exact_match": [r["exact_match"] for r in scored],
                        "f1": [r["f1"] for r in scored]}
+    return out
+
+
+def appos_summary(rows: Sequence[dict], info: dict[str, Any], items: dict[str, dict],
+                  seed: int = 0) -> dict[str, Any]:
+    """ApposCorpus: token F1 and ROUGE-L of the generated appositive against the gold, on the rows whose gold
+    is not empty (each row its own cluster: the corpus gives no article), and F1 against the entity's
+    description; rows with an empty gold and refused prompts counted."""
+    done = [r for r in rows if "generated" in r]
+    scored = [r for r in done if "appositive_f1" in r]
+    out: dict[str, Any] = {**info, "scored": len(scored), "target_empty": sum(1 for r in done if r.get("target_empty")),
+                           "refused": sum(1 for r in rows if "refused" in r)}
+    if scored:
+        _mean_with_interval(out, "appositive_f1", scored, [r["appositive_f1"] for r in scored], seed)
+        _mean_with_interval(out, "appositive_rouge_l", scored, [r["appositive_rouge_l"] for r in scored], seed)
+    described = [r for r in done if "description_f1" in r]
+    if described:
+        _mean_with_interval(out, "description_f1", described, [r["description_f1"] for r in described], seed)
+    out["examples"] = [{"text": items[r["id"]]["text"][-160:], "mention": items[r["id"]]["mention"],
+                        "gold": r["target"], "generated": r["generated"]} for r in scored[:6]]
+    out["per_item"] = {"id": [r["id"] for r in scored], "appositive_f1": [r["appositive_f1"] for r in scored]}
     return out
 
 

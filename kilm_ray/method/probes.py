@@ -133,14 +133,23 @@ def appositive_prompt(tokenizer, sp: SpecialIds, text: str, mention: str, slot_m
     return _slot_prompt(tokenizer, sp, plain, start, start + len(mention), slot_char)
 
 
-def qa_prompt(tokenizer, sp: SpecialIds, question: str) -> Prompt:
-    question = question.strip().rstrip("?").strip()
-    if not question:
+def qa_prompt(tokenizer, sp: SpecialIds, question: str, exemplars: Sequence[tuple[str, str]] = (),
+              variant: int = 2, max_input_tokens: Optional[int] = None) -> Prompt:
+    """Zero- or few-shot QA (``kilm_ray.method.fewshot``): the exemplars and the question in prompt
+    ``variant``, the answer in the ``<mask>``. Past ``max_input_tokens`` the earliest tokens go (the
+    question asked is at the end), as the official code keeps the last 974."""
+    from kilm_ray.method.fewshot import qa_text
+
+    if not question.strip().rstrip("?").strip():
         raise ProbeError("'question' is empty")
-    refuse_control_tokens("question", question, control_tokens(tokenizer))
-    stem = f"Question: {question}? Answer:"
-    stem_ids = _encode(tokenizer, stem)[0]
+    control = control_tokens(tokenizer)
+    refuse_control_tokens("question", question, control)
+    for k, (q, a) in enumerate(exemplars):
+        refuse_control_tokens(f"exemplar {k}", q + " " + a, control)
+    stem_ids = _encode(tokenizer, qa_text(question, exemplars, variant))[0]
     _plain(stem_ids, sp)
+    if max_input_tokens is not None and len(stem_ids) + 3 > max_input_tokens:
+        stem_ids = stem_ids[len(stem_ids) + 3 - max_input_tokens:]
     return Prompt([sp.bos, *stem_ids, sp.mask, sp.eos],
                   [sp.eos, sp.bos, *stem_ids], sp.eos)
 
