@@ -116,6 +116,7 @@ def test_demo_chain_end_to_end(ray_cluster, tmp_path, capsys):
                         r"\d\.\d\d\), description F1 \d\.\d\d \(gold cut to 12 tokens\)", result["knowledge_line"])
     # A look at the test articles, counted in the dataset's ledger (a fresh output directory: the first).
     assert own[-2].startswith("this line is the first at this split's test articles") and figures["test_look"]["look"] == 1
+    assert figures["held_out_check"]["articles_in_train"] == figures["held_out_check"]["samples_in_train"] == 0
     assert figures["mentions"] >= 50 and 0.5 < figures["copy_rule_title_exact_match"] < 1
     # configs/demo.yaml decodes titles as the service does: one behaviour for the line and the HTTP answers.
     assert len(figures["answers"]) == figures["mentions"] and "title_exact_match_generated" not in figures

@@ -169,22 +169,30 @@ def _wanted(chosen: list[dict]) -> dict[int, list[int]]:
     return wanted
 
 
-def held_out_mentions(ctx: Context, split: str) -> tuple[Part, dict[str, Any]]:
-    """The sampled mentions of ``split`` (every per-mention probe runs on them), with what the split
-    section of metrics.json says about them; raises if one of their articles or chunks is in train."""
-    from kilm_ray.eval.select import describe_selection, sample_split
-    from kilm_ray.eval.stages import read_items
+def check_held_out(ctx: Context, split: str, chosen: list[dict]) -> dict[str, Any]:
+    """Raises unless none of the chosen mentions' articles and chunks is in train (a Ray Data scan of the
+    train shards); the check's counts."""
     from kilm_ray.data.tables import train_overlap
 
-    cfg = ctx.cfg
-    chosen = sample_split(ctx.files(split), "mentions", cfg.eval.seed, cfg.eval.max_samples,
-                          cfg.data.max_eval_entities, ctx.tokenizer_json)
-    extras, titles = mention_extras(ctx, chosen)
     overlap = train_overlap(ctx.data_dir, {m["article"] for m in chosen}, {m["sample_id"] for m in chosen})
     if overlap["articles_in_train"] or overlap["samples_in_train"]:
         raise AssertionError(f"{split} is not held out: {len(overlap['samples_in_train'])} sample ids and "
                              f"{len(overlap['articles_in_train'])} articles also in train, e.g. "
                              f"{(overlap['articles_in_train'] or overlap['samples_in_train'])[:3]}")
+    return overlap
+
+
+def held_out_mentions(ctx: Context, split: str) -> tuple[Part, dict[str, Any]]:
+    """The sampled mentions of ``split`` (every per-mention probe runs on them), with what the split
+    section of metrics.json says about them; raises if one of their articles or chunks is in train."""
+    from kilm_ray.eval.select import describe_selection, sample_split
+    from kilm_ray.eval.stages import read_items
+
+    cfg = ctx.cfg
+    chosen = sample_split(ctx.files(split), "mentions", cfg.eval.seed, cfg.eval.max_samples,
+                          cfg.data.max_eval_entities, ctx.tokenizer_json)
+    extras, titles = mention_extras(ctx, chosen)
+    overlap = check_held_out(ctx, split, chosen)
     wanted = _wanted(chosen)
     order = {f"{m['sample_id']}:{m['entity']}": k for k, m in enumerate(chosen)}
     article = _article_of(chosen)
@@ -502,9 +510,11 @@ def rule_knowledge(model_dir: str, data_dir: str, cfg: KilmConfig, split: str, m
     chosen mentions in order."""
     ctx = Context(model_dir, data_dir, cfg, device)
     chosen = rule_mentions(ctx, split, min_train_mentions)
+    overlap = check_held_out(ctx, split, chosen)
     summary = run_parts(ctx, [describe_part(ctx, "rule", split, chosen, keep_answers=True)])["rule"]
     figures = {**summary["all"], "answers": summary.get("answers", {}),
-               "titles_from_mention_ids": summary.get("titles_from_mention_ids", [])}
+               "titles_from_mention_ids": summary.get("titles_from_mention_ids", []),
+               "held_out_check": {k: (len(v) if isinstance(v, list) else v) for k, v in overlap.items()}}
     if split == "test":  # the demo never refuses a look: it says which one its line is
         figures["test_look"] = ctx.record_test_look(
             f"rule: describe, entities in >= {min_train_mentions} training mentions, model {model_dir}", by,
