@@ -194,6 +194,9 @@ def test_question_files_as_published(tmp_path):
     assert got.format == "webquestions json" and got.skipped["no answer strings"] == 1
     assert got.pairs == [("what is the name of justin bieber brother?", ["Jazmyn Bieber", "Jaxon Bieber"]),
                          ("where is toronto?", ["Canada"])]
+    # JSON lines whose first line is broken: that row skipped and counted, the rest read.
+    broken = parse_qa_text('{"question": "cut short\n{"question": "q", "answer": ["a"]}\n', "nq.jsonl")
+    assert broken.format == "jsonl" and broken.pairs == [("q", ["a"])] and sum(broken.skipped.values()) == 1
     with pytest.raises(QAFileError, match="'Data' list"):
         parse_qa_text('{"version": 1,\n "data": []}', "squad.json")
 
@@ -227,10 +230,15 @@ def test_few_shot_prompts_and_exemplars_as_the_paper_chooses_them():
     zero = qa_prompt(tok, sp, "who wrote hamlet")
     assert tok.decode(zero.decoder_prefix[2:]) == "Question: who wrote hamlet? Answer:"
     few = qa_prompt(tok, sp, "who wrote hamlet", shots, variant=3, max_input_tokens=12)
-    assert len(few.encoder_ids) == 12 and tok.decode(few.decoder_prefix[2:]).endswith("who wrote hamlet? A: ")
+    assert len(few.encoder_ids) == 12 and tok.decode(few.decoder_prefix[2:]).endswith("who wrote hamlet? A:")
     assert few.encoder_ids[-2:] == [sp.mask, sp.eos] and few.decoder_prefix[2:] == few.encoder_ids[1:-2]
     with pytest.raises(ProbeError, match="exemplar 0"):
         qa_prompt(tok, sp, "q", [("what is <mask>", "x")])
+    # A training question holding a control token never becomes an exemplar; a question sharing nothing
+    # weighted with the pool gets fewer than k (DrQA's stopwords weigh nothing: "who is it" shares nothing).
+    assert choose_exemplars(["what is <x>?"], [("what is <mask>", "y"), ("plain question", "z")], 2, "random", 0) == [
+        [("plain question", "z")]]
+    assert index.nearest("who is it", 3) == []
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +387,14 @@ def test_cluster_bootstrap_widens_intervals_where_items_share_an_article():
     assert clustered_test["p_value"] > 0.05 and clustered_test["low"] <= 0.0 < clustered_test["high"]
     loss = ratio_interval(scores * 10, np.full(1000, 10.0), seed=0, clusters=articles)
     assert loss["ratio"] == pytest.approx(scores.mean()) and loss["clusters"] == 10
+    # Three articles cannot carry a claim, however large the difference: one sign per article gives p >= 0.25.
+    few = paired_test([1.0] * 6, [0.0] * 6, clusters=[0, 0, 1, 1, 2, 2])
+    assert few["p_value"] > 0.2 and claim({"mean": 1, "low": 1, "high": 1}, {"mean": 0, "low": 0, "high": 0},
+                                          few) == "no difference claimed"
+    # A NaN score gives no interval and no verdict (not an interval over the finite resamples).
+    broken = paired_test([1, 1, 1, 1, 1, float("nan")], [0] * 6, clusters=list(range(6)))
+    assert broken["low"] != broken["low"] and interval([1.0, float("nan")])["low"] != interval([1.0, float("nan")])["low"]
+    assert claim(interval([1.0, float("nan")]), interval([0.0, 0.0]), broken) == "no difference claimed"
 
 
 @settings(max_examples=60, deadline=None)
@@ -395,33 +411,39 @@ def test_cluster_bootstrap_interval_holds_the_mean_of_some_resample(items, seed)
 
 
 def test_test_ledger_counts_every_look_at_the_same_test_articles_and_refuses_undeclared_ones(tmp_path):
-    """The ledger belongs to the test articles, not to a run: another tokenizer or another copy of the dump
-    is the same split; another split seed is not. A look beyond the declared count is refused, naming the
-    earlier looks; the ledger sits beside out/manifest.json, never inside a committed dataset."""
-    from kilm_ray.eval.ledger import TestLookRefused, check_look, ledger_path, read_looks, record_look, split_key
+    """The ledger belongs to the test articles, not to a run: another tokenizer, test fraction, copy of the
+    dump or a second dump beside it looks at the same articles; another split seed does not. A look is
+    allowed only where the declared count is the ledger's, naming the earlier looks; the ledger sits beside
+    out/manifest.json, never inside a committed dataset, unless eval.test_ledger names a shared file."""
+    from kilm_ray.eval.ledger import TestLookRefused, check_look, ledger_path, read_looks, record_look, split_keys
 
-    def manifest(dump, seed=2, vocab=4000):
-        return {"dumps": [dump], "config": {"corpus": {"split_seed": seed, "test_fraction": 0.1},
-                                            "tokenizer": {"vocab_size": vocab}}}
+    def manifest(*dumps, seed=2, fraction=0.1):
+        return {"dumps": list(dumps), "config": {"corpus": {"split_seed": seed, "test_fraction": fraction}}}
 
-    key = split_key(manifest("/data/enwiki.xml.bz2"))
-    assert key == split_key(manifest("s3://bucket/dumps/enwiki.xml.bz2", vocab=8000))
-    assert key != split_key(manifest("/data/enwiki.xml.bz2", seed=3))
+    keys = split_keys(manifest("/data/enwiki.xml.bz2"))
+    assert keys == split_keys(manifest("s3://bucket/dumps/enwiki.xml.bz2", fraction=0.2))
+    assert set(keys) < set(split_keys(manifest("/data/enwiki.xml.bz2", "/data/dewiki.xml.bz2")))
+    assert keys != split_keys(manifest("/data/enwiki.xml.bz2", seed=3))
     out = tmp_path / "out"
+    (out / "datasets" / "5a7f").mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")
     assert ledger_path(str(out / "datasets" / "5a7f")) == ledger_path(str(out)) == str(out / "test_looks.jsonl")
+    assert ledger_path(str(out), "s3://team/kilm/test_looks.jsonl") == "s3://team/kilm/test_looks.jsonl"
     path = ledger_path(str(out))
-    out.mkdir()
-    check_look(read_looks(path, key), 0, path)  # nothing looked at yet: a first look
-    first = record_look(path, key, "model a", "kilm-ray eval", step=10)
+    check_look(read_looks(path, keys), 0, path)  # nothing looked at yet: a first look
+    first = record_look(path, keys, "model a", "kilm-ray eval", step=10)
     assert first["look"] == 1 and first["ledger"] == path
     with pytest.raises(TestLookRefused, match=r"looked at 1 time\(s\).*model a.*eval.test_looks_before=1"):
-        check_look(read_looks(path, key), 0, path)
-    check_look(read_looks(path, key), 1, path)  # declared: allowed, and counted
+        check_look(read_looks(path, keys), 0, path)
+    with pytest.raises(TestLookRefused, match="holds 1 look"):  # a blanket 99 in a config turns nothing off
+        check_look(read_looks(path, keys), 99, path)
+    check_look(read_looks(path, keys), 1, path)  # declared: allowed, and counted
     with open(path, "a") as f:
-        f.write('{"split_key": "torn')  # a writer killed mid-line loses that line only
-    assert record_look(path, key, "rule r", "kilm-ray demo")["look"] == 2
-    assert record_look(path, "another", "model b", "kilm-ray eval")["look"] == 1
-    assert [r["what"] for r in read_looks(path, key)] == ["model a", "rule r"]
+        f.write('{"split_keys": ["torn')  # a writer killed mid-line loses that line only
+    both = split_keys(manifest("/data/enwiki.xml.bz2", "/data/dewiki.xml.bz2"))
+    assert record_look(path, both, "rule r", "kilm-ray demo")["look"] == 2  # enwiki's test articles again
+    assert record_look(path, split_keys(manifest("/x/enwiki.xml.bz2", seed=5)), "model b", "kilm-ray eval")["look"] == 1
+    assert [r["what"] for r in read_looks(path, keys)] == ["model a", "rule r"]
 
 
 def _appos_rows():

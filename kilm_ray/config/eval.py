@@ -16,8 +16,12 @@ class EvalConfig:
     test_looks_before: int = doc(
         "Earlier looks at this dataset's test articles this evaluation knows of (the test ledger, "
         "<out>/test_looks.jsonl, counts every look by any model or rule). 0 = a first look: a test evaluation "
-        "is refused when the ledger holds more looks than this, so a second look is a choice stated on the "
+        "is refused unless the ledger holds exactly this many, so a second look is a choice stated on the "
         "command line. A comparison of N models declares 0 .. N-1.", default=0)
+    test_ledger: Optional[str] = doc(
+        "Where looks at test are counted: default <out>/test_looks.jsonl beside the dataset's manifest; one file "
+        "(local or s3://) that several output directories of the same dump share counts their looks together.",
+        default=None)
     max_samples: int = doc(
         "Held-out mentions every mention probe runs on: a seeded random sample across the split's articles "
         "(the smallest keyed hashes of sample id and entity; eval.seed). 0 = all.", default=500)

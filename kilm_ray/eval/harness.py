@@ -47,20 +47,21 @@ class Context:
     def test_looks(self, declared: Optional[int] = None) -> list[dict]:
         """The ledger's earlier looks at this dataset's test articles; refused (``TestLookRefused``) when
         ``declared`` is given and they are more."""
-        from kilm_ray.eval.ledger import check_look, ledger_path, read_looks, split_key
+        from kilm_ray.eval.ledger import check_look, ledger_path, read_looks, split_keys
 
-        path = ledger_path(self.data_dir)
-        earlier = read_looks(path, split_key(self.manifest))
+        path = ledger_path(self.data_dir, self.cfg.eval.test_ledger)
+        earlier = read_looks(path, split_keys(self.manifest))
         if declared is not None:
             check_look(earlier, declared, path)
         return earlier
 
     def record_test_look(self, what: str, by: str, step: Any = None, **facts: Any) -> dict:
-        """Count a look at the test articles (after its figures exist: a failed run saw nothing)."""
-        from kilm_ray.eval.ledger import ledger_path, record_look, split_key
+        """Count a look at the test articles, before any probe runs (a run that fails half-way may have
+        shown figures)."""
+        from kilm_ray.eval.ledger import ledger_path, record_look, split_keys
 
-        return record_look(ledger_path(self.data_dir), split_key(self.manifest), what, by, step,
-                           dataset=self.manifest.get("run_key"), **facts)
+        return record_look(ledger_path(self.data_dir, self.cfg.eval.test_ledger), split_keys(self.manifest), what,
+                           by, step, dataset=self.manifest.get("run_key"), **facts)
 
     def files(self, split: str, sample_ids: Optional[set] = None) -> list[str]:
         from kilm_ray.eval.select import shard_entries, shards_holding
@@ -320,7 +321,7 @@ def question_answering(ctx: Context, qa_file: str) -> Part:
     from kilm_ray.eval.qa_files import read_qa_file
     from kilm_ray.eval.stages import items_dataset
     from kilm_ray.eval.summary import qa_summary
-    from kilm_ray.method.fewshot import choose_exemplars
+    from kilm_ray.method.fewshot import choose_exemplars, usable
 
     e = ctx.cfg.eval
     parsed = read_qa_file(qa_file)
@@ -329,12 +330,13 @@ def question_answering(ctx: Context, qa_file: str) -> Part:
             "shots": e.qa_shots, "prompt_variant": e.qa_prompt}
     if e.qa_shots:
         train = read_qa_file(e.qa_exemplar_file)
-        pool = [(q, answers[0]) for q, answers in train.pairs]
-        for it, shots in zip(items, choose_exemplars([it["question"] for it in items], pool, e.qa_shots,
-                                                     e.qa_exemplars, e.seed)):
+        pool = usable([(q, answers[0]) for q, answers in train.pairs])
+        chosen = choose_exemplars([it["question"] for it in items], pool, e.qa_shots, e.qa_exemplars, e.seed)
+        for it, shots in zip(items, chosen):
             it["exemplars"] = [list(x) for x in shots]
         info.update(exemplars=e.qa_exemplars, exemplar_file=e.qa_exemplar_file, exemplar_pool=len(pool),
-                    exemplar_seed=e.seed if e.qa_exemplars == "random" else None)
+                    exemplar_seed=e.seed if e.qa_exemplars == "random" else None,
+                    questions_with_fewer_exemplars=sum(1 for shots in chosen if len(shots) < e.qa_shots))
 
     def finish(rows: list[dict]) -> dict[str, Any]:
         return {**qa_summary(rows, info, items, ctx.cfg.eval.seed), "skipped_examples": parsed.examples}
@@ -391,9 +393,12 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
     check_tokenizers(model_dir, data_dir)
     ctx = Context(model_dir, data_dir, cfg, device)
     split = cfg.eval.split
-    if split == "test":  # refused before any work when the ledger holds more looks than declared
-        ctx.test_looks(cfg.eval.test_looks_before)
     model = model_facts(model_dir)
+    look = None
+    if split == "test":  # refused before any work unless the ledger holds the looks declared; then counted
+        ctx.test_looks(cfg.eval.test_looks_before)
+        look = ctx.record_test_look(f"model {model_dir}", "kilm-ray eval", model["step"],
+                                    declared_before=cfg.eval.test_looks_before, run=run_dir)
     mentions, split_info = held_out_mentions(ctx, split)
     parts = [mentions]
     if cfg.eval.train_recall_samples:
@@ -420,9 +425,8 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
     results = run_parts(ctx, parts)
     metrics.update(results.pop("mentions"))
     metrics.update(results)
-    if split == "test":
-        metrics["test_look"] = ctx.record_test_look(f"model {model_dir}", "kilm-ray eval", model["step"],
-                                                    declared_before=cfg.eval.test_looks_before, run=run_dir)
+    if look is not None:
+        metrics["test_look"] = look
     return metrics
 
 
@@ -511,14 +515,16 @@ def rule_knowledge(model_dir: str, data_dir: str, cfg: KilmConfig, split: str, m
     ctx = Context(model_dir, data_dir, cfg, device)
     chosen = rule_mentions(ctx, split, min_train_mentions)
     overlap = check_held_out(ctx, split, chosen)
+    look = None
+    if split == "test":  # the demo never refuses a look: it says which one its line is
+        look = ctx.record_test_look(f"rule: describe, entities in >= {min_train_mentions} training mentions, "
+                                    f"model {model_dir}", by, model_facts(model_dir)["step"])
     summary = run_parts(ctx, [describe_part(ctx, "rule", split, chosen, keep_answers=True)])["rule"]
     figures = {**summary["all"], "answers": summary.get("answers", {}),
                "titles_from_mention_ids": summary.get("titles_from_mention_ids", []),
                "held_out_check": {k: (len(v) if isinstance(v, list) else v) for k, v in overlap.items()}}
-    if split == "test":  # the demo never refuses a look: it says which one its line is
-        figures["test_look"] = ctx.record_test_look(
-            f"rule: describe, entities in >= {min_train_mentions} training mentions, model {model_dir}", by,
-            model_facts(model_dir)["step"])
+    if look is not None:
+        figures["test_look"] = look
     return figures, chosen
 
 

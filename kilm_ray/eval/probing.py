@@ -42,7 +42,7 @@ class ProbeModel:
     no_repeat_ngram_size: int = 0
     title_candidates: str = "generated"  # or "generated_or_mention" (eval.title_candidates; slot form only)
     qa_prompt_variant: int = 2  # eval.qa_prompt (kilm_ray.method.fewshot.QA_PROMPTS)
-    max_input_tokens: Optional[int] = None  # the model's positions: a long few-shot prompt loses its start
+    max_input_tokens: Optional[int] = None  # positions less the answer's: a long few-shot prompt loses its start
 
     def __post_init__(self):
         if self.form not in FORMS:

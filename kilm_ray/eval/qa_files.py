@@ -179,8 +179,12 @@ def detect_format(text: str) -> str:
     if head.startswith("{"):  # JSON lines, or one object (TriviaQA's layout, pretty-printed or not)
         try:
             first = json.loads(head.split("\n", 1)[0])
-        except json.JSONDecodeError:
-            return "triviaqa json"
+        except json.JSONDecodeError:  # a pretty-printed object, or JSON lines whose first line is bad
+            try:
+                whole = json.loads(head)
+            except json.JSONDecodeError:
+                return "jsonl"
+            return "triviaqa json" if isinstance(whole, dict) else "jsonl"
         return "triviaqa json" if isinstance(first, dict) and "Data" in first else "jsonl"
     return "tsv"
 

@@ -300,6 +300,9 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
         lines += [f"### {how} QA (prompt variant {_get(first, 'qa', 'prompt_variant') or 2})", ""]
         rows = _rows(models, [("questions read", ("qa", "read"), 0), ("questions scored", ("qa", "questions"), 0),
                               ("exact match", ("qa", "exact_match"), 3), ("token F1", ("qa", "f1"), 3)])
+        if shots:
+            rows.append([f"questions with fewer than {shots} exemplars (nothing similar in the pool)",
+                         *(_fmt(_get(m, "qa", "questions_with_fewer_exemplars")) for m in models.values())])
         rows.insert(1, ["questions skipped (reason: count)",
                         *(", ".join(f"{k}: {v}" for k, v in (_get(m, "qa", "skipped") or {}).items()) or "0"
                           for m in models.values())])

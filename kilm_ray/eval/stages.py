@@ -101,7 +101,9 @@ class ProbeActor:
         e = cfg.eval
         self.pm = ProbeModel(model, tokenizer, special_ids(tokenizer), form_of(cfg.masking), e.max_new_tokens,
                              e.batch_size, e.num_beams, cfg.data.max_knowledge_tokens, e.no_repeat_ngram_size,
-                             e.title_candidates, e.qa_prompt, int(model.config.max_position_embeddings))
+                             e.title_candidates, e.qa_prompt,
+                             # room for the answer, as the official code keeps 974 of 1,024 positions
+                             int(model.config.max_position_embeddings) - e.max_new_tokens)
         self.cfg, self.probe = cfg, probe
 
     def __call__(self, batch: pa.Table) -> pa.Table:

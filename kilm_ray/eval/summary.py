@@ -140,7 +140,8 @@ def qa_summary(rows: Sequence[dict], file_info: dict[str, Any], items: Sequence[
                            "read": file_info.get("rows"), "skipped": skipped, "questions": len(scored),
                            "clusters": _clusters(scored),
                            **{k: file_info[k] for k in ("shots", "prompt_variant", "exemplars", "exemplar_file",
-                                                        "exemplar_pool", "exemplar_seed") if k in file_info}}
+                                                        "exemplar_pool", "exemplar_seed", "questions_with_fewer_exemplars")
+                              if k in file_info}}
     _mean_with_interval(out, "exact_match", scored, [r["exact_match"] for r in scored], seed)
     _mean_with_interval(out, "f1", scored, [r["f1"] for r in scored], seed)
     by_id = {it["id"]: it for it in items}

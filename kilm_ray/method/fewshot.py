@@ -9,14 +9,17 @@ answer trigger, which changes how the answer's first word is tokenized::
     3  "Q: {q} A: {a}"                  4  "Q: {q} A:{a}"
 
 Exemplars are joined by ``" \\n\\n "`` and the question asked ends with its trigger, the answer to come
-in the ``<mask>`` (``kilm_ray.method.probes.qa_prompt``). Exemplar choice:
+in the ``<mask>`` (``kilm_ray.method.probes.qa_prompt``; the space after a trigger before the mask goes, as
+BART's ``<mask>`` absorbs it). Training questions holding a control token are left out of the pool.
+Exemplar choice:
 
 - ``random``: one seeded draw of k training questions, the same for every question asked (the official
   code seeds the draw once per run);
 - ``tfidf``: the k training questions most similar to the question asked, by TF-IDF over hashed word
-  unigrams and bigrams (DrQA's weighting, as the official retriever: ``log(1 + tf) * max(0, log((N - df
-  + 0.5) / (df + 0.5)))``, scored by dot product), ties to the earlier training question; a training
-  question identical to the question asked is never its own exemplar.
+  unigrams and bigrams, an n-gram with a stopword left out (DrQA's, the official retriever's: weights
+  ``log(1 + tf) * max(0, log((N - df + 0.5) / (df + 0.5)))``, scored by dot product), ties to the earlier
+  training question; a training question identical to the question asked is never its own exemplar. A
+  question sharing no weighted n-gram with the pool gets fewer than k (the official code too; counted).
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ QA_PROMPTS = {1: ("Question: ", "Answer: "), 2: ("Question: ", "Answer:"), 3: ("
 EXEMPLAR_JOIN = " \n\n "
 _WORD = re.compile(r"\w+", re.UNICODE)
 _BUCKETS = 1 << 24  # hashed n-grams, as DrQA's 2^24
+# DrQA's n-gram filter: English stopwords (NLTK's list, which DrQA uses) never weigh in.
+STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers herself it its
+itself they them their theirs themselves what which who whom this that these those am is are was were be been being
+have has had having do does did doing a an the and but if or because as until while of at by for with about against
+between into through during before after above below to from up down in out on off over under again further then once
+here there when where why how all any both each few more most other some such no nor not only own same so than too
+very s t can will just don should now d ll m o re ve y ain aren couldn didn doesn hadn hasn haven isn ma mightn mustn
+needn shan shouldn wasn weren won wouldn
+""".split())
+CONTROL = ("<s>", "</s>", "<pad>", "<unk>", "<mask>", "<ent>", "</ent>", "<ent_desc>", "</ent_desc>", "<sep>")
 
 
 def asked(question: str) -> str:
@@ -50,7 +64,8 @@ def qa_text(question: str, exemplars: Sequence[tuple[str, str]] = (), variant: i
 
 def _terms(text: str) -> list[int]:
     words = _WORD.findall(text.lower())
-    grams = words + [f"{x} {y}" for x, y in zip(words, words[1:])]
+    grams = [w for w in words if w not in STOPWORDS] + [
+        f"{x} {y}" for x, y in zip(words, words[1:]) if x not in STOPWORDS and y not in STOPWORDS]
     return [int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") % _BUCKETS for g in grams]
 
 
@@ -92,9 +107,15 @@ def random_exemplars(pairs: Sequence[tuple[str, str]], k: int, seed: int) -> lis
     return random.Random(seed).sample(list(pairs), min(k, len(pairs)))
 
 
+def usable(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The training pairs a prompt can hold: none with a control token (it would rewrite the prompt)."""
+    return [(q, a) for q, a in pairs if not any(t in q or t in a for t in CONTROL)]
+
+
 def choose_exemplars(questions: Sequence[str], pairs: Sequence[tuple[str, str]], k: int, how: str,
                      seed: int) -> list[list[tuple[str, str]]]:
-    """Each question's exemplars (``how``: ``random`` or ``tfidf``; k = 0: none)."""
+    """Each question's exemplars (``how``: ``random`` or ``tfidf``; k = 0: none) from the usable pairs."""
+    pairs = usable(pairs)
     if k <= 0:
         return [[] for _ in questions]
     if how == "random":

@@ -146,7 +146,9 @@ def qa_prompt(tokenizer, sp: SpecialIds, question: str, exemplars: Sequence[tupl
     refuse_control_tokens("question", question, control)
     for k, (q, a) in enumerate(exemplars):
         refuse_control_tokens(f"exemplar {k}", q + " " + a, control)
-    stem_ids = _encode(tokenizer, qa_text(question, exemplars, variant))[0]
+    # The space after "Answer: " goes, as BART's <mask> (lstrip) absorbs it and the official few-shot decoder
+    # prefix (inputs[:-2]) ends before it: variants 1 and 2 differ in the exemplars' answers.
+    stem_ids = _encode(tokenizer, qa_text(question, exemplars, variant).rstrip())[0]
     _plain(stem_ids, sp)
     if max_input_tokens is not None and len(stem_ids) + 3 > max_input_tokens:
         stem_ids = stem_ids[len(stem_ids) + 3 - max_input_tokens:]
