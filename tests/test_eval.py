@@ -223,7 +223,7 @@ def test_compare_report_side_by_side(tmp_path):
     assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "s"),
                  "--selection", *paths]) == 0
     selected = (tmp_path / "s" / "report.md").read_text()
-    assert "### Valid split: the figures configs were chosen on" in selected
+    assert "### Valid split: the split configs are chosen on" in selected
     assert "| valid split (selection) | KILM | infilling |" in selected
     assert main(["compare", "--metrics", *paths, "--labels", "KILM", "infilling", "--out", str(tmp_path / "s"),
                  "--selection", paths[0]]) == 2

@@ -159,8 +159,9 @@ def paired_rows(models: dict[str, dict], spec: list[tuple[str, str, Optional[str
                 continue
             test = paired_test(xs, ys, clusters=cs)
             verdict = claim(interval(xs, clusters=cs), interval(ys, clusters=cs), test)
+            unit = "words" if probe == "word_senses" else "articles"  # the clusters resampled
             row.append(f"{test['difference']:+.3f} [{test['low']:+.3f}, {test['high']:+.3f}], p {test['p_value']:.4f}, "
-                       f"n {test['n']} in {test['clusters']} articles: {verdict}")
+                       f"n {test['n']} in {test['clusters']} {unit}: {verdict}")
         rows.append(row)
     return rows
 
@@ -203,14 +204,14 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
     if looks:
         first_look = next(iter(looks.values()))
         lines += [f"Looks at these test articles (the dataset's test ledger `{_shown_path(first_look.get('ledger'))}`, "
-                  f"split key `{first_look.get('split_key')}`, which counts every evaluation of any model or rule "
-                  "on them): " + ", ".join(f"{n}: look {k['look']} (declared {k.get('declared_before', 0)} before "
+                  f"split key `{', '.join(first_look.get('split_keys') or [])}`, which counts every evaluation of any "
+                  "model or rule on them): " + ", ".join(f"{n}: look {k['look']} (declared {k.get('declared_before', 0)} before "
                                            "it)" for n, k in looks.items()) + ".", ""]
     lines += ["Every figure is the mean over the evaluated items with its bootstrap 95% interval in brackets "
               "(2,000 resamples of the **articles**: the mentions and chunks of one article are resampled together, a "
               "question alone, the usage examples of one word together; the number of articles stands beside the number "
               "of mentions); differences are claimed only where the intervals do not overlap and the paired test's "
-              "interval excludes zero.", ""]
+              "interval excludes zero with p < 0.05.", ""]
     cut = _get(first, "config", "data", "max_knowledge_tokens")
     f1 = f"description token F1 (gold cut to {cut} tokens)" if cut else "description token F1"
     if cut:
@@ -283,7 +284,7 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
             ("anchors, seen entities: accuracy", "disambiguation_anchor", "seen", "correct"),
             ("word senses: accuracy", "word_senses", None, "correct")]))
     lines += ["### Retention (BART text infilling, no entity markup)", ""]
-    rows = _rows(models, [("held-out text: infilling loss, end of training (token-weighted; interval over chunks)",
+    rows = _rows(models, [("held-out text: infilling loss, end of training (token-weighted; interval over articles)",
                            ("retention", "infilling_loss"), 3),
                           ("training text: infilling loss, end of training", ("retention_train_text", "infilling_loss"), 3),
                           ("chunks (held-out / training)", ("retention", "chunks"), 0)])
@@ -325,7 +326,7 @@ def report_lines(models: dict[str, dict[str, Any]], logs: Optional[dict[str, lis
                 (("title_exact_match", "title exact match"), ("copy_rule_title_exact_match", "copy rule"),
                  ("description_f1", f1))]
         spec[:0] = [("mentions", ("split", "mentions"), 0), ("seen mentions", ("split", "seen"), 0)]
-        lines += ["### Valid split: the figures configs were chosen on", ""]
+        lines += ["### Valid split: the split configs are chosen on", ""]
         lines += _table(sel_head, [[label, *(_cell(m, path, d) for m in selection.values())] for label, path, d in spec])
     lines += ["### Provenance", ""]
     lines += _table(head, _rows(models, [
