@@ -18,7 +18,6 @@ the slot. A row that is not that shape is skipped and counted with its line.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,20 +86,10 @@ def row_item(row: dict, k: int) -> dict:
 
 
 def parse_appos_text(text: str, path: str) -> ApposFile:
+    from kilm_ray.eval.qa_files import json_objects
+
     out = ApposFile(path)
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        out.rows += 1
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            out.skip(where, f"not JSON ({exc.msg})")
-            continue
-        if not isinstance(row, dict):
-            out.skip(where, "not a JSON object")
-            continue
+    for where, row in json_objects(text, out):
         try:
             out.items.append(row_item(row, len(out.items)))
         except KeyError as exc:

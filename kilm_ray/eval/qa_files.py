@@ -29,7 +29,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from kilm_ray.errors import UserInputError
 
@@ -132,7 +132,9 @@ def _parse_json_list(text: str, out: QAFile) -> None:
             out.skip(where, "not {question, answers} or [question, answers]")
 
 
-def _parse_jsonl(text: str, out: QAFile) -> None:
+def json_objects(text: str, out) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, object) for each JSON-object line of ``text``; ``out`` (a parsed file with ``path``,
+    ``rows`` and ``skip``) counts every non-blank line and skips the rest with their reason."""
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -146,6 +148,11 @@ def _parse_jsonl(text: str, out: QAFile) -> None:
         if not isinstance(row, dict):
             out.skip(where, "not a JSON object")
             continue
+        yield where, row
+
+
+def _parse_jsonl(text: str, out: QAFile) -> None:
+    for where, row in json_objects(text, out):
         _add(out, where, row.get("question"), row.get("answer", row.get("answers")))
 
 
