@@ -18,11 +18,11 @@ the slot. A row that is not that shape is skipped and counted with its line.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from kilm_ray.errors import UserInputError
+from kilm_ray.eval.qa_files import ReadCounts, decode_bytes, json_objects
 
 SLOT = "<appos>"
 SUBSETS = {"wiki": "wikipedia_silver", "news": "news_gold_test"}
@@ -34,17 +34,8 @@ class ApposFileError(UserInputError, ValueError):
 
 
 @dataclass
-class ApposFile:
-    path: str
+class ApposFile(ReadCounts):
     items: list[dict] = field(default_factory=list)
-    rows: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < 5:
-            self.examples.append(f"{where}: {reason}")
 
 
 def appos_path(root: str, subset: str = "") -> str:
@@ -86,8 +77,6 @@ def row_item(row: dict, k: int) -> dict:
 
 
 def parse_appos_text(text: str, path: str) -> ApposFile:
-    from kilm_ray.eval.qa_files import json_objects
-
     out = ApposFile(path)
     for where, row in json_objects(text, out):
         try:
@@ -107,7 +96,6 @@ def parse_appos_text(text: str, path: str) -> ApposFile:
 
 def read_appos(root: str, subset: str = "") -> ApposFile:
     from kilm_ray import storage
-    from kilm_ray.eval.qa_files import decode_bytes
 
     path = appos_path(root, subset)
     return parse_appos_text(decode_bytes(storage.read_bytes(path), path), path)

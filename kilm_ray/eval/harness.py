@@ -19,6 +19,7 @@ zero-shot QA. Provenance lives in ``provenance``, question files in ``qa_files``
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -44,13 +45,20 @@ class Context:
             data_dir, self.manifest.get("tokenizer", "tokenizer"), "tokenizer.json")).decode()
         self.tables = dataset_tables(data_dir, cfg)
 
+    @functools.cached_property
+    def ledger(self) -> tuple[str, list[str]]:
+        """The test ledger's path and this dataset's split keys (``kilm_ray.eval.ledger``)."""
+        from kilm_ray.eval.ledger import ledger_path, split_keys
+
+        return ledger_path(self.data_dir, self.cfg.eval.test_ledger), split_keys(self.manifest)
+
     def test_looks(self, declared: Optional[int] = None) -> list[dict]:
         """The ledger's earlier looks at this dataset's test articles; refused (``TestLookRefused``) when
-        ``declared`` is given and they are more."""
-        from kilm_ray.eval.ledger import check_look, ledger_path, read_looks, split_keys
+        ``declared`` is given and is not their number."""
+        from kilm_ray.eval.ledger import check_look, read_looks
 
-        path = ledger_path(self.data_dir, self.cfg.eval.test_ledger)
-        earlier = read_looks(path, split_keys(self.manifest))
+        path, keys = self.ledger
+        earlier = read_looks(path, keys)
         if declared is not None:
             check_look(earlier, declared, path)
         return earlier
@@ -58,10 +66,10 @@ class Context:
     def record_test_look(self, what: str, by: str, step: Any = None, **facts: Any) -> dict:
         """Count a look at the test articles, before any probe runs (a run that fails half-way may have
         shown figures)."""
-        from kilm_ray.eval.ledger import ledger_path, record_look, split_keys
+        from kilm_ray.eval.ledger import record_look
 
-        return record_look(ledger_path(self.data_dir, self.cfg.eval.test_ledger), split_keys(self.manifest), what,
-                           by, step, dataset=self.manifest.get("run_key"), **facts)
+        path, keys = self.ledger
+        return record_look(path, keys, what, by, step, dataset=self.manifest.get("run_key"), **facts)
 
     def files(self, split: str, sample_ids: Optional[set] = None) -> list[str]:
         from kilm_ray.eval.select import shard_entries, shards_holding
@@ -432,9 +440,10 @@ def evaluate(model_dir: str, data_dir: str, cfg: KilmConfig, kb_file: Optional[s
 
 def _figure_name(key: str, metrics: dict[str, Any]) -> str:
     """A figure's printed name: description F1 says its gold is the knowledge cut to the training length."""
+    from kilm_ray.eval.summary import description_f1_name
+
     if key == "description_f1":
-        cut = metrics.get("config", {}).get("data", {}).get("max_knowledge_tokens")
-        return f"description token F1 (gold cut to {cut} tokens)"
+        return description_f1_name(metrics.get("config", {}).get("data", {}).get("max_knowledge_tokens"))
     return key.replace("_", " ")
 
 

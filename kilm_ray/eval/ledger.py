@@ -55,12 +55,13 @@ def ledger_path(data_dir: str, override: Optional[str] = None) -> str:
     return storage.join(root, LEDGER)
 
 
-def read_looks(path: str, keys: list[str]) -> list[dict[str, Any]]:
-    """The ledger's looks at the test articles of any of ``keys``, oldest first (a torn line is skipped)."""
-    if not storage.exists(path):
-        return []
+def _ledger_text(path: str) -> str:
+    return storage.read_bytes(path).decode() if storage.exists(path) else ""
+
+
+def _looks_in(text: str, keys: list[str]) -> list[dict[str, Any]]:
     looks = []
-    for line in storage.read_bytes(path).decode().splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -68,6 +69,11 @@ def read_looks(path: str, keys: list[str]) -> list[dict[str, Any]]:
         if isinstance(row, dict) and set(row.get("split_keys") or []) & set(keys):
             looks.append(row)
     return looks
+
+
+def read_looks(path: str, keys: list[str]) -> list[dict[str, Any]]:
+    """The ledger's looks at the test articles of any of ``keys``, oldest first (a torn line is skipped)."""
+    return _looks_in(_ledger_text(path), keys)
 
 
 def describe_look(look: dict[str, Any]) -> str:
@@ -94,13 +100,13 @@ def record_look(path: str, keys: list[str], what: str, by: str, step: Any = None
     returns it with ``look`` = its number among the looks at these test articles (1 = first)."""
     from kilm_ray.data.stages import write_bytes_atomic
 
-    old = storage.read_bytes(path).decode() if storage.exists(path) else ""
+    old = _ledger_text(path)
     if old and not old.endswith("\n"):
         old += "\n"  # a torn line stays a line of its own
     look = {"split_keys": keys, "what": what, "by": by, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **facts}
     write_bytes_atomic(path, (old + json.dumps(look) + "\n").encode())
-    return {**look, "look": len(read_looks(path, keys)), "ledger": path}
+    return {**look, "look": len(_looks_in(old, keys)) + 1, "ledger": path}
 
 
 def look_line(look: dict[str, Any]) -> str:

@@ -39,10 +39,9 @@ class QAFileError(UserInputError, ValueError):
 
 
 @dataclass
-class QAFile:
+class ReadCounts:
+    """What reading a published file met: rows read, rows skipped by reason, the first few with their line."""
     path: str
-    format: str
-    pairs: list[tuple[str, list[str]]]
     rows: int = 0  # data rows read (blank lines not counted)
     skipped: Counter = field(default_factory=Counter)  # reason -> rows
     examples: list[str] = field(default_factory=list)  # "file:line: reason", the first few
@@ -51,6 +50,12 @@ class QAFile:
         self.skipped[reason] += 1
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}")
+
+
+@dataclass
+class QAFile(ReadCounts):
+    format: str = ""
+    pairs: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 def cut_answer(text: str) -> str:
@@ -132,9 +137,9 @@ def _parse_json_list(text: str, out: QAFile) -> None:
             out.skip(where, "not {question, answers} or [question, answers]")
 
 
-def json_objects(text: str, out) -> Iterator[tuple[str, dict]]:
-    """(``file:line``, object) for each JSON-object line of ``text``; ``out`` (a parsed file with ``path``,
-    ``rows`` and ``skip``) counts every non-blank line and skips the rest with their reason."""
+def json_objects(text: str, out: ReadCounts) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, object) for each JSON-object line of ``text``; ``out`` counts every non-blank line
+    and skips the rest with their reason."""
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -199,7 +204,7 @@ def detect_format(text: str) -> str:
 def parse_qa_text(text: str, path: str = "qa file") -> QAFile:
     """Parse a question file's text (see the module doc)."""
     fmt = detect_format(text)
-    out = QAFile(path, fmt, [])
+    out = QAFile(path, format=fmt)
     {"json": _parse_json_list, "jsonl": _parse_jsonl, "tsv": _parse_tsv, "triviaqa json": _parse_triviaqa}[fmt](text, out)
     if not out.pairs:
         found = "; ".join(out.examples[:2]) or "it is empty"

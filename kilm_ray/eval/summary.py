@@ -18,6 +18,11 @@ from kilm_ray.eval.stats import interval, ratio_interval
 KNOWLEDGE_KEYS = ("title_exact_match", "description_f1", "description_rouge_l")
 
 
+def description_f1_name(cut: Optional[int]) -> str:
+    """How description F1 is printed: its gold is the knowledge as stored, cut to ``cut`` tokens."""
+    return f"description token F1 (gold cut to {cut} tokens)" if cut else "description token F1"
+
+
 def cluster_of(row: dict) -> Any:
     """The unit a bootstrap resamples: the row's ``cluster`` (its article), else the item itself."""
     return row.get("cluster", row["id"])
