@@ -45,9 +45,9 @@ def test_grow_checkpoints_are_bounded_when_ray_never_grows():
     assert [p.checkpoint for p in plans] == ["grow", "grow", None, None, None, None]
 
 
-def test_a_non_finite_loss_on_any_rank_stops_every_rank_before_the_step():
+def test_a_non_finite_loss_on_any_rank_stops_every_rank_after_the_step_without_saving():
     plan, _ = plan_step(Signals(weight=5, stop=1, notice=1), 41, CADENCE, ControlState())
-    assert plan.stop.startswith("the training loss is not finite (nan or inf) before step 42")
+    assert plan.stop.startswith("the training loss is not finite (nan or inf) at step 42")
     assert plan.checkpoint is None
 
 

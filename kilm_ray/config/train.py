@@ -106,6 +106,12 @@ class TrainConfig:
     max_failures: int = doc(
         "Worker-group restarts after failures tolerated (Ray FailureConfig; -1 = no limit, for spot "
         "capacity; preemptions with notice are not counted).", default=3)
+    preemption_grace_s: float = doc(
+        "After a preemption notice's deadline, how long Ray Train lets the surviving workers run (Ray "
+        "FailureConfig.preemption_grace_s) so their checkpoint upload and its registration can finish "
+        "once the reclaimed node is gone; costs at most this much delay before the restart. The reclaimed "
+        "node's own shard must still be uploaded before the deadline (BENCHMARKS.md, preemption budget).",
+        default=30.0)
     capacity_wait_s: float = doc(
         "With max_failures -1 (spot capacity): the longest a worker group waits to be placed, in one "
         "continuous wait, before the run fails naming the resources it waited for. Waiting is not a "
@@ -157,6 +163,7 @@ class TrainConfig:
         check_range(f"{path}.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, low_open=True)
         check_range(f"{path}.worker_start_timeout_s", self.worker_start_timeout_s, 0.0, 7 * 86400.0, low_open=True)
         check_range(f"{path}.worker_start_attempt_s", self.worker_start_attempt_s, 0.0, 3600.0, low_open=True)
+        check_range(f"{path}.preemption_grace_s", self.preemption_grace_s, 0.0, 3600.0)
         check_range(f"{path}.checkpoint_every_minutes", self.checkpoint_every_minutes, 0.0, 7 * 1440.0)
         check_range(f"{path}.capacity_wait_s", self.capacity_wait_s, 0.0, 30 * 86400.0, low_open=True)
         check_range(f"{path}.capacity_log_every_s", self.capacity_log_every_s, 0.0, 86400.0, low_open=True)

@@ -1,19 +1,24 @@
 """One decision per step, agreed by every rank: pure functions, no torch, no Ray.
 
-Before each optimizer step every rank packs what it alone knows into a control vector; one
+Right after each optimizer step every rank packs what it alone knows into a control vector; one
 all-reduce (sum) of that vector is the step's only collective of our own. Every rank then derives
 the same :class:`StepPlan` from the same reduced numbers, so a save, an evaluation or a stop (all of
 which are collective) happens on every rank or on none, even when the ranks' own views differ: one
 rank heard of a preemption before another, or only rank 0 looked at the clock or at the cluster.
 
+Agreeing after the step (not before the next) is what bounds a preemption's cost: a notice heard
+while step ``s`` runs is acted on when ``s`` ends, so notice -> snapshot is the detection delay plus
+the rest of the running step, never a further whole step (nor a validation: the save comes first).
+
     slot     who sets it                         what the ranks do when the sum is > 0
-    weight   every rank: its share's loss weight  (the global loss weight: sum)
+    weight   every rank: its share's loss weight  (the next step's global loss weight: sum)
+             in the next step's batch
     notice   a rank that heard of a preemption    checkpoint once (reason "preemption")
     room     rank 0, every elastic_resize_check_s checkpoint (reason "grow"), at most
              when the cluster can hold one more   train.max_grow_checkpoints times per group
              worker of an elastic run
     clock    rank 0, checkpoint_every_minutes     checkpoint (reason "time")
-    stop     a rank whose loss is not finite      stop before this step, loudly
+    stop     a rank whose loss is not finite      stop after this step, loudly, without saving
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ SLOTS = ("weight", "notice", "room", "clock", "stop")
 
 @dataclass(frozen=True)
 class Signals:
-    """What one rank knows before a step (or, reduced, what the ranks know together)."""
+    """What one rank knows after a step (or, reduced, what the ranks know together)."""
 
     weight: float = 0.0
     notice: float = 0.0
@@ -63,8 +68,8 @@ class ControlState:
 
 @dataclass(frozen=True)
 class StepPlan:
-    global_weight: float
-    stop: Optional[str] = None  # stop before training the step, with this cause
+    global_weight: float  # of the next step's global batch
+    stop: Optional[str] = None  # stop now (after the step), with this cause; nothing is saved
     checkpoint: Optional[str] = None  # checkpoint after the step, for this reason
     evaluate: bool = False
     log: bool = False
@@ -75,9 +80,9 @@ class StepPlan:
 
 
 def plan_step(agreed: Signals, step: int, cadence: Cadence, state: ControlState) -> tuple[StepPlan, ControlState]:
-    """The plan of global step ``step`` (0-based) from the reduced control vector."""
+    """What follows global step ``step`` (0-based, just trained) from the reduced control vector."""
     if agreed.stop > 0:
-        cause = (f"the training loss is not finite (nan or inf) before step {step + 1}: the run diverged "
+        cause = (f"the training loss is not finite (nan or inf) at step {step + 1}: the run diverged "
                  "(lower train.lr, raise train.warmup_steps, or use fp16/bf16 loss scaling)")
         return StepPlan(global_weight=agreed.weight or 1.0, stop=cause), state
     done = step + 1

@@ -7,11 +7,11 @@ the order it happens:
     agree_on_start   one all-reduce: stop if the run keeps restarting without progress; the run's id
     setup_model      BART + AdamW + DeepSpeed; restore from the checkpoint, verified
     for each step:
-        agree        one control vector, one all-reduce: the loss weight of the global batch, a
-                     preemption notice, room to grow, rank 0's clock, a non-finite loss
-                     (``train.control``); every rank derives the same plan from it
         train_step   the micro-batches; loss sums stay on the device (no host reads)
-        validate, log, save   as the plan says
+        agree        right after the optimizer step, one control vector, one all-reduce: a
+                     preemption notice, room to grow, rank 0's clock, a non-finite loss, the next
+                     step's global loss weight (``train.control``); every rank derives the same plan
+        save, validate, log   as the plan says, the save first (a preemption's deadline runs)
     export           a Hugging Face directory from the fp32 master weights
 
 Contracts kept here:
@@ -34,6 +34,7 @@ import os
 import random
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -85,15 +86,22 @@ class Recipe:
         step = start_step
         self.engine.train()
         try:
-            for item in loader:
+            batches = iter(loader)
+            item = next(batches, None)
+            global_weight = (self.all_reduce_values([item["weight"]])[0] or 1.0) if item is not None else 1.0
+            while item is not None:
                 step = item["step"]
-                plan = self.agree(step, item["weight"])
-                if plan.stop:
-                    return self.stop(step, plan.stop)
                 self.train_step(step, [to_device(mb, env.device) for mb in item["micro_batches"]],
-                                plan.global_weight, item["live"])
+                                global_weight, item["live"])
+                # Agreed right after the optimizer step: a notice heard during this step is saved now.
+                known = self.signals(item["weight"])
+                following = next(batches, None)
+                plan = self.agree(step, known, following["weight"] if following is not None else 0.0)
+                if plan.stop:
+                    return self.stop(step + 1, plan.stop)
                 if plan.reports:
                     last = self.after_step(step + 1, plan)
+                item, global_weight = following, plan.global_weight
             if t.export_at_end and step + 1 >= self.plan.total_steps:
                 self.export(self.plan.total_steps)
         except Exception as exc:
@@ -275,19 +283,25 @@ class Recipe:
         self.window_start = self.run_start = time.time()
         self.last_checkpoint_at = self.last_grow_check = time.time()
 
-    def agree(self, step: int, weight: float) -> StepPlan:
-        """The step's control vector: what this rank knows, summed over every rank in one all-reduce,
-        read back once (the step's only host read); every rank derives the same plan from it."""
+    def signals(self, weight: float) -> Signals:
+        """What this rank knows right after an optimizer step: a preemption notice, rank 0's clock and
+        room to grow (``weight`` is a placeholder until ``agree`` sets the next step's)."""
         t, env, now = self.t, self.env, time.time()
         room = False
         if self.is_rank0 and now - self.last_grow_check >= t.elastic_resize_check_s:
             self.last_grow_check = now
             room = env.room_to_grow()
-        mine = Signals(weight=weight, notice=float(env.heard_preemption()), room=float(room),
+        return Signals(weight=weight, notice=float(env.heard_preemption()), room=float(room),
                        clock=float(self.is_rank0 and t.checkpoint_every_minutes > 0
                                    and now - self.last_checkpoint_at >= 60.0 * t.checkpoint_every_minutes))
-        vector = torch.tensor(mine.vector(), dtype=torch.float64).to(env.device, non_blocking=True)
-        if t.precision != "fp16":  # fp16 overflows are DeepSpeed's to skip; elsewhere a nan loss is the end
+
+    def agree(self, step: int, known: Signals, next_weight: float) -> StepPlan:
+        """The control vector after step ``step``: what each rank knows (and its share of the next
+        step's loss weight), summed over every rank in one all-reduce, read back once (the step's only
+        host read); every rank derives the same plan from it."""
+        mine = replace(known, weight=next_weight)
+        vector = torch.tensor(mine.vector(), dtype=torch.float64).to(self.env.device, non_blocking=True)
+        if self.t.precision != "fp16":  # fp16 overflows are DeepSpeed's to skip; elsewhere a nan loss is the end
             vector[-1] += (~self.sums.finite()).to(torch.float64)
         self.all_reduce(vector)
         plan, self.control = plan_step(Signals.from_vector(vector.tolist()), step, self.cadence, self.control)
@@ -307,12 +321,15 @@ class Recipe:
                 self.sums.add_batch(ce.detach(), mb, self.dims)
 
     def after_step(self, done: int, plan: StepPlan) -> dict[str, Any]:
+        """Save first (a preemption's deadline runs), then validate: a step that does both reports
+        twice, the checkpoint with the training metrics and then the validation."""
         metrics = self.step_metrics(done, time.time() - self.window_start)
-        if plan.evaluate:
-            self.validate(metrics)
         if plan.checkpoint:
             self.save(done, metrics, plan.checkpoint)
-        else:
+        if plan.evaluate:
+            self.validate(metrics)
+            self.env.report(dict(metrics))
+        elif not plan.checkpoint:
             self.env.report(metrics)
         if self.artifacts is not None:
             self.log_line(done, metrics)
@@ -355,7 +372,7 @@ class Recipe:
                                                   "(seed, epoch, sample_id): nothing else to restore"},
                 "world_size": env.world_size, "checkpoint_shards": env.world_size, "checkpoint_id": ckpt_id,
                 "zero_stage": t.zero_stage, "precision": t.precision, "data_dir": self.data_dir,
-                **self.invariants, "metrics": metrics, "reason": reason, "config": self.cfg.to_dict(),
+                **self.invariants, "metrics": dict(metrics), "reason": reason, "config": self.cfg.to_dict(),
                 "saved_at": time.time(),
             }
         model_config, tokenizer_dir, rank, world = engine.module.config.to_dict(), self.tokenizer_dir, env.rank, env.world_size
@@ -367,7 +384,8 @@ class Recipe:
 
         metrics["checkpoint_blocked_s"] = time.perf_counter() - started
         metrics["checkpoint_shard_mb"] = shard.nbytes / 2**20
-        env.checkpoint(step, metrics, write, state)
+        # A copy: validation adds to ``metrics`` while the upload thread may still serialize these.
+        env.checkpoint(step, dict(metrics), write, state)
         self.last_checkpoint_at = time.time()
 
     # -- export ---------------------------------------------------------------------------------
@@ -498,11 +516,14 @@ def model_from_config(model_config: dict, cfg: KilmConfig):
     """A BART of this architecture with fresh weights (to be overwritten): no pretrained download."""
     from transformers import BartConfig, BartForConditionalGeneration
 
+    from kilm_ray.model.bart import without_host_syncs
+
     config = BartConfig.from_dict(model_config)
     config._attn_implementation = cfg.model.attn_implementation
     model = BartForConditionalGeneration(config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    without_host_syncs(model)
     return model
 
 

@@ -279,9 +279,13 @@ def build_trainer(cfg: KilmConfig, data_dir: str, run_dir: str, name: str, callb
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             # Preemptions (drained nodes) are retried without limit and do not count as failures; the
-            # checkpoint taken on the notice makes them cost nothing.
+            # checkpoint taken on the notice makes them cost nothing. The survivors get a grace past the
+            # deadline to finish registering it. Collectives are not relaxed: a checkpoint registered
+            # without the reclaimed ranks would lack their ZeRO shards and could not be resumed.
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=-1,
-                                         controller_failure_limit=start_retries),
+                                         controller_failure_limit=start_retries,
+                                         preemption_grace_s=t.preemption_grace_s,
+                                         relax_collectives_on_preemption=False),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[stop_on_input_errors(), *([capacity_watch(t)] if t.max_failures == -1 else []),
                        *(callbacks or [])],

@@ -1,7 +1,9 @@
 """Ray Tune over masking and learning-rate settings (Ray Train V2 pattern).
 
 Each trial is a function that builds and fits a TorchTrainer running the usual worker loop, with
-``TuneReportCallback`` forwarding its validation reports to Tune; ASHA stops weak trials early.
+``TuneReportCallback`` forwarding its validation reports to Tune (only those: a checkpoint taken on
+a preemption, the clock or before validation reports training metrics alone, which Tune's strict
+metric check, ASHA and Optuna cannot take); ASHA stops weak trials early.
 Masking is applied on the fly, so trials share one preprocessed dataset. An interrupted search is
 restored with ``Tuner.restore`` (finished trials are not rerun). Outputs in ``<run-dir>/<name>/``:
 ``trials.csv`` / ``trials.json``, ``best.yaml`` (a config ``kilm-ray train --config`` takes as is) and
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from kilm_ray import storage
 from kilm_ray.config import ConfigError, KilmConfig, SearchParam, config_from_dict
@@ -66,7 +69,6 @@ def trial_config(cfg: KilmConfig) -> KilmConfig:
 def _trial(params: dict) -> None:
     """One trial: the base config + sampled values -> a Ray Train run reporting to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from kilm_ray.train.ray_trainer import build_trainer, fit
 
@@ -74,8 +76,23 @@ def _trial(params: dict) -> None:
     sampled = {k: v for k, v in params.items() if k not in ("base_config", "data_dir", "trials_uri")}
     cfg = base.with_overrides(sampled)
     name = tune.get_context().get_trial_id()
-    trainer = build_trainer(cfg, params["data_dir"], params["trials_uri"], name, callbacks=[TuneReportCallback()])
+    report = ReportMetric(METRICS[cfg.tune.metric][0])
+    trainer = build_trainer(cfg, params["data_dir"], params["trials_uri"], name, callbacks=[report])
     fit(trainer, cfg)
+
+
+class ReportMetric(TuneReportCallback):
+    """Ray's Train -> Tune bridge, forwarding only the reports that carry the search's metric. The others
+    (a checkpoint's training metrics, reported before its validation so that a preemption's save is not
+    delayed by it) would fail Tune's strict metric check and Optuna's ``result[metric]``."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
 
 
 class ReleaseStoppedTrials(Callback):
