@@ -84,3 +84,34 @@ def test_4d_attention_masks_give_the_same_logits_and_no_host_read():
                              decoder_attention_mask=causal, use_cache=False).logits
         assert torch.equal(plain, ours), impl
         assert reads.count == 0, (impl, reads.names)
+
+
+def test_fp16_encoder_layers_clamp_on_the_device_without_a_host_read():
+    """transformers' BART encoder layer decides its fp16 overflow clamp on the host (a sync per layer per
+    micro-batch); kilm_ray's models make the same choice on the device: the same values, finite or not."""
+    from transformers import BartForConditionalGeneration
+
+    from kilm_ray.model.bart import without_host_syncs
+    from kilm_ray.train.metrics import host_reads
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=1, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+                        max_position_embeddings=64)
+    theirs = BartForConditionalGeneration(config).eval().half()
+    ours = BartForConditionalGeneration(config).eval().half()
+    ours.load_state_dict(theirs.state_dict())
+    assert without_host_syncs(ours) == 2
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    for gain in (1.0, 6e4):  # finite, then past fp16's range (inf: the clamp applies)
+        for model in (theirs, ours):
+            model.model.encoder.layers[0].final_layer_norm.weight.data.fill_(gain)
+        hidden = torch.randn(2, 5, 32, dtype=torch.float16)
+        with torch.no_grad():
+            with host_reads() as their_reads:
+                expected = theirs.model.encoder.layers[0](hidden, attention_mask=mask)
+            with host_reads() as our_reads:
+                got = ours.model.encoder.layers[0](hidden, attention_mask=mask)
+        expected, got = (x[0] if isinstance(x, tuple) else x for x in (expected, got))
+        assert torch.equal(expected, got) and torch.isfinite(got).all(), gain
+        assert their_reads.count >= 1 and our_reads.count == 0, (their_reads.names, our_reads.names)
