@@ -114,3 +114,15 @@ def test_cli_resolves_path_arguments_on_the_driver(tmp_path, monkeypatch):
                                          r"s3://\.\.\. or an absolute path"):
         absolute_path_arguments(parser.parse_args(["train", "--data", "d", "--run-dir", "runs"]),
                                 in_submitted_job=True)
+
+
+def test_fp16_gradients_accumulate_in_fp32_where_deepspeed_offers_it():
+    from kilm_ray.train.deepspeed_config import deepspeed_config
+
+    v100 = load_config(REPO / "configs" / "bart-base-v100.yaml").train
+    assert v100.precision == "fp16" and v100.fp16_grad_accum == "fp32"
+    assert deepspeed_config(v100, 8, 128, True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    plain = load_config(TINY_CONFIG, ["train.precision=fp16", "train.zero_stage=1"]).train
+    assert "data_types" not in deepspeed_config(plain, 1, 1, False)  # DeepSpeed's default: fp16 sums
+    with pytest.raises(ConfigError, match="train.fp16_grad_accum: fp32 needs train.zero_stage 1 or 2"):
+        load_config(TINY_CONFIG, ["train.precision=fp16", "train.zero_stage=3", "train.fp16_grad_accum=fp32"])

@@ -60,6 +60,11 @@ class TrainConfig:
         "Training precision: fp16 on V100, bf16 on Ampere/Hopper, fp32 on CPU.", default="fp32"
     )
     zero_stage: int = doc("DeepSpeed ZeRO stage 0-3.", default=0)
+    fp16_grad_accum: Literal["fp16", "fp32"] = doc(
+        "fp16 runs: the dtype the micro-steps' gradients are summed in (DeepSpeed data_types.grad_accum_dtype; "
+        "ZeRO-1/2 only). fp32 costs 4 bytes a parameter per GPU (bart-large +1.6 GB) and cut the accumulated "
+        "gradient's error 23x in bench/fp16_gradients.py (BENCHMARKS.md); the V100 configs use it.",
+        default="fp16")
     reduce_bucket_size: int = doc(
         "ZeRO 1-2: gradient elements per reduce bucket. Smaller than the model, so reduction overlaps the "
         "backward pass (one bucket the size of the model waits for all of it).", default=50_000_000)
@@ -153,6 +158,9 @@ class TrainConfig:
         if self.precision == "fp16" and self.zero_stage == 0:
             raise ConfigError(f"{path}.precision: fp16 needs {path}.zero_stage >= 1 (its fp32 master weights "
                               "live in ZeRO's partitions, which checkpoints read)")
+        if self.precision == "fp16" and self.fp16_grad_accum == "fp32" and self.zero_stage not in (1, 2):
+            raise ConfigError(f"{path}.fp16_grad_accum: fp32 needs {path}.zero_stage 1 or 2 (DeepSpeed "
+                              "accumulates fp16 gradients in fp32 only in ZeRO-1/2's optimizer)")
         lo, hi = self.worker_bounds
         if lo < 1 or hi < lo:
             raise ConfigError(f"{path}.num_workers: {self.num_workers!r} must be N >= 1 or [min, max] with 1 <= min <= max")

@@ -36,4 +36,6 @@ def deepspeed_config(train: TrainConfig, world_size: int, grad_accum: int, on_gp
     elif train.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                           "hysteresis": 2, "min_loss_scale": 1}
+        if train.fp16_grad_accum == "fp32":  # ZeRO-1/2 keep an fp32 sum of the fp16 micro-step gradients
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
