@@ -69,4 +69,14 @@ export TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(dirname "$SITE")/torch_extensions}"
 if [ "$SMOKE" = 1 ]; then export DS_ACCELERATOR=cpu; else export DS_ACCELERATOR=cuda; fi
 
+# Said before any stage starts, not by five failed stages: what the machine itself must have.
+MISSING=$("${PY[@]}" -c '
+import importlib.util as u
+print(" ".join(m for m in ("torch", "transformers", "tokenizers", "safetensors", "pyarrow") if u.find_spec(m) is None))')
+if [ -n "$MISSING" ]; then
+  echo "gpu_check: this machine lacks $MISSING (every stage but arch needs them; the wheel folder carries" \
+       "DeepSpeed and kilm_ray only): install them, or add them to the folder (bench/gpu_wheels.sh)" >&2
+  exit 2
+fi
+
 exec "${PY[@]}" "$REPO/bench/gpu_check.py" "$OUT" --bundle "$BUNDLE" --started-at "$STARTED" "$@"

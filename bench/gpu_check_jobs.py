@@ -155,7 +155,10 @@ def _versions() -> dict:
 class PlainLoop:
     """The anchor: plain PyTorch + Hugging Face BART over the same batches as the kilm_ray loop (the
     recipe's own data loader from step 0), the same model (same seed), AdamW (fused on CUDA), the same
-    clipping and accumulation; bf16 as torch autocast, fp16 as autocast + GradScaler. Nothing else."""
+    clipping and accumulation; bf16 as torch autocast, fp16 as autocast + GradScaler. Nothing else.
+    In fp16 this is not like for like, and the report says so ("plain AMP"): kilm_ray runs DeepSpeed's
+    pure fp16 (fp16 weights and gradients, an fp32 master copy in the optimizer), the anchor AMP (fp32
+    weights and gradients, fp16 matmuls). Torch has no pure-fp16 training loop to anchor on."""
 
     def __init__(self, cfg, data_dir: str, device: str):
         import torch
@@ -344,13 +347,17 @@ def _resume_config(p: dict, precision: str):
     model = "tiny" if p["smoke"] else "base"
     return _config(p, model, precision, accum=2, **{
         "train.max_steps": steps, "train.log_every": 1, "train.checkpoint_every": steps // 2,
-        "train.export_at_end": False, "train.keep_checkpoints": 3}), steps
+        "train.export_at_end": False, "train.keep_checkpoints": 3,
+        "model.attn_implementation": "eager"}), steps  # deterministic backward (strict mode)
 
 
 def _deterministic() -> None:
+    """Strict: an op without a deterministic kernel raises (naming itself) rather than letting "resume
+    exact" fail when nothing is wrong. The resume runs use eager attention (SDPA's fused backward is not
+    deterministic); CUBLAS_WORKSPACE_CONFIG is set by ``_job_env(deterministic=True)``."""
     import torch
 
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
 
 

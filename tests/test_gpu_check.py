@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,12 +111,17 @@ def test_node_setup_on_cpu_nodes(monkeypatch, capsys):
     assert "sees no CUDA device" in capsys.readouterr().err
 
 
-def test_cluster_yaml_installs_a_volta_build_then_checks_the_node():
-    setup = yaml.safe_load((REPO / "cluster.yaml").read_text())["setup_commands"]
-    install = next(i for i, c in enumerate(setup) if "torch==" in c)
-    assert "download.pytorch.org/whl/cu126" in setup[install]
-    check = next(i for i, c in enumerate(setup) if "kilm_ray.train.gpu_arch" in c)
-    assert check > install and check > next(i for i, c in enumerate(setup) if "-e /home/ray/kilm_ray" in c)
+def test_cluster_yaml_runs_the_volta_image_then_checks_the_node():
+    """GPU nodes run the image built from docker/Dockerfile, whose torch is the build gpu_arch tells a V100 node
+    to install (tests/test_image.py), and every node's setup checks its own GPU against it."""
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    torch_version = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    index = re.search(r"^ARG TORCH_INDEX=(\S+)$", dockerfile, re.M).group(1)
+    assert f"torch=={torch_version} --index-url {index}" in gpu_arch.VOLTA_BUILD
+    for name in ("v100_spot", "h100"):
+        assert raw["available_node_types"][name]["docker"]["worker_image"].endswith("-cu126")
+    assert any(c.strip() == "python -m kilm_ray.train.gpu_arch" for c in raw["setup_commands"])
 
 
 def _fake_bundle(tmp_path: Path) -> Path:
@@ -292,6 +298,14 @@ def test_cpu_smoke_runs_every_stage_from_the_wheel_folder_on_a_bare_machine(bund
     stall = stages["checkpoint_stall"]
     assert 0 < stall["median_blocked_s"]["background"] < stall["median_blocked_s"]["synchronous"]
     assert "CPU smoke run" in (out / "gpu_check.md").read_text()
+    # A machine without pyarrow is told so before any stage runs (it used to fail every stage but arch).
+    no_arrow = bare_site.build(cache / "gpu_check_bare_no_pyarrow",
+                               exclude=("pyarrow", *(x.split("==")[0] for x in pins if "==" in x)))
+    refused = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out2"), "--bundle",
+                              str(bundle), "--cpu-smoke"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                             env={**env, "PYTHONPATH": str(no_arrow)})
+    assert refused.returncode == 2 and "lacks pyarrow" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "out2" / "gpu_check.json").exists()
     assert report["elapsed_s"] < 420
 
 
