@@ -33,11 +33,23 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
     for node in ("cpu_spot", "v100_spot"):
         assert types[node]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
         assert types[node]["max_workers"] >= 1
-    images = [raw["docker"]["head_image"], raw["docker"]["worker_image"],
-              raw["available_node_types"]["v100_spot"]["docker"]["worker_image"]]
-    assert all(img.startswith(f"rayproject/ray:{ray.__version__}-") for img in images)
+    # kilm_ray's images (docker/; tests/test_image.py: built on rayproject/ray:<this Ray>-py311-*): the CPU one on
+    # the head and CPU nodes, the GPU one (CUDA 12.6 PyTorch) on every node type with GPUs; no node pip-installs.
+    cpu_image, gpu_image = (f"{raw['docker']['head_image'].rsplit('-', 1)[0]}-{p}" for p in ("cpu", "cu126"))
+    assert raw["docker"]["head_image"] == raw["docker"]["worker_image"] == cpu_image
+    for name, node in types.items():
+        image = raw["docker"]["head_image"] if name == prepared["head_node_type"] else \
+            raw["available_node_types"][name].get("docker", {}).get("worker_image", raw["docker"]["worker_image"])
+        gpu_node = node["node_config"]["InstanceType"].startswith(("p3.", "p4", "p5", "g4", "g5", "g6"))
+        assert image == (gpu_image if gpu_node else cpu_image), name
+        assert f"-ray{ray.__version__}-" in image, image
     assert "ray-ml" not in (REPO / "cluster.yaml").read_text().replace("old ray-ml", "")
-    assert any("pip install" in c and "kilm_ray" in c for c in raw["setup_commands"])
+    commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                              "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+                for c in raw.get(key, [])]
+    assert commands and not any("pip install" in c or "torch==" in c for c in commands)
+    registry = cpu_image.split("/")[0]
+    assert any("docker login" in c and c.rstrip().endswith(registry) for c in raw["initialization_commands"])
     # Ray's AWS provider gives its default role to the head node only: every other node type needs a
     # profile of its own, or its S3 reads and writes fail while the driver's checks on the head pass.
     workers = [name for name in types if name != prepared["head_node_type"]]
