@@ -85,7 +85,7 @@ def micro_batch(args, vocab: int, generator):
     return source, decoder_input, labels, weights
 
 
-def gradient(model, batch) -> "torch.Tensor":
+def gradient(model, batch):
     """d(sum(ce * weight))/d(theta) of one micro-batch, flattened, fp32."""
     import torch
 
@@ -106,7 +106,7 @@ def fp16_shares(values, nonzero) -> dict:
             "flushed_to_zero": float(((magnitude < FP16_ROUNDS_TO_ZERO) & nonzero).sum()) / n}
 
 
-def accumulate(sampled: list, k: int, factor: float, dtype) -> "torch.Tensor":
+def accumulate(sampled: list, k: int, factor: float, dtype):
     """K micro-steps' fp16 gradients (cycled), summed in ``dtype`` as DeepSpeed would."""
     import torch
 
@@ -125,6 +125,42 @@ def accumulation_error(acc, exact) -> dict:
     return {"relative_l2_error": float(torch.linalg.vector_norm(acc - exact) / torch.linalg.vector_norm(exact)),
             "share_off_by_over_10pct": float((relative > 0.10).double().mean()),
             "overflowed": bool(torch.isinf(acc).any())}
+
+
+def measured_fp16_shares(model, micro_batches: list[dict], factor: float, scale: float) -> dict:
+    """The real thing, where fp16 runs (bench/gpu_check on a GPU): each micro-batch's gradient computed in
+    pure fp16 (fp16 weights and backward, the loss in fp32 as kilm_ray's, times ``factor * scale``), against
+    the same batch in fp32: the shares of the fp32-nonzero entries that fp16 gives as 0 or as subnormal, and
+    whether any overflowed. ``micro_batches``: kilm_ray loader micro-batches, on the model's device."""
+    import copy
+
+    import torch
+
+    from kilm_ray.model.bart import token_losses
+    from kilm_ray.train.validation import attention_masks
+
+    def flat_gradient(module, batch, multiplier: float):
+        module.zero_grad(set_to_none=True)
+        dtype = next(module.parameters()).dtype
+        encoder_mask, causal = attention_masks(batch, module.config._attn_implementation, dtype)
+        logits = module(input_ids=batch["input_ids"], attention_mask=encoder_mask, use_cache=False,
+                        decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=causal).logits
+        ((token_losses(logits, batch["labels"]) * batch["label_weights"]).sum() * multiplier).backward()
+        return torch.cat([q.grad.reshape(-1) for q in module.parameters() if q.grad is not None])
+
+    half = copy.deepcopy(model).half()
+    zero = subnormal = nonzero = 0
+    overflowed = False
+    for batch in micro_batches:
+        reference = flat_gradient(model, batch, factor) != 0
+        grad16 = flat_gradient(half, batch, factor * scale)
+        overflowed |= not bool(torch.isfinite(grad16).all())
+        nonzero += int(reference.sum())
+        zero += int(((grad16 == 0) & reference).sum())
+        subnormal += int(((grad16.abs() < FP16_MIN_NORMAL) & (grad16 != 0) & reference).sum())
+    n = max(nonzero, 1)
+    return {"loss_scale": scale, "micro_batches": len(micro_batches), "zero": zero / n, "subnormal": subnormal / n,
+            "overflowed": overflowed}
 
 
 def power_of_two_below(x: float) -> float:

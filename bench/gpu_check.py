@@ -25,6 +25,9 @@ JSON and the next stage runs); the heavy work runs in child processes that are k
                     128 tokens, and candidate scoring batched against one at a time
   checkpoint_stall  the loop's blocked time per checkpoint, background (the loop's) against synchronous,
                     bart-large, alternating in one run
+  fp16_gradients    the share of a micro-step's gradient entries pure fp16 gives as 0 or subnormal at the
+                    V100 normalisation, scales 2^16 and 2^24, against fp32 on the same batches (bart-base,
+                    real samples; the CPU emulation's counterpart: bench/fp16_gradients.py)
 
 The stages' code: gpu_check_jobs.py (the measurements, in child processes), gpu_check_report.py (the
 Markdown report and the goals), gpu_check_wheels.py (installing the wheel folder without pip).
@@ -53,8 +56,8 @@ from gpu_check_report import STAGES, markdown
 
 REPO = Path(__file__).resolve().parents[1]
 # Shares of the time left when a stage starts (time a stage does not use goes to the next ones).
-WEIGHTS = {"arch": 0.04, "throughput": 0.42, "resume": 0.22, "export": 0.06, "generation": 0.12,
-           "checkpoint_stall": 0.14}
+WEIGHTS = {"arch": 0.04, "throughput": 0.40, "resume": 0.21, "export": 0.06, "generation": 0.11,
+           "checkpoint_stall": 0.13, "fp16_gradients": 0.05}
 MIN_STAGE_S = 8.0  # a stage with less than this left is recorded as skipped
 JOB_GRACE_S = 20.0  # a job past its deadline by this much is killed
 
@@ -227,9 +230,14 @@ def stage_checkpoint_stall(ctx: dict, jobs: Jobs, deadline: float) -> dict:
     return jobs.run("stall", {"run": str(Path(ctx["scratch"]) / "stall_run")}, deadline)
 
 
+def stage_fp16_gradients(ctx: dict, jobs: Jobs, deadline: float) -> dict:
+    return jobs.run("fp16_gradients", {}, deadline)
+
+
 STAGE_FUNCS: dict[str, Callable[[dict, Jobs, float], dict]] = {
     "arch": stage_arch, "throughput": stage_throughput, "resume": stage_resume, "export": stage_export,
     "generation": stage_generation, "checkpoint_stall": stage_checkpoint_stall,
+    "fp16_gradients": stage_fp16_gradients,
 }
 
 

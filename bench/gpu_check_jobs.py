@@ -629,10 +629,49 @@ def job_stall(p: dict) -> dict:
             "ratio": (blocked["background"] / blocked["synchronous"]) if blocked["synchronous"] else None}
 
 
+def job_fp16_gradients(p: dict) -> dict:
+    """The share of a micro-step's gradient entries that pure fp16 gives as 0 or subnormal (issue 32 §3):
+    bart-base from config on the bundle's real KILM samples, the V100 normalisation (8 workers, a global batch
+    of 8192 sequences) at the initial loss scale 2^16 and 2^24, against fp32 on the same batch. On the CPU
+    (smoke) the tiny preset: CPU figures."""
+    _job_env(p)
+    import torch
+
+    from fp16_gradients import measured_fp16_shares
+    from kilm_ray.model.bart import build_model
+    from kilm_ray.train.loop import Recipe
+
+    smoke, device = p["smoke"], p["device"]
+    # The V100 config's settings (micro-batch, lengths); this job runs its own fp16, not DeepSpeed's.
+    cfg = _config(p, "tiny" if smoke else "base", "fp32" if smoke else "fp16")
+    dev = torch.device(device)
+
+    class _NoEnv:  # the recipe's data setup reads only rank, world size and device
+        rank, world_size, local_rank = 0, 1, 0
+        device = dev
+
+    recipe = Recipe(cfg, p["data"], _NoEnv())
+    recipe.prepare_data()
+    item = next(iter(recipe.data_loader(0)))
+    batches = [{k: v.to(dev) for k, v in mb.items()} for mb in item["micro_batches"][:2]]
+    per_sequence = float(sum(b["label_weights"].sum() for b in batches)) / sum(len(b["input_ids"]) for b in batches)
+    world, global_batch = 8, 8192
+    factor = world / (per_sequence * global_batch)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(recipe.tokenizer), recipe.sp, cfg.max_positions).to(dev).train()
+    for module in model.modules():  # dropout off: the fp32 and fp16 passes must see the same network
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    scales = [measured_fp16_shares(model, batches, factor, 2.0 ** power) for power in (16, 24)]
+    return {"status": "ok", "model": "tiny" if smoke else "base", "device": _device_name(device),
+            "micro_batch": cfg.train.micro_batch_size, "per_token_factor_at_2^16": factor * 2.0 ** 16,
+            "scales": scales}
+
+
 JOBS: dict[str, Callable[[dict], dict]] = {
     "arch": job_arch, "throughput_pair": job_throughput_pair, "train_killed": job_train_killed,
     "resume_compare": job_resume_compare, "train_export": job_train_export, "plain_export": job_plain_export,
-    "generation": job_generation, "stall": job_stall,
+    "generation": job_generation, "stall": job_stall, "fp16_gradients": job_fp16_gradients,
 }
 
 

@@ -297,6 +297,10 @@ def test_cpu_smoke_runs_every_stage_from_the_wheel_folder_on_a_bare_machine(bund
     assert gen["vocab"] == 50267 and gen["greedy"]["ratio"] > 0 and gen["beam4"]["ratio"] > 0 and gen["scoring"]["ratio"] > 0
     stall = stages["checkpoint_stall"]
     assert 0 < stall["median_blocked_s"]["background"] < stall["median_blocked_s"]["synchronous"]
+    shares = stages["fp16_gradients"]["scales"]
+    assert [m["loss_scale"] for m in shares] == [2.0 ** 16, 2.0 ** 24]
+    assert all(0 <= m["zero"] <= m["subnormal"] + m["zero"] < 1 for m in shares)
+    assert shares[1]["subnormal"] < shares[0]["subnormal"]  # a larger scale lifts entries out of the subnormals
     assert "CPU smoke run" in (out / "gpu_check.md").read_text()
     # A machine without pyarrow is told so before any stage runs (it used to fail every stage but arch).
     no_arrow = bare_site.build(cache / "gpu_check_bare_no_pyarrow",
