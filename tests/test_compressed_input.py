@@ -11,12 +11,14 @@ import gzip
 import io
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kilm_ray import storage
+from kilm_ray.data.corpus import compressed
 from kilm_ray.data.corpus.compressed import (
     CorruptInput, TruncatedInput, decompress_streams, decompressor_factory, resilient_reads,
 )
@@ -66,10 +68,11 @@ def dumps(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(dumps(), st.integers(1, 1 << 15))
-def test_every_page_once_in_order_whatever_the_streams_reads_and_ranges(dump, unit_bytes):
+@given(dumps(), st.integers(1, 1 << 15), st.sampled_from([1, 7, 64, 1000, compressed.PIECE]))
+def test_every_page_once_in_order_whatever_the_streams_reads_and_ranges(dump, unit_bytes, piece):
+    """Also wherever a read is cut into the pieces its decompressor is fed (``compressed.PIECE``)."""
     pages, groups, codec, aligned, read_size, boundary_pick = dump
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(compressed, "PIECE", piece):
         path = Path(tmp) / f"dump.xml.{codec}"
         offsets = write_streams(path, groups, codec)
         size = path.stat().st_size
@@ -112,7 +115,8 @@ def test_a_dump_cut_inside_a_stream_stops_with_the_file_and_byte(data):
         assume(cut not in offsets and cut != len(whole) - len(COMPRESS[codec](b"</mediawiki>\n")))
         path.write_bytes(whole[:cut])
         read_size = data.draw(st.integers(1, 4096))
-        with pytest.raises(TruncatedInput) as err:
+        piece = data.draw(st.sampled_from([1, 13, 512, compressed.PIECE]))
+        with pytest.raises(TruncatedInput) as err, mock.patch.object(compressed, "PIECE", piece):
             list(iter_raw_pages(str(path), read_size=read_size))
         assert err.value.offset == cut and str(path) in str(err.value)
         kept = list(iter_raw_pages(str(path), keep_truncated=True, read_size=read_size))

@@ -27,6 +27,7 @@ from kilm_ray import storage
 from kilm_ray.errors import UserInputError
 
 READ_SIZE = 1 << 20
+PIECE = 1 << 14  # compressed bytes given to a decompressor at a time (see decompress_streams)
 READ_ATTEMPTS = 4  # a failed read is retried from its byte this many times in all (1 s, 2 s, 4 s apart)
 RETRY_BASE_S = 1.0
 # In the message of a read that failed READ_ATTEMPTS times: Ray Data runs such a task's work again (a
@@ -68,27 +69,33 @@ def decompress_streams(reads: Iterator[bytes], uri: str, new: Callable[[], objec
     ``base``: the file offset of the first byte of ``reads`` (for error messages). A new decompressor
     starts at every end of stream; the input may end only between streams."""
     decompressor = new()
-    position = base  # file offset just past the bytes read so far
+    position = base  # file offset just past the bytes given to decompressors so far
     stream_start = base  # file offset of the current stream's first byte
     fed = 0  # bytes of the current stream given to its decompressor
     try:
-        for data in reads:
-            position += len(data)
-            while data:
-                try:
-                    out = decompressor.decompress(data)
-                except (OSError, EOFError, ValueError, zlib.error) as exc:
-                    raise CorruptInput(uri, stream_start, f"not valid compressed data in the stream that starts at "
-                                                          f"byte {stream_start}: {exc}") from None
-                if out:
-                    yield out
-                if decompressor.eof:
-                    data = decompressor.unused_data
-                    stream_start = position - len(data)
-                    decompressor, fed = new(), 0  # also when the stream ended exactly at the end of this read
-                else:
-                    fed += len(data)
-                    data = b""
+        for read in reads:
+            view = memoryview(read)
+            # In pieces: at each end of stream the decompressor copies what is left of its input
+            # (unused_data), so a read of many small streams (gzip members) costs streams x PIECE, not
+            # streams x read size (quadratic in the streams per read).
+            for start in range(0, len(view), PIECE):
+                data = view[start:start + PIECE]
+                position += len(data)
+                while data:
+                    try:
+                        out = decompressor.decompress(data)
+                    except (OSError, EOFError, ValueError, zlib.error) as exc:
+                        raise CorruptInput(uri, stream_start, f"not valid compressed data in the stream that starts "
+                                                              f"at byte {stream_start}: {exc}") from None
+                    if out:
+                        yield out
+                    if decompressor.eof:
+                        data = decompressor.unused_data
+                        stream_start = position - len(data)
+                        decompressor, fed = new(), 0  # also when the stream ended exactly at the end of a piece
+                    else:
+                        fed += len(data)
+                        data = b""
     finally:
         close = getattr(reads, "close", None)
         if close is not None:
