@@ -165,18 +165,24 @@ def _gib(quantity: str) -> float:
     return float(number) * units[unit or ""] / 2**30
 
 
-def test_training_workers_have_a_disk_for_the_node_cache_and_checkpoint_staging(tmp_path):
-    """The GPU worker pods of the training job: an emptyDir of a stated size, requested as ephemeral storage, and
-    TMPDIR on it, which is where kilm_ray puts the node cache and checkpoint staging (checked here with the
-    pod's TMPDIR) and Ray its temporary directory."""
+@pytest.mark.parametrize("manifest, node_type, smallest", [
+    ("rayjob-train.yaml:RayJob/kilm-train", "v100_spot", 200),
+    ("rayjob-preprocess.yaml:RayJob/kilm-preprocess", "cpu_spot", 100),
+], ids=["training", "preprocessing"])
+def test_workers_have_a_disk_for_the_node_cache_staging_and_spilled_objects(tmp_path, manifest, node_type, smallest):
+    """The worker pods of the training job (GPU) and of preprocessing (CPU): an emptyDir of a stated size,
+    requested as ephemeral storage, and TMPDIR on it, which is where kilm_ray puts the node cache and
+    checkpoint staging (checked here with the pod's TMPDIR) and Ray its temporary directory (spilled objects:
+    preprocessing's shuffles)."""
     from kilm_ray.config import load_config
 
-    doc = manifests()["rayjob-train.yaml:RayJob/kilm-train"]
+    doc = manifests()[manifest]
     argv = shlex.split(doc["spec"]["entrypoint"])
     cfg = load_config(REPO / argv[argv.index("--config") + 1])
     assert cfg.train.node_cache_dir == ""  # so the cache follows TMPDIR
-    node = _cluster_yaml()["available_node_types"]["v100_spot"]
-    groups = [g for g in cluster_specs(doc)["workerGroupSpecs"] if gpus(g["template"]["spec"]["containers"][0])]
+    node = _cluster_yaml()["available_node_types"][node_type]
+    groups = [g for g in cluster_specs(doc)["workerGroupSpecs"]
+              if bool(gpus(g["template"]["spec"]["containers"][0])) == (node_type == "v100_spot")]
     assert groups
     for group in groups:
         pod = group["template"]["spec"]
@@ -188,8 +194,8 @@ def test_training_workers_have_a_disk_for_the_node_cache_and_checkpoint_staging(
         size = _gib(volume["emptyDir"]["sizeLimit"])
         request = _gib(container["resources"]["requests"]["ephemeral-storage"])
         limit = _gib(container["resources"]["limits"]["ephemeral-storage"])
-        # cluster.yaml's V100 nodes have a 300 GB (GiB: EBS sizes) root volume: the pod gets most of one.
-        assert 200 <= size < request <= limit <= node["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+        # cluster.yaml's nodes of the type (root volume in GiB: EBS sizes): the pod gets most of one.
+        assert smallest <= size < request <= limit <= node["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
         # Where the code puts things, under this TMPDIR (a fresh interpreter, as a Ray worker in the pod starts).
         probe = ("import json, tempfile; from kilm_ray.store.node_cache import default_root; "
                  "from ray._common.utils import get_default_ray_temp_dir; "
@@ -202,7 +208,7 @@ def test_training_workers_have_a_disk_for_the_node_cache_and_checkpoint_staging(
         cache, staging, ray_tmp = json.loads(out.stdout.strip().splitlines()[-1])
         for path in (cache, staging, ray_tmp):
             assert path.startswith(str(here) + "/"), path
-    # The CPU workers and the serving pods are left as they were: only training stages GBs per node.
+    # The serving pods are left as they were: they hold a model, not GBs of data.
 
 
 def test_the_termination_handler_drains_spot_pods_in_time():
