@@ -16,6 +16,8 @@ log-probabilities. Neither holds a ``rows x vocabulary`` tensor per generated st
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -175,6 +177,26 @@ def repeated_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
     return sorted({tokens[j + n - 1] for j in range(len(tokens) - n + 1) if tuple(tokens[j:j + n - 1]) == context})
 
 
+def cache_keyword(parameter_names) -> str:
+    """The name under which a decoder forward takes (and its output returns) the key/value cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the keyword and ``Seq2SeqModelOutput``'s field;
+    the old names stay as deprecated aliases, with a warning, until 5.40); 5.0 to 5.23 know only
+    ``past_key_values`` and put an unknown ``cache=`` into ``**kwargs`` unread, so the choice must come from
+    the signature, never from trying one name."""
+    names = set(parameter_names)
+    if "cache" in names:
+        return "cache"
+    if "past_key_values" in names:
+        return "past_key_values"
+    raise TypeError(f"a forward that takes neither cache nor past_key_values: {sorted(names)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _model_cache_keyword(model_class: type) -> str:
+    return cache_keyword(inspect.signature(model_class.forward).parameters)
+
+
 @torch.no_grad()
 def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], pad_id: int,
                  stop_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32,
@@ -206,6 +228,7 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
     made: list[list[int]] = [[] for _ in range(n)]  # each row's tokens so far
     no_repeat = per_row(no_repeat_ngram_size, n)
     cache = None
+    cache_kw = _model_cache_keyword(type(model.model))  # "cache" from transformers 5.24, else "past_key_values"
     step_ids, mask = dec_ids, dec_mask
     while any(running):
         # The patched positions hold for this forward only, never across a yield: while the caller has the
@@ -214,8 +237,8 @@ def greedy_steps(model, encoder_ids: Sequence[Sequence[int]], prefixes: Sequence
         # or a shape error when the counts did not divide).
         with left_padded_positions(model, pads):
             out = model.model(encoder_outputs=(encoded,), attention_mask=attention, decoder_input_ids=step_ids,
-                              decoder_attention_mask=mask, cache=cache, use_cache=True)
-        cache = out.cache
+                              decoder_attention_mask=mask, use_cache=True, **{cache_kw: cache})
+        cache = getattr(out, cache_kw)  # the output field has the same name as the keyword
         logits = _logits(model, out.last_hidden_state[:, -1])
         logprobs = torch.log_softmax(logits, dim=-1)
         if any(no_repeat):
