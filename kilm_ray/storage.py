@@ -7,6 +7,7 @@ S3 endpoints other than AWS (MinIO, a moto server in tests) come from the standa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -38,13 +39,20 @@ def absolute(uri: str) -> str:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
+    """One S3 client per process and settings: building one resolves credentials (on EC2 a call to the
+    instance metadata service) and opens a connection pool, which ``resolve`` did per call before."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    return _s3_filesystem(endpoint, region)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     kwargs = {}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["scheme"] = "http"
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
@@ -112,11 +120,17 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         return f.read()
 
 
+def make_parent(fs: pafs.FileSystem, path: str) -> None:
+    """The directory ``path`` goes in, on a file system that has directories. Object stores have none:
+    there ``create_dir`` costs a request per level of every file written (Arrow's directory markers)."""
+    parent = path.rsplit("/", 1)[0]
+    if parent and not isinstance(fs, pafs.S3FileSystem):
+        fs.create_dir(parent, recursive=True)
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     fs, path = resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
+    make_parent(fs, path)
     with fs.open_output_stream(path, compression=None) as f:
         f.write(data)
 
@@ -248,6 +262,28 @@ def expand(spec: str | os.PathLike, suffixes: tuple[str, ...], what: str = "inpu
 def file_size(uri: str | os.PathLike) -> int:
     fs, path = resolve(uri)
     return fs.get_file_info(path).size
+
+
+def file_sizes(uris: list[str]) -> dict[str, int]:
+    """The sizes of many files, one listing per directory (prefix) they are in rather than one request
+    (an S3 HEAD) per file: 1,500 knowledge shards cost one paginated LIST. A file the listing misses
+    (a listing that is not consistent yet) is asked for on its own."""
+    by_parent: dict[str, list[str]] = {}
+    for uri in dict.fromkeys(str(u) for u in uris):
+        by_parent.setdefault(uri.rstrip("/").rpartition("/")[0], []).append(uri)
+    sizes: dict[str, int] = {}
+    for parent, members in by_parent.items():
+        listed: dict[str, int] = {}
+        if len(members) > 1:
+            fs, path = resolve(parent)
+            prefix = "s3://" if parent.startswith("s3://") else ""
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+            listed = {prefix + i.path: i.size for i in infos if i.type == pafs.FileType.File}
+            if not prefix:  # local paths as resolve() spells them
+                listed = {u: listed[resolve(u)[1]] for u in members if resolve(u)[1] in listed}
+        for uri in members:
+            sizes[uri] = listed[uri] if uri in listed else file_size(uri)
+    return sizes
 
 
 def open_range(uri: str | os.PathLike, offset: int, length: int) -> BinaryIO:

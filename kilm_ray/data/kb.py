@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from typing import Optional
 
 import pyarrow as pa
 
@@ -44,10 +45,13 @@ def knowledge_sources(specs: list[str]) -> list[tuple[int, str]]:
     return [(i, f) for i, spec in enumerate(specs) for f in knowledge_files(spec)]
 
 
-def kb_ranges(sources: list[tuple[int, str]], unit_bytes: int) -> tuple[list[TextRange], list[int]]:
+def kb_ranges(sources: list[tuple[int, str]], unit_bytes: int,
+              sizes: Optional[dict[str, int]] = None) -> tuple[list[TextRange], list[int]]:
+    """The byte ranges the files are read in; ``sizes``: the files' sizes when the plan has them."""
+    sizes = sizes if sizes is not None else storage.file_sizes([uri for _, uri in sources])
     ranges, source_of = [], []
     for source, uri in sources:
-        for r in plan_ranges(uri, storage.file_size(uri), unit_bytes):
+        for r in plan_ranges(uri, sizes[uri], unit_bytes):
             ranges.append(r)
             source_of.append(source)
     return ranges, source_of
@@ -83,7 +87,8 @@ def _best_rows(rows: pa.Table) -> tuple[dict[str, pa.Table], dict]:
     return {"kb": rows}, {"rows": rows.num_rows}
 
 
-def kb_stage(stage: Stage, lines_stage: Stage, sources: list[tuple[int, str]], cfg: KilmConfig) -> dict:
+def kb_stage(stage: Stage, lines_stage: Stage, sources: list[tuple[int, str]], cfg: KilmConfig,
+             sizes: Optional[dict[str, int]] = None) -> dict:
     """Read, parse (20 k lines per task) and reduce to the best row per key."""
     record = stage.record()
     if record:
@@ -94,7 +99,7 @@ def kb_stage(stage: Stage, lines_stage: Stage, sources: list[tuple[int, str]], c
     if not sources:
         return stage.finish_with({}, summary)
     lines_stage.clear()
-    ranges, source_of = kb_ranges(sources, max(1, int(cfg.corpus.kb_read_unit_mb * 2**20)))
+    ranges, source_of = kb_ranges(sources, max(1, int(cfg.corpus.kb_read_unit_mb * 2**20)), sizes)
     # Parsing runs in the write tasks (a whole CPU each), 20 k lines at a time.
     sink = lines_stage.sink(functools.partial(parse_kb_lines, ranges=ranges, sources=source_of,
                                               max_chars=cfg.corpus.max_description_chars),

@@ -101,7 +101,7 @@ def knowledge_stage(plan: "Plan", work: WorkDir) -> tuple[dict, Optional[object]
 
     cfg, files = plan.cfg, [f for _, f in plan.kb_sources]
     if plan.distributed:
-        record = kb_stage(work.stage("kb"), work.stage("kb_lines"), plan.kb_sources, cfg)
+        record = kb_stage(work.stage("kb"), work.stage("kb_lines"), plan.kb_sources, cfg, plan.sizes)
     elif files:
         table_ref, stats_ref = ray.remote(load_kb).options(num_returns=2, num_cpus=1, **task_resources(cfg)).remote(
             files, [s for s, _ in plan.kb_sources], cfg.corpus.max_description_chars)
@@ -195,6 +195,7 @@ class Plan:
     namespaces: SiteNamespaces
     key: str
     distributed: bool
+    sizes: dict[str, int]  # every input file's size, read once
 
 
 def preflight(dumps: list[str], knowledge: list[str],
@@ -213,11 +214,12 @@ def preflight(dumps: list[str], knowledge: list[str],
     return dump_files, kb_sources
 
 
-def run_key(cfg: KilmConfig, units: list[ReadUnit], kb_sources: list[tuple[int, str]]) -> str:
-    """What the output depends on: the inputs (names, sizes, which --knowledge argument), the
-    tokenizer's files when it is loaded from disk, and the corpus/tokenizer/data settings."""
-    inputs: list = [[u.uri, u.offset, u.length, storage.file_size(u.uri)] for u in units]
-    inputs += [[source, f, storage.file_size(f)] for source, f in kb_sources]
+def run_key(cfg: KilmConfig, units: list[ReadUnit], kb_sources: list[tuple[int, str]], sizes: dict[str, int]) -> str:
+    """What the output depends on: the inputs (names, sizes (``sizes``: every input file's), which
+    --knowledge argument), the tokenizer's files when it is loaded from disk, and the
+    corpus/tokenizer/data settings."""
+    inputs: list = [[u.uri, u.offset, u.length, sizes[u.uri]] for u in units]
+    inputs += [[source, f, sizes[f]] for source, f in kb_sources]
     settings = {k: cfg.to_dict()[k] for k in ("corpus", "tokenizer", "data")}
     settings["corpus"] = {k: v for k, v in settings["corpus"].items() if k not in (
         "task_resources", "shuffle_partitions", "shuffle_partition_mb", "kb_read_unit_mb", "shared_paths",
@@ -274,16 +276,18 @@ def make_plan(cfg: KilmConfig, dumps: list[str], knowledge: list[str], out: str)
     check_shared_storage(paths, nodes, autoscaling_enabled(), cfg.corpus.shared_paths)
     unit_bytes = max(1, int(cfg.corpus.read_unit_mb * 2**20))
     units = read_units(dump_files, unit_bytes)  # reads multistream indexes
-    sizes = {f: storage.file_size(f) for f in dump_files}
-    kb_sizes = [(f, storage.file_size(f)) for _, f in kb_sources]
+    # Every input's size once (one listing per directory: not a HEAD per knowledge shard, three times).
+    all_sizes = storage.file_sizes(dump_files + [f for _, f in kb_sources])
+    sizes = {f: all_sizes[f] for f in dump_files}
+    kb_sizes = [(f, all_sizes[f]) for _, f in kb_sources]
     for warning in unsplittable_warnings(list(sizes.items()), units, unit_bytes, kb_sizes,
                                          int(cfg.corpus.kb_read_unit_mb * 2**20)):
         log.warning(warning)
-    key = run_key(cfg, units, kb_sources)
+    key = run_key(cfg, units, kb_sources, all_sizes)
     distributed = uses_distributed_resolution(cfg.corpus.link_resolution, cfg.corpus.lookup_max_input_mb,
                                               sum(sizes.values()) + sum(s for _, s in kb_sizes))
     has_kb = bool(kb_sources) and "external" in cfg.corpus.knowledge_sources
     log.info("reading %d dump read unit(s) from %s; run key %s; link resolution: %s", len(units), ", ".join(dumps),
              key, "distributed" if distributed else "lookup")
     namespaces = SiteNamespaces.from_siteinfo(read_siteinfo(dump_files[0]))
-    return Plan(cfg, units, kb_sources if has_kb else [], namespaces, key, distributed)
+    return Plan(cfg, units, kb_sources if has_kb else [], namespaces, key, distributed, all_sizes)

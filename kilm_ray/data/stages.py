@@ -51,13 +51,11 @@ def write_atomic(uri: str, write: Callable[[Any, str], None]) -> None:
     """``write(filesystem, path)`` to ``uri`` so that a reader sees the whole file or none: a temporary
     name and a rename on a local disk; on object stores the final name (a PUT is atomic)."""
     fs, path = storage.resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
+    storage.make_parent(fs, path)
     if storage.is_remote(uri):
         write(fs, path)
         return
-    tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write(fs, tmp)
         os.replace(tmp, path)

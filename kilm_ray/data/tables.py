@@ -237,8 +237,8 @@ def _write_table(rows: pa.Table, out: str, name: str) -> str:
     import pyarrow.parquet as pq
 
     fs, root = storage.resolve(out)
-    fs.create_dir(f"{root}/{name.rsplit('/', 1)[0]}", recursive=True)
     target = f"{root}/{name}"
+    storage.make_parent(fs, target)
     if storage.is_remote(out):
         pq.write_table(rows, target, filesystem=fs)  # one PUT: whole or absent
     else:
