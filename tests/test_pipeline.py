@@ -121,3 +121,30 @@ def test_bart_pretrained_tokenizer_sees_a_paragraph_opening_mention_as_its_title
     plain = load_config(None, [f"tokenizer.source=gpt2-bpe:{GPT2_BPE}", "tokenizer.add_prefix_space=false"])
     bare = CorpusTokenizer(build_tokenizer(plain, lambda: []).backend_tokenizer.to_str())
     assert bare.encode("Aristotle was")[0][0] != title[0]  # what the official code did not do
+
+
+def test_multistream_index_offsets_are_read_once_per_index_version(tmp_path, monkeypatch):
+    """A plan (a resume's included) reads the stream offsets of a multistream index from the node cache
+    while the index is unchanged; a changed index (size, time) is read again."""
+    import os
+
+    from kilm_ray.data.corpus import dump as dump_module
+
+    monkeypatch.setenv("KILM_RAY_CACHE", str(tmp_path / "cache"))
+    pages = [f"<page><title>P{i}</title><ns>0</ns><id>{i + 1}</id><revision><text>body {i}</text></revision></page>\n"
+             for i in range(30)]
+    path = dump_module.write_multistream(pages, str(tmp_path / "x-multistream.xml.bz2"), pages_per_stream=5)
+    first = dump_module.read_units([path], unit_bytes=1)
+    assert len(first) == 6  # one range per stream of 5 pages (the last runs on through the footer)
+
+    def no_reading(uri):
+        raise AssertionError("the index was read again")
+
+    monkeypatch.setattr(dump_module, "_index_lines", no_reading)
+    assert dump_module.read_units([path], unit_bytes=1) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("KILM_RAY_CACHE", str(tmp_path / "cache"))
+    dump_module.write_multistream(pages, path, pages_per_stream=10)  # another index under the same name
+    index = path[: -len(".xml.bz2")] + "-index.txt.bz2"
+    os.utime(index, ns=(10**18, 10**18))
+    assert len(dump_module.read_units([path], unit_bytes=1)) == 3
