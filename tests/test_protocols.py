@@ -291,6 +291,10 @@ def test_both_protocols_pass_the_gate(service):
     with httpx.stream("POST", f"{service}/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}},
                       timeout=120) as r:
         assert r.status_code == 200 and r.read().decode().count("data:") == 3
+    # This test's own successes and failures (it must not rely on what earlier tests asked).
+    assert httpx.post(f"{service}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}},
+                      timeout=120).status_code == 200
+    assert httpx.post(f"{service}/v1/completions", json={"model": "kilm"}, timeout=60).status_code == 400  # no prompt
     wanted = ['endpoint="/v1/completions"', 'endpoint="/generate_stream"', 'endpoint="/"', 'endpoint="/generate"']
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
