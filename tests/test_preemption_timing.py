@@ -4,6 +4,7 @@ validation, and is committed well inside a deadline of two step times. The same 
 Ray Train, without Ray (LocalEnv), so the clock measures the loop and not Ray's polling; Ray's own
 detection delay is measured by tests/test_elastic.py and budgeted in BENCHMARKS.md."""
 
+import shutil
 import time
 
 from kilm_ray.train.local import LocalEnv
@@ -78,3 +79,13 @@ def test_the_notice_is_saved_when_the_running_step_ends_before_validation(tiny_c
     assert committed < DEADLINE_S, events
     # The notice is acted on once: the next checkpoint is the run's end.
     assert [(w, s) for w, s, _ in events if w.startswith("snapshot")] == [("snapshot preemption", 3), ("snapshot end", 5)]
+
+    # Had the node gone during step 3's validation, the run resumed from the preemption checkpoint validates
+    # step 3 first (the checkpoint says its validation is pending), then trains on.
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint_00000005")
+    resumed = LocalEnv(str(tmp_path / "run"), keep=3)
+    train_worker(cfg, tiny_data, resumed)
+    first = resumed.reports[0]
+    assert first["step"] == NOTICE_STEP + 1 and first["validation_after_resume"] and "valid_loss" in first
+    assert resumed.reports[-1]["step"] == 5

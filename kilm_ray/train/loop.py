@@ -76,12 +76,15 @@ class Recipe:
             env.close()
             return self.stop(start_step, cause)
         self.setup_model(resume)
+        validation_pending = bool(resume is not None and resume.state.get("validation_pending"))
         del resume
         loader = self.data_loader(start_step)
         self.validation = Validation(self.stores, self.cfg, self.sp, env.rank, env.world_size, self.all_reduce)
         self.artifacts = Artifacts(env.run_uri) if self.is_rank0 else None
         self.announce(start_step)
         self.start_clocks(start_step)
+        if validation_pending:  # saved on a notice before its step's validation: that validation now
+            self.validate_resumed(start_step)
         last: dict[str, Any] = {}
         step = start_step
         self.engine.train()
@@ -91,12 +94,14 @@ class Recipe:
             global_weight = (self.all_reduce_values([item["weight"]])[0] or 1.0) if item is not None else 1.0
             while item is not None:
                 step = item["step"]
+                # The next batch is built before this step, so that the agreement after it waits for
+                # nothing (a notice's path) and a loader error comes before the step, not before its save.
+                following = next(batches, None)
                 self.train_step(step, [to_device(mb, env.device) for mb in item["micro_batches"]],
                                 global_weight, item["live"])
                 # Agreed right after the optimizer step: a notice heard during this step is saved now.
-                known = self.signals(item["weight"])
-                following = next(batches, None)
-                plan = self.agree(step, known, following["weight"] if following is not None else 0.0)
+                plan = self.agree(step, self.signals(item["weight"]),
+                                  following["weight"] if following is not None else 0.0)
                 if plan.stop:
                     return self.stop(step + 1, plan.stop)
                 if plan.reports:
@@ -321,16 +326,23 @@ class Recipe:
                 self.sums.add_batch(ce.detach(), mb, self.dims)
 
     def after_step(self, done: int, plan: StepPlan) -> dict[str, Any]:
-        """Save first (a preemption's deadline runs), then validate: a step that does both reports
-        twice, the checkpoint with the training metrics and then the validation."""
+        """Validate, then checkpoint, in one report (Ray Train's run result and Tune read the checkpoint's
+        metrics) -- except on a preemption notice, whose deadline runs: save first, with the training
+        metrics, and mark the checkpoint so that a run resumed from it validates this step first (the
+        node may go before the validation here ends)."""
         metrics = self.step_metrics(done, time.time() - self.window_start)
-        if plan.checkpoint:
-            self.save(done, metrics, plan.checkpoint)
-        if plan.evaluate:
-            self.validate(metrics)
-            self.env.report(dict(metrics))
-        elif not plan.checkpoint:
-            self.env.report(metrics)
+        if plan.checkpoint == "preemption":
+            self.save(done, metrics, plan.checkpoint, validation_pending=plan.evaluate)
+            if plan.evaluate:
+                self.validate(metrics)
+                self.env.report(dict(metrics))
+        else:
+            if plan.evaluate:
+                self.validate(metrics)
+            if plan.checkpoint:
+                self.save(done, metrics, plan.checkpoint)
+            else:
+                self.env.report(metrics)
         if self.artifacts is not None:
             self.log_line(done, metrics)
             self.artifacts.log(done, metrics)
@@ -352,8 +364,18 @@ class Recipe:
             # rank 0 shares its number so every rank reports the same
             metrics["description_accuracy"] = self.all_reduce_values([metrics.get("description_accuracy", 0.0)])[0]
 
+    def validate_resumed(self, step: int) -> None:
+        """The validation of ``step`` that a preemption checkpoint went ahead of (every rank: collective)."""
+        epoch, consumed = self.plan.samples_consumed(step)
+        metrics: dict[str, Any] = {"step": step, "epoch": epoch, "samples_consumed_in_epoch": consumed,
+                                   "world_size": self.env.world_size, "validation_after_resume": True}
+        self.validate(metrics)
+        self.env.report(metrics)
+        if self.artifacts is not None:
+            self.artifacts.log(step, metrics)
+
     # -- checkpoint -----------------------------------------------------------------------------
-    def save(self, step: int, metrics: dict[str, Any], reason: str) -> None:
+    def save(self, step: int, metrics: dict[str, Any], reason: str, validation_pending: bool = False) -> None:
         """Copy this rank's shard to host memory (the only wait), then write it in the background."""
         engine, env, t = self.engine, self.env, self.t
         started = time.perf_counter()
@@ -373,6 +395,7 @@ class Recipe:
                 "world_size": env.world_size, "checkpoint_shards": env.world_size, "checkpoint_id": ckpt_id,
                 "zero_stage": t.zero_stage, "precision": t.precision, "data_dir": self.data_dir,
                 **self.invariants, "metrics": dict(metrics), "reason": reason, "config": self.cfg.to_dict(),
+                "validation_pending": validation_pending,
                 "saved_at": time.time(),
             }
         model_config, tokenizer_dir, rank, world = engine.module.config.to_dict(), self.tokenizer_dir, env.rank, env.world_size
