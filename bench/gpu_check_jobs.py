@@ -658,10 +658,8 @@ def job_fp16_gradients(p: dict) -> dict:
     world, global_batch = 8, 8192
     factor = world / (per_sequence * global_batch)
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(recipe.tokenizer), recipe.sp, cfg.max_positions).to(dev).train()
-    for module in model.modules():  # dropout off: the fp32 and fp16 passes must see the same network
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    # eval(): no dropout (BART's is functional, keyed on training), so the fp32 and fp16 passes see the same network.
+    model = build_model(cfg.model, len(recipe.tokenizer), recipe.sp, cfg.max_positions).to(dev).eval()
     scales = [measured_fp16_shares(model, batches, factor, 2.0 ** power) for power in (16, 24)]
     return {"status": "ok", "model": "tiny" if smoke else "base", "device": _device_name(device),
             "micro_batch": cfg.train.micro_batch_size, "per_token_factor_at_2^16": factor * 2.0 ** 16,

@@ -82,7 +82,14 @@ def encoder_layer_forward_without_host_sync():
 
     from transformers.models.bart import modeling_bart
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(modeling_bart.BartEncoderLayer.forward)))
+    original = modeling_bart.BartEncoderLayer.forward
+    try:
+        lines, first_line = inspect.getsourcelines(original)
+    except (OSError, TypeError):  # no source beside the installed package: keep transformers' own
+        return None
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    if tree.body[0].decorator_list:  # a wrapper the rewritten function would silently lose
+        return None
 
     class Rewrite(ast.NodeTransformer):
         replaced = 0
@@ -98,8 +105,8 @@ def encoder_layer_forward_without_host_sync():
     tree = ast.fix_missing_locations(Rewrite().visit(tree))
     if Rewrite.replaced != 1:
         return None
+    ast.increment_lineno(tree, first_line - 1)  # tracebacks point at modeling_bart.py's own lines
     function = tree.body[0]
-    function.decorator_list = []
     namespace = dict(vars(modeling_bart), clamp_if_not_finite=clamp_if_not_finite)
     exec(compile(ast.Module(body=[function], type_ignores=[]), modeling_bart.__file__, "exec"), namespace)
     return namespace[function.name]
@@ -107,7 +114,9 @@ def encoder_layer_forward_without_host_sync():
 
 def without_host_syncs(model) -> int:
     """Give ``model``'s encoder layers the sync-free forward (this model only; the class is untouched).
-    Returns the number of layers changed (0 where the installed transformers has no such check)."""
+    Returns the number of layers changed (0 where the installed transformers has no such check). The
+    forward is an instance attribute: ``copy.deepcopy`` and cloudpickle keep it, a plain pickle of the
+    whole module (``torch.save(model)``) falls back to transformers' own; kilm_ray saves state dicts."""
     import types
 
     forward = encoder_layer_forward_without_host_sync()
