@@ -8,7 +8,8 @@ rank heard of a preemption before another, or only rank 0 looked at the clock or
 
 Agreeing after the step (not before the next) is what bounds a preemption's cost: a notice heard
 while step ``s`` runs is acted on when ``s`` ends, so notice -> snapshot is the detection delay plus
-the rest of the running step, never a further whole step (nor a validation: the save comes first).
+the rest of the running step, never a further whole step (nor a validation: a preemption's save
+comes first).
 
     slot     who sets it                         what the ranks do when the sum is > 0
     weight   every rank: its share's loss weight  (the next step's global loss weight: sum)

@@ -11,7 +11,8 @@ the order it happens:
         agree        right after the optimizer step, one control vector, one all-reduce: a
                      preemption notice, room to grow, rank 0's clock, a non-finite loss, the next
                      step's global loss weight (``train.control``); every rank derives the same plan
-        save, validate, log   as the plan says, the save first (a preemption's deadline runs)
+        validate, save, log   as the plan says (a preemption's save before the validation: its
+                     deadline runs)
     export           a Hugging Face directory from the fp32 master weights
 
 Contracts kept here:
