@@ -6,7 +6,9 @@ sequences), DeepSpeed multiplies it by the loss scale S, and under fp16 the grad
 produces is an fp16 number: below 6.1e-5 it is subnormal (fewer bits), below 2.98e-8 it rounds to 0.
 The micro-steps' gradients are then summed, K per worker per optimizer step (K = 128 for bart-base at
 W = 8, micro-batch 8), in fp16 (DeepSpeed's default under ZeRO-1/2) or in fp32
-(``data_types.grad_accum_dtype: fp32``, ``train.fp16_grad_accum: fp32`` here).
+(``data_types.grad_accum_dtype: fp32``, ``train.fp16_grad_accum: fp32`` here), and the sums are then
+all-reduced across the workers in fp16 (DeepSpeed's default for fp16 runs) or fp32 (what kilm_ray sets with
+fp32 sums: ``communication_data_type``); the cast to fp16 is emulated, the cross-worker fp16 additions not.
 
 This script computes real bart-base gradients of micro-batches at the real lengths (fp32, CPU), then
 measures on a uniform sample of the parameters:
@@ -211,6 +213,10 @@ def main(argv=None) -> dict:
             settings.append({"scale": label, "loss_scale": scale, "accumulation": accum,
                              "per_micro_step": fp16_shares(sampled[0] * factor * scale, nonzero),
                              "accumulated": accumulation_error(acc, exact * factor * scale)})
+            if accum == "fp32":  # the same sum cast to fp16 for the all-reduce (DeepSpeed's default comm dtype)
+                settings.append({"scale": label, "loss_scale": scale, "accumulation": "fp32, fp16 all-reduce (the cast)",
+                                 "per_micro_step": settings[-1]["per_micro_step"],
+                                 "accumulated": accumulation_error(acc.to(torch.float16), exact * factor * scale)})
     result = {
         "what": "fp16 gradients of bart-base emulated in fp32 on the CPU: the share of nonzero parameter-gradient "
                 "entries fp16 holds as subnormal or flushes, per micro-step and accumulated over K micro-steps "

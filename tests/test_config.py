@@ -121,8 +121,9 @@ def test_fp16_gradients_accumulate_in_fp32_where_deepspeed_offers_it():
 
     v100 = load_config(REPO / "configs" / "bart-base-v100.yaml").train
     assert v100.precision == "fp16" and v100.fp16_grad_accum == "fp32"
-    assert deepspeed_config(v100, 8, 128, True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    ds = deepspeed_config(v100, 8, 128, True)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
     plain = load_config(TINY_CONFIG, ["train.precision=fp16", "train.zero_stage=1"]).train
-    assert "data_types" not in deepspeed_config(plain, 1, 1, False)  # DeepSpeed's default: fp16 sums
+    assert not {"data_types", "communication_data_type"} & set(deepspeed_config(plain, 1, 1, False))  # fp16 sums
     with pytest.raises(ConfigError, match="train.fp16_grad_accum: fp32 needs train.zero_stage 1 or 2"):
         load_config(TINY_CONFIG, ["train.precision=fp16", "train.zero_stage=3", "train.fp16_grad_accum=fp32"])
