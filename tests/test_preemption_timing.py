@@ -7,8 +7,12 @@ detection delay is measured by tests/test_elastic.py and budgeted in BENCHMARKS.
 import shutil
 import time
 
+import pytest
+
 from kilm_ray.train.local import LocalEnv
 from kilm_ray.train.loop import Recipe, train_worker
+
+pytestmark = pytest.mark.slow  # two training runs with slowed steps (15-25 s on 2 cores)
 
 STEP_S = 1.5  # each optimizer step takes at least this long
 VALID_S = 2.0  # each validation takes at least this long
