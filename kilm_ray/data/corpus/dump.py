@@ -115,33 +115,29 @@ def read_units(specs: list[str], unit_bytes: int = 64 << 20) -> list[ReadUnit]:
 
 
 def cached_stream_offsets(index: str) -> list[int]:
-    """``stream_offsets`` of a multistream index, kept on this machine's disk (the node cache) under the
-    index's name, size and modification time: enwiki's index is ~250 MB of bz2 (~24 M lines), tens of
-    seconds to fetch and parse on every plan, a resumed one included. A cache that cannot be read or
-    written is only logged."""
+    """``stream_offsets`` of a multistream index, kept on this machine's disk (the node cache, through
+    ``node_cache.cached_array``) under the index's name, size and modification time: enwiki's index is
+    ~250 MB of bz2 (~24 M lines), tens of seconds to fetch and parse on every plan, a resumed one included.
+    A cache that cannot be read or written is only logged."""
     import hashlib
     import logging
-    import os
 
-    from kilm_ray.store.node_cache import default_root
+    import numpy as np
+
+    from kilm_ray.store import node_cache
 
     fs, path = storage.resolve(index)
     info = fs.get_file_info(path)
     key = hashlib.sha256(f"{index}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:24]
-    cache = default_root() / "multistream_index" / f"{key}.txt"
+    directory = node_cache.default_root() / "multistream_index"
+    def make() -> np.ndarray:
+        return np.asarray(stream_offsets(_index_lines(index)), dtype=np.int64)
+
     try:
-        return [int(x) for x in cache.read_text().split()]
-    except (OSError, ValueError):
-        pass
-    offsets = stream_offsets(_index_lines(index))
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text("\n".join(map(str, offsets)))
-        os.replace(tmp, cache)
-    except OSError as exc:
-        logging.getLogger("kilm_ray.pipeline").warning("not caching the stream offsets of %s: %s", index, exc)
-    return offsets
+        return np.load(node_cache.cached_array(directory / f"{key}.npy", directory / f"{key}.lock", make)).tolist()
+    except (OSError, ValueError) as exc:
+        logging.getLogger("kilm_ray.pipeline").warning("stream offsets of %s not cached: %s", index, exc)
+        return make().tolist()
 
 
 def _index_lines(uri: str) -> Iterator[str]:
