@@ -273,16 +273,14 @@ def file_sizes(uris: list[str]) -> dict[str, int]:
         by_parent.setdefault(uri.rstrip("/").rpartition("/")[0], []).append(uri)
     sizes: dict[str, int] = {}
     for parent, members in by_parent.items():
-        listed: dict[str, int] = {}
+        listed: dict[str, int] = {}  # by the path resolve() gives (bucket/key, or an absolute local path)
         if len(members) > 1:
             fs, path = resolve(parent)
-            prefix = "s3://" if parent.startswith("s3://") else ""
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-            listed = {prefix + i.path: i.size for i in infos if i.type == pafs.FileType.File}
-            if not prefix:  # local paths as resolve() spells them
-                listed = {u: listed[resolve(u)[1]] for u in members if resolve(u)[1] in listed}
+            listed = {i.path: i.size for i in infos if i.type == pafs.FileType.File}
         for uri in members:
-            sizes[uri] = listed[uri] if uri in listed else file_size(uri)
+            path = resolve(uri)[1]
+            sizes[uri] = listed[path] if path in listed else file_size(uri)
     return sizes
 
 
