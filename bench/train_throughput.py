@@ -213,12 +213,12 @@ def run_accounting(cfg, data: str, repeats: int, warmup: int) -> dict:
         if variant == "before":
             # the old loop: the loss weight summed on the device, read back once per step
             weight = float(sum(mb["label_weights"].sum() for mb in micro))
-            plan = recipe.agree(item["step"], recipe.signals(weight), weight)
+            plan = recipe.agree(item["step"], recipe.signals(), weight)
             old_train_step(item["step"], micro, plan.global_weight)
         else:
             # One agreement per step as the loop makes (there after the step, carrying the next step's
             # weight; here before it, carrying this one's: the same collective and host read).
-            plan = recipe.agree(item["step"], recipe.signals(item["weight"]), item["weight"])
+            plan = recipe.agree(item["step"], recipe.signals(), item["weight"])
             recipe.train_step(item["step"], micro, plan.global_weight, item["live"])
 
     def run(variant: str, n: int) -> float:

@@ -34,8 +34,8 @@ import logging
 import os
 import random
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -101,8 +101,7 @@ class Recipe:
                 self.train_step(step, [to_device(mb, env.device) for mb in item["micro_batches"]],
                                 global_weight, item["live"])
                 # Agreed right after the optimizer step: a notice heard during this step is saved now.
-                plan = self.agree(step, self.signals(item["weight"]),
-                                  following["weight"] if following is not None else 0.0)
+                plan = self.agree(step, self.signals(), following["weight"] if following is not None else 0.0)
                 if plan.stop:
                     return self.stop(step + 1, plan.stop)
                 if plan.reports:
@@ -289,15 +288,15 @@ class Recipe:
         self.window_start = self.run_start = time.time()
         self.last_checkpoint_at = self.last_grow_check = time.time()
 
-    def signals(self, weight: float) -> Signals:
+    def signals(self) -> Signals:
         """What this rank knows right after an optimizer step: a preemption notice, rank 0's clock and
-        room to grow (``weight`` is a placeholder until ``agree`` sets the next step's)."""
+        room to grow (``agree`` adds the next step's loss weight)."""
         t, env, now = self.t, self.env, time.time()
         room = False
         if self.is_rank0 and now - self.last_grow_check >= t.elastic_resize_check_s:
             self.last_grow_check = now
             room = env.room_to_grow()
-        return Signals(weight=weight, notice=float(env.heard_preemption()), room=float(room),
+        return Signals(notice=float(env.heard_preemption()), room=float(room),
                        clock=float(self.is_rank0 and t.checkpoint_every_minutes > 0
                                    and now - self.last_checkpoint_at >= 60.0 * t.checkpoint_every_minutes))
 
@@ -336,7 +335,7 @@ class Recipe:
             self.save(done, metrics, plan.checkpoint, validation_pending=plan.evaluate)
             if plan.evaluate:
                 self.validate(metrics)
-                self.env.report(dict(metrics))
+                self.env.report(metrics)
         else:
             if plan.evaluate:
                 self.validate(metrics)

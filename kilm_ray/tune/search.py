@@ -2,7 +2,7 @@
 
 Each trial is a function that builds and fits a TorchTrainer running the usual worker loop, with
 ``TuneReportCallback`` forwarding its validation reports to Tune (only those: a checkpoint taken on
-a preemption, the clock or before validation reports training metrics alone, which Tune's strict
+a preemption notice, the clock or room to grow reports training metrics alone, which Tune's strict
 metric check, ASHA and Optuna cannot take); ASHA stops weak trials early.
 Masking is applied on the fly, so trials share one preprocessed dataset. An interrupted search is
 restored with ``Tuner.restore`` (finished trials are not rerun). Outputs in ``<run-dir>/<name>/``:
@@ -83,8 +83,9 @@ def _trial(params: dict) -> None:
 
 class ReportMetric(TuneReportCallback):
     """Ray's Train -> Tune bridge, forwarding only the reports that carry the search's metric. The others
-    (a checkpoint's training metrics, reported before its validation so that a preemption's save is not
-    delayed by it) would fail Tune's strict metric check and Optuna's ``result[metric]``."""
+    (the training metrics of a checkpoint taken on a preemption notice -- saved before its step's
+    validation -- the clock or room to grow, between validations) would fail Tune's strict metric check
+    and Optuna's ``result[metric]``."""
 
     def __init__(self, metric: str):
         super().__init__()
