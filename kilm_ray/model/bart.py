@@ -3,6 +3,7 @@ tokens in its embeddings; and the Hugging Face export that plain ``transformers`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -66,6 +67,7 @@ def clamp_if_not_finite(hidden_states):
                        torch.clamp(hidden_states, min=-limit, max=limit))
 
 
+@functools.lru_cache(maxsize=1)  # rewritten once per process, not per model built
 def encoder_layer_forward_without_host_sync():
     """transformers' ``BartEncoderLayer.forward`` with its fp16 overflow check moved onto the device, or
     None when the installed version has no such check.
@@ -92,18 +94,20 @@ def encoder_layer_forward_without_host_sync():
         return None
 
     class Rewrite(ast.NodeTransformer):
-        replaced = 0
+        def __init__(self):
+            self.replaced = 0
 
         def visit_If(self, node):
             clamps = any(isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.clamp"
                          for stmt in node.body for n in ast.walk(stmt))
             if clamps and "hidden_states" in ast.unparse(node.test) and not node.orelse:
-                Rewrite.replaced += 1
+                self.replaced += 1
                 return ast.parse("hidden_states = clamp_if_not_finite(hidden_states)").body[0]
             return self.generic_visit(node)
 
-    tree = ast.fix_missing_locations(Rewrite().visit(tree))
-    if Rewrite.replaced != 1:
+    rewrite = Rewrite()
+    tree = ast.fix_missing_locations(rewrite.visit(tree))
+    if rewrite.replaced != 1:
         return None
     ast.increment_lineno(tree, first_line - 1)  # tracebacks point at modeling_bart.py's own lines
     function = tree.body[0]
