@@ -75,28 +75,33 @@ def build_model(args):
     return BartForConditionalGeneration(config)
 
 
-def micro_batch(args, vocab: int, generator):
-    """Synthetic tokens at the real lengths; the target's last (target - source) tokens are knowledge."""
+def micro_batch(args, vocab: int, generator) -> dict:
+    """Synthetic tokens at the real lengths, as the training loader's micro-batches hold them; the target's
+    last (target - source) tokens are knowledge."""
     import torch
 
     source = torch.randint(4, vocab, (args.micro, args.source), generator=generator)
     labels = torch.randint(4, vocab, (args.micro, args.target), generator=generator)
-    decoder_input = torch.cat([torch.full((args.micro, 1), 2), labels[:, :-1]], dim=1)
     weights = torch.ones(args.micro, args.target)
     weights[:, args.source:] = args.knowledge_weight
-    return source, decoder_input, labels, weights
+    return {"input_ids": source, "attention_mask": torch.ones_like(source), "labels": labels, "label_weights": weights,
+            "decoder_input_ids": torch.cat([torch.full((args.micro, 1), 2), labels[:, :-1]], dim=1)}
 
 
-def gradient(model, batch):
-    """d(sum(ce * weight))/d(theta) of one micro-batch, flattened, fp32."""
+def gradient(model, batch: dict, multiplier: float = 1.0):
+    """d(sum(ce * label_weight) * multiplier)/d(theta) of one micro-batch (a training loader's micro-batch
+    dict), flattened, in the model's dtype; the loss is fp32 as kilm_ray's."""
     import torch
 
     from kilm_ray.model.bart import token_losses
+    from kilm_ray.train.validation import attention_masks
 
-    source, decoder_input, labels, weights = batch
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=source, decoder_input_ids=decoder_input, use_cache=False).logits
-    (token_losses(logits, labels) * weights).sum().backward()
+    dtype = next(model.parameters()).dtype
+    encoder_mask, causal = attention_masks(batch, model.config._attn_implementation, dtype)
+    logits = model(input_ids=batch["input_ids"], attention_mask=encoder_mask, use_cache=False,
+                   decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=causal).logits
+    ((token_losses(logits, batch["labels"]) * batch["label_weights"]).sum() * multiplier).backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
@@ -138,24 +143,12 @@ def measured_fp16_shares(model, micro_batches: list[dict], factor: float, scale:
 
     import torch
 
-    from kilm_ray.model.bart import token_losses
-    from kilm_ray.train.validation import attention_masks
-
-    def flat_gradient(module, batch, multiplier: float):
-        module.zero_grad(set_to_none=True)
-        dtype = next(module.parameters()).dtype
-        encoder_mask, causal = attention_masks(batch, module.config._attn_implementation, dtype)
-        logits = module(input_ids=batch["input_ids"], attention_mask=encoder_mask, use_cache=False,
-                        decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=causal).logits
-        ((token_losses(logits, batch["labels"]) * batch["label_weights"]).sum() * multiplier).backward()
-        return torch.cat([q.grad.reshape(-1) for q in module.parameters() if q.grad is not None])
-
     half = copy.deepcopy(model).half()
     zero = subnormal = nonzero = 0
     overflowed = False
     for batch in micro_batches:
-        reference = flat_gradient(model, batch, factor) != 0
-        grad16 = flat_gradient(half, batch, factor * scale)
+        reference = gradient(model, batch, factor) != 0
+        grad16 = gradient(half, batch, factor * scale)
         overflowed |= not bool(torch.isfinite(grad16).all())
         nonzero += int(reference.sum())
         zero += int(((grad16 == 0) & reference).sum())
@@ -179,7 +172,7 @@ def main(argv=None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     batches = [micro_batch(args, vocab, generator) for _ in range(args.micro_batches)]
     # G: the global batch's label weight (every target token counts 1, knowledge tokens knowledge_weight).
-    per_sequence = float(batches[0][3].sum()) / args.micro
+    per_sequence = float(batches[0]["label_weights"].sum()) / args.micro
     global_weight = per_sequence * args.global_batch
     factor = args.world / global_weight
 

@@ -152,6 +152,22 @@ def _versions() -> dict:
     return out
 
 
+def _recipe_data(cfg, data_dir: str, device: str):
+    """The kilm_ray recipe with its data prepared (tokenizer, special ids, the loader's store), one process,
+    no model: the batches the loop would train on, for runs beside it."""
+    import torch
+
+    from kilm_ray.train.loop import Recipe
+
+    class _NoEnv:  # the recipe's data setup reads only rank, world size and device
+        rank, world_size, local_rank = 0, 1, 0
+
+    _NoEnv.device = torch.device(device)
+    recipe = Recipe(cfg, data_dir, _NoEnv())
+    recipe.prepare_data()
+    return recipe
+
+
 class PlainLoop:
     """The anchor: plain PyTorch + Hugging Face BART over the same batches as the kilm_ray loop (the
     recipe's own data loader from step 0), the same model (same seed), AdamW (fused on CUDA), the same
@@ -164,17 +180,9 @@ class PlainLoop:
         import torch
 
         from kilm_ray.model.bart import build_model
-        from kilm_ray.train.loop import Recipe
         from kilm_ray.train.metrics import BartDims
 
-        dev = torch.device(device)
-
-        class _NoEnv:  # the recipe's data setup reads only rank, world size and device
-            rank, world_size, local_rank = 0, 1, 0
-            device = dev
-
-        recipe = Recipe(cfg, data_dir, _NoEnv())
-        recipe.prepare_data()
+        recipe = _recipe_data(cfg, data_dir, device)
         self.batches = iter(recipe.data_loader(0))
         self.t, self.device = cfg.train, torch.device(device)
         torch.manual_seed(cfg.train.seed)
@@ -639,19 +647,12 @@ def job_fp16_gradients(p: dict) -> dict:
 
     from fp16_gradients import measured_fp16_shares
     from kilm_ray.model.bart import build_model
-    from kilm_ray.train.loop import Recipe
 
     smoke, device = p["smoke"], p["device"]
     # The V100 config's settings (micro-batch, lengths); this job runs its own fp16, not DeepSpeed's.
     cfg = _config(p, "tiny" if smoke else "base", "fp32" if smoke else "fp16")
     dev = torch.device(device)
-
-    class _NoEnv:  # the recipe's data setup reads only rank, world size and device
-        rank, world_size, local_rank = 0, 1, 0
-        device = dev
-
-    recipe = Recipe(cfg, p["data"], _NoEnv())
-    recipe.prepare_data()
+    recipe = _recipe_data(cfg, p["data"], device)
     item = next(iter(recipe.data_loader(0)))
     batches = [{k: v.to(dev) for k, v in mb.items()} for mb in item["micro_batches"][:2]]
     per_sequence = float(sum(b["label_weights"].sum() for b in batches)) / sum(len(b["input_ids"]) for b in batches)
