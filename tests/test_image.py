@@ -86,8 +86,9 @@ def dockerfile(variant: str) -> Dockerfile:
 
 
 def pyproject_requirements() -> dict[str, Requirement]:
-    text = (REPO / "pyproject.toml").read_text()
-    deps = re.findall(r'^  "([^"]+)",$', text.split("dependencies = [", 1)[1].split("]\n", 1)[0], re.M)
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     return {Requirement(d).name: Requirement(d) for d in deps}
 
 
