@@ -98,7 +98,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_import_kb(args: argparse.Namespace) -> int:
-    from kilm_ray.data.corpus.knowledge import KBStats, iter_jsonl, parse_wordnet_database, select_best, write_kb_jsonl
+    from kilm_ray.data.corpus.knowledge import KBStats, iter_jsonl, normalized_rows, parse_wordnet_database, write_kb_jsonl
 
     if args.wikidata:
         from kilm_ray.cluster import init_ray
@@ -106,7 +106,7 @@ def cmd_import_kb(args: argparse.Namespace) -> int:
 
         cfg = _config(args)
         init_ray(args.address)
-        record = import_wikidata(args.wikidata, args.out, cfg, keep_unlinked=args.keep_unlinked)
+        record = import_wikidata(args.wikidata, args.out, cfg)
         print(json.dumps({"out": args.out, **{k: v for k, v in record.items() if k != "files"},
                           "files": len(record["files"])}, indent=2))
         return 0
@@ -114,11 +114,10 @@ def cmd_import_kb(args: argparse.Namespace) -> int:
     if args.wordnet_dir:
         directory = Path(args.wordnet_dir)
         rows = enumerate(parse_wordnet_database(directory / "data.noun", directory / "index.noun"), start=1)
-        table = select_best(rows, str(directory), stats)
+        n = write_kb_jsonl(normalized_rows(rows, str(directory), stats), args.out)
     else:
-        table = select_best(iter_jsonl(args.jsonl, stats), args.jsonl, stats)
-    n = write_kb_jsonl(table, args.out)
-    print(json.dumps({"out": args.out, "entities": n, "lines": stats.lines, "bad_lines": stats.bad_lines,
+        n = write_kb_jsonl(normalized_rows(iter_jsonl(args.jsonl, stats), args.jsonl, stats), args.out)
+    print(json.dumps({"out": args.out, "rows": n, "lines": stats.lines, "bad_lines": stats.bad_lines,
                       "bad_examples": stats.bad_examples[:5]}, indent=2))
     return 0
 
@@ -434,12 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-kb", help="normalize a knowledge base (WordNet database or JSONL) to kilm_ray's JSONL")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wordnet-dir", help="directory with WordNet's data.noun and index.noun")
-    src.add_argument("--jsonl", help="JSONL(.gz) with {name, description} or WordNet-shaped rows")
+    src.add_argument("--jsonl", help="JSONL(.gz) with {title or name, description} or WordNet-shaped rows")
     src.add_argument("--wikidata", help="Wikidata's JSON dump (latest-all.json.bz2 / .gz, local or s3://), read in "
                                         "parallel byte ranges on Ray")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz; with --wikidata a directory of shards")
-    p.add_argument("--keep-unlinked", action="store_true",
-                   help="--wikidata: also keep items without an English Wikipedia article, by their English label")
     _common(p)
     p.set_defaults(func=cmd_import_kb)
 

@@ -4,7 +4,7 @@ import itertools
 
 import pyarrow as pa
 
-from kilm_ray.data.corpus.knowledge import KnowledgeLookup, kb_line_rows
+from kilm_ray.data.corpus.knowledge import KnowledgeLookup, kb_line_rows, match_keys
 from kilm_ray.data.corpus.links import (PENDING, bare_key, choose_knowledge, follow_redirect, page_link_targets,
                                    sample_hash, sample_threshold)
 from kilm_ray.data.rows import best_kb_rows, extend_edges, follow_links
@@ -34,32 +34,47 @@ def test_bucket_functions_follow_redirects_and_pick_the_best_kb_row():
     ])
     assert [(r["page_id"], r["resolved"], r["key"]) for r in follow_links(links).to_pylist()] == [
         (7, "Mercury (planet)", "mercury (planet)"), (8, "Z", "z")]
-    rows = [dict(r, key="x", bucket=1) for r in ({"description": "late file", "p0": 1.0, "p1": 0.0, "p2": 0.0},
-                                                 {"description": "sense 2", "p0": 0.0, "p1": 1.0, "p2": 2.0},
-                                                 {"description": "sense 1", "p0": 0.0, "p1": 1.0, "p2": 1.0})]
-    rows.append({"key": "y", "description": "only", "p0": 0.0, "p1": 0.0, "p2": 0.0, "bucket": 1})
+    name = {"match": "name", "exact": ""}
+    rows = [dict(r, key="x", bucket=1, **name) for r in ({"description": "late file", "p0": 1.0, "p1": 0.0, "p2": 0.0},
+                                                         {"description": "sense 2", "p0": 0.0, "p1": 1.0, "p2": 2.0},
+                                                         {"description": "sense 1", "p0": 0.0, "p1": 1.0, "p2": 1.0})]
+    rows.append({"key": "y", "description": "only", "p0": 0.0, "p1": 0.0, "p2": 0.0, "bucket": 1, **name})
+    # Rows of one key but another match or exact value are other row ids: each keeps its own winner.
+    rows.append({"key": "x", "match": "qualified", "exact": "planet", "description": "a planet", "p0": 0.0,
+                 "p1": 1.0, "p2": 2.0, "bucket": 1})
+    rows.append({"key": "x", "match": "title", "exact": "X", "description": "title X", "p0": 2.0, "p1": 0.0,
+                 "p2": 0.0, "bucket": 1})
     best = best_kb_rows(pa.Table.from_pylist(rows)).to_pylist()
-    assert [(r["key"], r["description"]) for r in best] == [("x", "sense 1"), ("y", "only")]
+    assert [(r["key"], r["match"], r["description"]) for r in best] == [
+        ("x", "name", "sense 1"), ("x", "qualified", "a planet"), ("x", "title", "title X"), ("y", "name", "only")]
 
 
 def test_choose_knowledge_matches_the_lookup_for_every_source_order():
-    lookup = KnowledgeLookup(template={"C": "tmpl"}, first_sentence={"C": "first", "D": "D first"},
-                             external={"e": "ext e", "mercury": "a planet", "c": "ext c"})
+    external = {("name", "e", ""): "ext e", ("qualified", "mercury", "planet"): "a planet", ("name", "c", ""): "ext c",
+                ("title", "d", "D"): "ext D", ("name", "nothing", ""): "a bare nothing"}
+    lookup = KnowledgeLookup(template={"C": "tmpl"}, first_sentence={"C": "first", "D": "D first"}, external=external)
     for sources in itertools.permutations(["template", "first_sentence", "external"]):
         lookup.sources = sources
-        for title in ("C", "D", "E", "Mercury (planet)", "Nothing (at all)", "Nothing"):
-            args = (lookup.template.get(title), lookup.first_sentence.get(title), lookup.external.get(title.lower()))
+        for title in ("C", "D", "E", "Mercury (planet)", "Mercury (element)", "Nothing (at all)", "Nothing"):
+            ids = dict(match_keys(title))
+            own = next(((external[ids[r]], r) for r in ("title", "name") if ids[r] in external), None)
+            args = (lookup.template.get(title), lookup.first_sentence.get(title), own)
             first = choose_knowledge(sources, *args, bare_key(title) is not None)
             if first == PENDING:
-                first = choose_knowledge(sources, *args[:2], None, True, lookup.external.get(bare_key(title)), True)
+                first = choose_knowledge(sources, *args[:2], None, True, external.get(ids["qualified"]), True)
             assert first == lookup.describe(title), (sources, title)
 
 
 def test_kb_lines_page_targets_and_the_tokenizer_sample():
-    rows, bad = kb_line_rows('{"name": "Aristotle", "aliases": ["Aristoteles"], "description": "a philosopher"}', 2)
-    assert bad is None and [r["key"] for r in rows] == ["aristotle", "aristoteles"] and rows[0]["p0"] == 2.0
+    rows, bad = kb_line_rows('{"name": "Aristotle", "aliases": ["Aristoteles"], "description": "a philosopher", '
+                             '"qualifiers": ["Philosopher"]}', 2)
+    assert bad is None and rows[0]["p0"] == 2.0 and [(r["match"], r["key"], r["exact"]) for r in rows] == [
+        ("name", "aristotle", ""), ("qualified", "aristotle", "philosopher"),
+        ("name", "aristoteles", ""), ("qualified", "aristoteles", "philosopher")]
+    rows, _ = kb_line_rows('{"title": "Aristotle_(film)", "name": "Aristotle", "description": "a film"}', 0)
+    assert [(r["match"], r["key"], r["exact"]) for r in rows] == [("title", "aristotle (film)", "Aristotle (film)")]
     assert kb_line_rows("not json", 0)[1].startswith("not JSON") and kb_line_rows("  ", 0) == ([], None)
-    assert kb_line_rows('{"description": "x"}', 0)[1] == "no 'name'"
+    assert kb_line_rows('{"description": "x"}', 0)[1] == "no 'title' or 'name'"
     doc = '[["a b", [[0, 1, "B"], [2, 3, "A"]]], ["c", [[0, 1, "B"]]]]'
     assert page_link_targets(doc) == ["A", "B"]
     assert sample_threshold(10, 5) == 2**63 and 0 < sample_threshold(10, 1000) < 2**63 // 50

@@ -97,10 +97,12 @@ def test_links_other_namespaces_and_wikis_keep_their_text_and_disambiguation_pag
         assert is_disambiguation(title, wikitext), title
     assert not is_disambiguation("Paris", "{{about|the city|other uses|Paris (disambiguation)}}{{Disambiguation needed}}")
     lookup = KnowledgeLookup(redirects={"Mercury (disambig)": "Mercury"}, template={"Venus": "a planet"},
-                             external={"mercury": "a planet", "aberdeen (disambiguation)": "x"},
+                             external={("name", "mercury", ""): "a planet",
+                                       ("name", "aberdeen (disambiguation)", ""): "x"},
                              disambiguation={"Mercury"})
     assert lookup.describe(lookup.resolve("Mercury (disambig)")) is None
-    assert lookup.describe("Aberdeen (disambiguation)") is None and lookup.describe("Venus") == ("a planet", "template")
+    assert lookup.describe("Aberdeen (disambiguation)") is None
+    assert lookup.describe("Venus") == ("a planet", "template", None)
 
 
 def test_bart_pretrained_tokenizer_sees_a_paragraph_opening_mention_as_its_title():

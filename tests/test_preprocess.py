@@ -45,6 +45,10 @@ def test_outputs_and_stats_on_real_data(tiny_data, tiny_config):
     known = sum(links["with_knowledge"].values())
     assert known + links["without_knowledge"] == links["total"] > 1500
     assert links["with_knowledge"]["external"] > 700 and links["with_knowledge"]["first_sentence"] > 0
+    # WordNet has no titles: its rows match by name, or by a bare name carrying the link's qualifier.
+    by_rule = links["external_by_rule"]
+    assert sum(by_rule.values()) == links["with_knowledge"]["external"] and by_rule["title"] == 0
+    assert by_rule["name"] > 700 and by_rule["qualified"] > 0
     assert stats["knowledge_base"]["entities"] > 100_000 and stats["knowledge_base"]["bad_lines"] == 0
     assert stats["pages"]["skipped"]["disambiguation"] == 8  # Austin (disambiguation), Aberdeen (...), ...
     rows = {s: read_split(tiny_data, s) for s in SPLITS}
@@ -195,6 +199,7 @@ def test_multistream_dump_is_read_in_byte_ranges(tmp_path, ray_cluster, tiny_dat
     assert "link resolution: distributed" in caplog.text
     assert re.search(r"links\+redirects\+knowledge\+kb: [0-9.]+ MB of input -> \d+ shuffle partitions", caplog.text)
     assert stats["pages"]["read"] == len(pages) == 206
+    assert stats["links"] == json.load(open(dataset_path(tiny_data, "stats")))["links"]
     for split in SPLITS:
         assert sorted_rows(tmp_path / "out", split) == sorted_rows(tiny_data, split)
 

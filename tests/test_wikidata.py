@@ -108,17 +108,15 @@ SAMPLE = [Q42, P31, PARIS, PARIS_TEXAS, NO_ENGLISH, UNLINKED, DISAMBIGUATION]
 
 def test_entities_are_kept_by_their_english_wikipedia_title():
     rows, outcome = entity_rows(Q42)
-    assert outcome == "kept" and rows[0] == {"name": "Douglas Adams", "rank": 0, "wikidata": "Q42",
-                                             "description": "English writer and humorist (1952\u20132001)"}
-    assert [(r["name"], r["rank"]) for r in rows[1:]] == [("Douglas No\u00ebl Adams", 1), ("Douglas Noel Adams", 1),
-                                                          ("Douglas N. Adams", 1)]  # the label is the title
+    # One row, matched on the exact enwiki title only: labels and aliases name other entities too.
+    assert outcome == "kept" and rows == [{"title": "Douglas Adams", "wikidata": "Q42",
+                                           "description": "English writer and humorist (1952\u20132001)"}]
     assert entity_rows(P31) == ([], "property")
     assert entity_rows(NO_ENGLISH) == ([], "no_english_description")
     assert entity_rows(UNLINKED) == ([], "no_enwiki_sitelink")
-    assert entity_rows(UNLINKED, keep_unlinked=True)[0] == [
-        {"name": "Anne Dupont", "description": "French botanist", "rank": 2, "wikidata": "Q106475474"}]
     assert entity_rows(DISAMBIGUATION) == ([], "disambiguation")
-    assert [r["name"] for r in entity_rows(PARIS_TEXAS)[0]] == ["Paris, Texas", "Paris"]
+    assert entity_rows(PARIS_TEXAS)[0] == [{"title": "Paris, Texas", "label": "Paris", "wikidata": "Q830149",
+                                            "description": "city in Lamar County, Texas, United States"}]
     assert line_rows("[") == ([], None) and line_rows("]") == ([], None) and line_rows("") == ([], None)
     assert line_rows(json.dumps(PARIS) + ",")[1] == "kept"
     with pytest.raises(MalformedEntity, match="not JSON"):
@@ -156,21 +154,23 @@ def test_import_reads_the_dump_in_ranges_and_preprocessing_reads_its_shards(tmp_
     assert (record["kept"], record["property"], record["no_english_description"], record["no_enwiki_sitelink"],
             record["disambiguation"]) == (len(filler) - 1 + 3, 1, 1, 1, 1)
     rows = [json.loads(line) for f in record["files"] for line in gzip.open(out / f, "rt")]
-    assert {"name": "Douglas Adams", "description": "English writer and humorist (1952\u20132001)", "rank": 0,
+    assert {"title": "Douglas Adams", "description": "English writer and humorist (1952\u20132001)",
             "wikidata": "Q42"} in rows
-    assert len({(r["wikidata"], r["name"]) for r in rows}) == len(rows) == record["rows"]  # every line once
+    assert len({r["wikidata"] for r in rows}) == len(rows) == record["rows"]  # every line once
+    assert record["format"] == 2
 
-    # preprocess --knowledge DIR: the shards, one source; the title wins the name over another item's label.
+    # preprocess --knowledge DIR: the shards, one source; rows are keyed by title only.
     sources = knowledge_sources([str(out)])
     assert [f for _, f in sources] == [str(out / f) for f in record["files"]] and {s for s, _ in sources} == {0}
     kb = kb_stage(Stage(str(tmp_path / "work"), "kb"), Stage(str(tmp_path / "work"), "kb_lines"), sources,
                   tiny_config)
-    table = {r["key"]: r["description"] for f in stage_files(kb, "kb", str(tmp_path / "work" / "kb"))
-             for r in pq.read_table(f).to_pylist()}
-    assert table["paris"] == "capital and largest city of France"
-    assert table["paris, texas"].startswith("city in Lamar County") and table["city of light"].startswith("capital")
-    assert table["douglas noel adams"].startswith("English writer") and "anne dupont" not in table
-    assert "instance of" not in table and "paris (disambiguation)" not in table
+    table = {(r["match"], r["key"], r["exact"]): r["description"]
+             for f in stage_files(kb, "kb", str(tmp_path / "work" / "kb")) for r in pq.read_table(f).to_pylist()}
+    assert table[("title", "paris", "Paris")] == "capital and largest city of France"
+    assert table[("title", "paris, texas", "Paris, Texas")].startswith("city in Lamar County")
+    assert {match for match, _, _ in table} == {"title"}  # no label or alias is a name to match
+    assert not any(key in ("city of light", "douglas noel adams", "anne dupont", "instance of",
+                           "paris (disambiguation)") for _, key, _ in table)
     assert kb["summary"]["entities"] == len(table) and kb["summary"]["bad_lines"] == 0
 
 
@@ -181,6 +181,10 @@ def test_an_unfinished_import_is_refused(tmp_path):
     (tmp_path / "import.json").write_text(json.dumps({"complete": False}))
     (tmp_path / "part-00000.jsonl.gz").write_bytes(gzip.compress(b'{"name": "a", "description": "b"}\n'))
     with pytest.raises(storage.InputError, match="did not finish"):
+        knowledge_files(str(tmp_path))
+    # An import from before title-only matching keyed labels and aliases as names: refused, not misread.
+    (tmp_path / "import.json").write_text(json.dumps({"complete": True, "files": ["part-00000.jsonl.gz"]}))
+    with pytest.raises(storage.InputError, match="older kilm-ray import-kb"):
         knowledge_files(str(tmp_path))
 
 

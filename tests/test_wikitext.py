@@ -158,7 +158,7 @@ def test_a_lead_without_text_still_gives_its_short_description_as_knowledge():
         ("skipped", "empty_text", "Wikipedia list of natural satellites")
     lookup = KnowledgeLookup()
     lookup.add_page(record)
-    assert lookup.describe("List of moons") == ("Wikipedia list of natural satellites", "template")
+    assert lookup.describe("List of moons") == ("Wikipedia list of natural satellites", "template", None)
     tables, _ = split_pages(table([record], PAGE_SCHEMA))
     assert tables["knowledge"].to_pylist() == [{"title": "List of moons", "short_description":
                                                 "Wikipedia list of natural satellites", "first_sentence": None}]

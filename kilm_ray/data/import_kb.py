@@ -19,7 +19,7 @@ from kilm_ray import storage
 from kilm_ray.config import KilmConfig
 from kilm_ray.data.corpus.ranges import TextRange, iter_range_lines, plan_ranges, splittable
 from kilm_ray.data.corpus.wikidata import convert_range, sum_counts
-from kilm_ray.data.kb import IMPORT_RECORD
+from kilm_ray.data.kb import IMPORT_FORMAT, IMPORT_RECORD
 from kilm_ray.data.shuffle import task_resources
 from kilm_ray.data.stages import write_atomic, write_bytes_atomic
 
@@ -30,7 +30,7 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.jsonl.gz"
 
 
-def import_range(item: dict, out: str, keep_unlinked: bool) -> dict:
+def import_range(item: dict, out: str) -> dict:
     """One Ray Data row per range: convert it, write its shard; the row that comes back is its counts."""
     r = TextRange(**item["range"])
     result: dict = {}
@@ -38,14 +38,13 @@ def import_range(item: dict, out: str, keep_unlinked: bool) -> dict:
     def write(fs, path: str) -> None:
         with fs.open_output_stream(path, compression="gzip") as f:
             result.update(convert_range(iter_range_lines(r), r.where,
-                                        lambda row: f.write((json.dumps(row, ensure_ascii=False) + "\n").encode()),
-                                        keep_unlinked))
+                                        lambda row: f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())))
 
     write_atomic(storage.join(out, shard_name(r.index)), write)
     return {"counts": json.dumps(result)}
 
 
-def import_wikidata(dump: str, out: str, cfg: KilmConfig, keep_unlinked: bool = False) -> dict:
+def import_wikidata(dump: str, out: str, cfg: KilmConfig) -> dict:
     import ray.data
 
     import ray
@@ -67,11 +66,11 @@ def import_wikidata(dump: str, out: str, cfg: KilmConfig, keep_unlinked: bool = 
     log.info("importing %s (%.0f MB) in %d range(s)", dump, size / 1e6, len(ranges))
     items = [{"range": {"uri": r.uri, "offset": r.offset, "length": r.length, "index": r.index}} for r in ranges]
     done = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        functools.partial(import_range, out=out, keep_unlinked=keep_unlinked), num_cpus=1, **task_resources(cfg))
+        functools.partial(import_range, out=out), num_cpus=1, **task_resources(cfg))
     counts = sum_counts([json.loads(row["counts"]) for row in done.take_all()])
     for example in counts["malformed_examples"]:
         log.warning("skipped malformed line %s", example)
-    record = {"complete": True, "dump": dump, "keep_unlinked": keep_unlinked,
-              "files": [shard_name(r.index) for r in ranges], **counts}
+    record = {"complete": True, "format": IMPORT_FORMAT, "dump": dump, "files": [shard_name(r.index) for r in ranges],
+              **counts}
     write_bytes_atomic(record_uri, json.dumps(record, indent=2).encode())
     return record

@@ -1,5 +1,6 @@
-"""The knowledge-base stage: knowledge-base files, read in byte ranges, -> one (key, description) row per
-key, the best line winning (an earlier ``--knowledge`` source, then the line's own rank)."""
+"""The knowledge-base stage: knowledge-base files, read in byte ranges, -> one row per row id (a title, a
+name, or a name with a qualifier; ``corpus.knowledge.KBEntry``), the best line winning (an earlier
+``--knowledge`` source, then the line's own rank)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from kilm_ray.data.stages import Stage, stage_bytes, stage_files
 log = logging.getLogger("kilm_ray.pipeline")
 
 IMPORT_RECORD = "import.json"  # written last by `kilm-ray import-kb`: the shards it wrote
+# 2: Wikidata rows are matched on their enwiki title only (1 also matched labels and aliases by name).
+IMPORT_FORMAT = 2
 MAX_BAD_EXAMPLES = 20
 
 
@@ -35,6 +38,10 @@ def knowledge_files(spec: str) -> list[str]:
             if not record.get("complete"):
                 raise storage.InputError(f"knowledge base {spec}: the import that writes it did not finish "
                                          f"({record_uri}); rerun kilm-ray import-kb")
+            if record.get("format", 1) != IMPORT_FORMAT:
+                raise storage.InputError(f"knowledge base {spec}: written by an older kilm-ray import-kb whose rows "
+                                         "match Wikidata labels and aliases by name (wrong entities for red links); "
+                                         "rerun kilm-ray import-kb")
             return [storage.join(spec, name) for name in record["files"]]
     return storage.expand(spec, KB_SUFFIXES, "knowledge file")
 

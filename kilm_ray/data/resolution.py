@@ -6,8 +6,8 @@ knowledge, tokenized once per entity.
     redirects ──(self-join x corpus.redirect_rounds)──> hops
     links + hops ──group by target──> links keyed by their resolved title
     + in-dump knowledge + disambiguation pages + knowledge-base rows ──group by entity──> resolved links
-    (a title whose answer needs its bare title's knowledge-base row, "Mercury (planet)" -> "mercury",
-     goes round once more, keyed by that)                                        [stage: links]
+    (a title whose answer needs the qualified knowledge-base row of its bare name, "Mercury (planet)" ->
+     "mercury" carrying "planet", goes round once more, keyed by that)           [stage: links]
 
 ``lookup``: the driver reads the redirect, knowledge and disambiguation tables into one
 :class:`~kilm_ray.data.corpus.knowledge.KnowledgeLookup` that every chunking process holds (small inputs).
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from kilm_ray import storage
 from kilm_ray.config import KilmConfig
-from kilm_ray.data.corpus.knowledge import KnowledgeLookup, load_knowledge_base
+from kilm_ray.data.corpus.knowledge import NAME, QUALIFIED, TITLE, KnowledgeLookup, load_knowledge_base, match_keys
 from kilm_ray.data.corpus.links import PENDING, bare_key, choose_knowledge
 from kilm_ray.data.corpus.wikitext import is_disambiguation_title
 from kilm_ray.data.rows import (KB_SCHEMA, LINK_SCHEMA, PAGE_TABLES, deferred_rows, disambiguation_rows,
@@ -51,12 +51,13 @@ def resolve_entities(bucket: pa.Table, sources: list[str], has_kb: bool, bare_ro
     """All rows of the entity keys of one bucket: links, in-dump knowledge, disambiguation pages,
     knowledge-base rows. Chooses each linked title's knowledge, tokenizes it once, and gives every link
     to it its answer (links without knowledge, and links to disambiguation pages, are dropped: they
-    stay plain text). In the first round a title whose answer needs the knowledge-base row of its bare
-    title is handed on, keyed by that."""
+    stay plain text). A knowledge-base row matches by its row id (``KnowledgeLookup.describe``'s rules):
+    in the first round the exact title, then the name; a title whose answer needs the qualified row of
+    its bare name ("Mercury (planet)": "mercury" carrying "planet") is handed on, keyed by that name."""
     from kilm_ray.method.chunking import knowledge_ids
 
     rows = bucket.drop_columns(["bucket"]).to_pylist() if "bucket" in bucket.column_names else bucket.to_pylist()
-    kb = {r["key"]: r["description"] for r in rows if r["kind"] == "kb"}
+    kb = {(r["match"], r["key"], r["exact"]): r["description"] for r in rows if r["kind"] == "kb"}
     dump = {r["resolved"]: r for r in rows if r["kind"] == "dump"}
     disambiguation = {r["resolved"] for r in rows if r["kind"] == "disambiguation"}
     links: dict[str, list[dict]] = {}
@@ -67,15 +68,17 @@ def resolve_entities(bucket: pa.Table, sources: list[str], has_kb: bool, bare_ro
     for title, refs in sorted(links.items()):
         if title in disambiguation or is_disambiguation_title(title):
             continue
+        rule_ids = dict(match_keys(title))
         if bare_round:
             first = refs[0]
             template, first_sentence = first["template"], first["first_sentence"]
-            choice = choose_knowledge(sources, template, first_sentence, None, True, kb.get(first["key"]), True)
+            choice = choose_knowledge(sources, template, first_sentence, None, True, kb.get(rule_ids[QUALIFIED]),
+                                      True)
         else:
             known = dump.get(title, {})
             template, first_sentence = known.get("template"), known.get("first_sentence")
-            choice = choose_knowledge(sources, template, first_sentence, kb.get(refs[0]["key"]),
-                                      has_kb and bare_key(title) is not None)
+            own = next(((kb[rule_ids[rule]], rule) for rule in (TITLE, NAME) if rule_ids[rule] in kb), None)
+            choice = choose_knowledge(sources, template, first_sentence, own, has_kb and QUALIFIED in rule_ids)
         if choice is None:
             continue
         if choice == PENDING:
@@ -84,7 +87,7 @@ def resolve_entities(bucket: pa.Table, sources: list[str], has_kb: bool, bare_ro
             continue
         ids = knowledge_ids(tokenizer.encode, title, choice[0], tokenizer.token_id("<sep>"), max_knowledge_tokens)
         out.extend({"state": "resolved", "page_id": r["page_id"], "target": r["target"], "resolved": title,
-                    "source": choice[1], "knowledge": ids} for r in refs)
+                    "source": choice[1], "knowledge": ids, "rule": choice[2]} for r in refs)
     return table(out, LINK_SCHEMA)
 
 

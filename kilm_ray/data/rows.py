@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kilm_ray.data.corpus.wikitext import DISAMBIGUATION, EMPTY_TEXT
+from kilm_ray.data.corpus.knowledge import MATCH_RULES
 from kilm_ray.data.corpus.links import entity_key, follow_redirect
 
 RAW_SCHEMA = pa.schema([("source", pa.string()), ("index", pa.int64()), ("xml", pa.large_string()),
@@ -41,30 +42,32 @@ PAGE_TABLES = {
     "disambiguation": pa.schema([("title", pa.string())]),
 }
 KB_LINE_SCHEMA = pa.schema([("range", pa.int32()), ("line_no", pa.int64()), ("line", pa.large_string())])
-KB_SCHEMA = pa.schema([("key", pa.string()), ("description", pa.string()), ("p0", pa.float64()),
-                       ("p1", pa.float64()), ("p2", pa.float64())])
+# A knowledge-base row: its row id (match, key, exact; ``corpus.knowledge.KBEntry.row_ids``) and priority.
+KB_SCHEMA = pa.schema([("key", pa.string()), ("match", pa.string()), ("exact", pa.string()),
+                       ("description", pa.string()), ("p0", pa.float64()), ("p1", pa.float64()), ("p2", pa.float64())])
 REDIRECT_SCHEMA = pa.schema([("key", pa.string()), ("kind", pa.string()), ("page_id", pa.int64()),
                              ("src", pa.string()), ("dst", pa.string())])
 # Everything grouped by entity key: links, in-dump knowledge, disambiguation pages, knowledge-base rows ...
 ENTITY_SCHEMA = pa.schema([
     ("key", pa.string()), ("kind", pa.string()), ("page_id", pa.int64()), ("target", pa.string()),
     ("resolved", pa.string()), ("template", pa.string()), ("first_sentence", pa.string()),
-    ("description", pa.string()),
+    ("description", pa.string()), ("match", pa.string()), ("exact", pa.string()),
 ])
 # ... what that grouping gives back (resolved links, or links that wait for the bare-title row) ...
 LINK_SCHEMA = pa.schema([
     ("state", pa.string()), ("key", pa.string()), ("page_id", pa.int64()), ("target", pa.string()),
     ("resolved", pa.string()), ("source", pa.string()), ("knowledge", pa.large_list(pa.int32())),
-    ("template", pa.string()), ("first_sentence", pa.string()),
+    ("template", pa.string()), ("first_sentence", pa.string()), ("rule", pa.string()),
 ])
 # ... and what is grouped by page: the article and its resolved links.
 PAGE_GROUP_SCHEMA = pa.schema([
     ("page_id", pa.int64()), ("kind", pa.string()), ("title", pa.string()), ("doc", pa.large_string()),
     ("target", pa.string()), ("resolved", pa.string()), ("source", pa.string()),
-    ("knowledge", pa.large_list(pa.int32())),
+    ("knowledge", pa.large_list(pa.int32())), ("rule", pa.string()),
 ])
 ARTICLE_STATS = "__article__"
-LINK_COLUMNS = ["links", "links_template", "links_first_sentence", "links_external", "links_no_knowledge"]
+LINK_COLUMNS = ["links", "links_template", "links_first_sentence", "links_external", "links_no_knowledge",
+                *[f"links_external_{rule}" for rule in MATCH_RULES]]
 # 64-bit offsets wherever a column's values can pass 2^31 in one file or one combined table.
 CHUNK_SCHEMA = pa.schema([
     ("split", pa.string()), ("sample_id", pa.int64()), ("article", pa.string()), ("chunk_index", pa.int32()),
@@ -160,14 +163,19 @@ def with_bucket(batch: pa.Table, column: str, buckets: int) -> pa.Table:
 
 
 def best_kb_rows(bucket: pa.Table) -> pa.Table:
-    """The winning row of each knowledge-base key of one bucket (smaller source, then the row's own
-    priority, then the description, so that ties break the same way in every run and on both paths)."""
+    """The winning row of each knowledge-base row id (key, match, exact) of one bucket (smaller source,
+    then the row's own priority, then the description, so that ties break the same way in every run and
+    on both paths)."""
+    ids = ["key", "match", "exact"]
     ordered = bucket.select(KB_SCHEMA.names).sort_by(
-        [("key", "ascending"), ("p0", "ascending"), ("p1", "ascending"), ("p2", "ascending"),
-         ("description", "ascending")])
-    keys = ordered["key"].to_numpy(zero_copy_only=False)
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
+        [(c, "ascending") for c in [*ids, "p0", "p1", "p2", "description"]])
+    first = np.ones(ordered.num_rows, dtype=bool)
+    if ordered.num_rows:
+        same = np.ones(ordered.num_rows - 1, dtype=bool)
+        for c in ids:
+            values = ordered[c].to_numpy(zero_copy_only=False)
+            same &= values[1:] == values[:-1]
+        first[1:] = ~same
     return ordered.filter(pa.array(first))
 
 
@@ -247,7 +255,8 @@ def kb_entity_rows(batch: pa.Table) -> pa.Table:
     return pa.table({"key": batch["key"], "kind": pa.array(["kb"] * n, pa.string()), "page_id": _nulls(n, pa.int64()),
                      "target": _nulls(n, pa.string()), "resolved": _nulls(n, pa.string()),
                      "template": _nulls(n, pa.string()), "first_sentence": _nulls(n, pa.string()),
-                     "description": batch["description"]}, schema=ENTITY_SCHEMA)
+                     "description": batch["description"], "match": batch["match"], "exact": batch["exact"]},
+                    schema=ENTITY_SCHEMA)
 
 
 def deferred_rows(batch: pa.Table) -> pa.Table:
@@ -256,8 +265,8 @@ def deferred_rows(batch: pa.Table) -> pa.Table:
     n = rows.num_rows
     return pa.table({"key": rows["key"], "kind": pa.array(["deferred"] * n, pa.string()), "page_id": rows["page_id"],
                      "target": rows["target"], "resolved": rows["resolved"], "template": rows["template"],
-                     "first_sentence": rows["first_sentence"], "description": _nulls(n, pa.string())},
-                    schema=ENTITY_SCHEMA)
+                     "first_sentence": rows["first_sentence"], "description": _nulls(n, pa.string()),
+                     "match": _nulls(n, pa.string()), "exact": _nulls(n, pa.string())}, schema=ENTITY_SCHEMA)
 
 
 def page_link_rows(batch: pa.Table) -> pa.Table:
@@ -266,8 +275,8 @@ def page_link_rows(batch: pa.Table) -> pa.Table:
     n = rows.num_rows
     return pa.table({"page_id": rows["page_id"], "kind": pa.array(["link"] * n, pa.string()),
                      "title": _nulls(n, pa.string()), "doc": _nulls(n, pa.large_string()), "target": rows["target"],
-                     "resolved": rows["resolved"], "source": rows["source"], "knowledge": rows["knowledge"]},
-                    schema=PAGE_GROUP_SCHEMA)
+                     "resolved": rows["resolved"], "source": rows["source"], "knowledge": rows["knowledge"],
+                     "rule": rows["rule"]}, schema=PAGE_GROUP_SCHEMA)
 
 
 def page_article_rows(batch: pa.Table) -> pa.Table:
@@ -276,7 +285,8 @@ def page_article_rows(batch: pa.Table) -> pa.Table:
     return pa.table({"page_id": batch["page_id"], "kind": pa.array(["article"] * n, pa.string()),
                      "title": batch["title"], "doc": batch["doc"], "target": _nulls(n, pa.string()),
                      "resolved": _nulls(n, pa.string()), "source": _nulls(n, pa.string()),
-                     "knowledge": _nulls(n, pa.large_list(pa.int32()))}, schema=PAGE_GROUP_SCHEMA)
+                     "knowledge": _nulls(n, pa.large_list(pa.int32())), "rule": _nulls(n, pa.string())},
+                    schema=PAGE_GROUP_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +337,8 @@ def sum_counts(parts: list[dict], splits: tuple[str, ...]) -> dict:
                   "with_knowledge": {"template": links["links_template"],
                                      "first_sentence": links["links_first_sentence"],
                                      "external": links["links_external"]},
+                  # external knowledge by how its row matched: exact title, name, name + qualifier
+                  "external_by_rule": {rule: links[f"links_external_{rule}"] for rule in MATCH_RULES},
                   "without_knowledge": links["links_no_knowledge"]},
         "chunks": {"total": chunks},
         "samples": {s: {k: c.get(k, 0) for k in ("chunks", "knowledge_chunks", "mentions", "eval_samples")}

@@ -27,7 +27,8 @@ def _article_stats_row(page_id: int, title: str, counts: LinkCounts, n_chunks: i
     return {"split": ARTICLE_STATS, "sample_id": page_id, "article": title, "chunk_index": n_chunks, "text": "",
             "input_ids": [], "ent_start": [], "ent_end": [], "ent_title": [], "ent_source": [], "ent_knowledge": [],
             "links": counts.links, "links_template": counts.template, "links_first_sentence": counts.first_sentence,
-            "links_external": counts.external, "links_no_knowledge": counts.no_knowledge}
+            "links_external": counts.external, "links_no_knowledge": counts.no_knowledge,
+            **{f"links_external_{rule}": n for rule, n in counts.external_by_rule.items()}}
 
 
 def chunk_articles(articles: Iterable[dict], resolver_of: Callable[[int], LinkResolver], tokenizer,
@@ -58,7 +59,8 @@ def chunk_page_bucket(bucket: pa.Table, tokenizer_ref: dict, cfg_dict: dict) -> 
     articles: dict[int, dict] = {}
     for r in rows:
         if r["kind"] == "link":
-            links.setdefault(r["page_id"], {})[r["target"]] = (r["target"], r["resolved"], r["source"], r["knowledge"])
+            links.setdefault(r["page_id"], {})[r["target"]] = (r["target"], r["resolved"], r["source"], r["knowledge"],
+                                                            r["rule"])
         else:
             articles.setdefault(r["page_id"], r)
     ordered = [articles[page_id] for page_id in sorted(articles)]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from kilm_ray.method.chunking import Chunk, Encode, pack_chunks, tokenize_paragraph
 from kilm_ray.data.corpus.dump import MalformedPage, RawPage, parse_page_xml, title_of_raw
-from kilm_ray.data.corpus.links import LinkResolver
+from kilm_ray.data.corpus.knowledge import MATCH_RULES
+from kilm_ray.data.corpus.links import LinkResolver, ResolvedLink
 from kilm_ray.data.corpus.wikitext import (
     DISAMBIGUATION, EMPTY_TEXT, ENWIKI, Paragraph, SiteNamespaces, clean_description, first_sentence, is_article_title,
     is_disambiguation, normalize_title, parse_article, redirect_target,
@@ -97,10 +98,13 @@ class LinkCounts:
     first_sentence: int = 0
     external: int = 0
     no_knowledge: int = 0
+    # external knowledge by how its knowledge-base row matched (corpus.knowledge.MATCH_RULES)
+    external_by_rule: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MATCH_RULES, 0))
 
-    def add(self, other: "LinkCounts") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    def count(self, hit: ResolvedLink) -> None:
+        setattr(self, hit.source, getattr(self, hit.source) + 1)
+        if hit.rule is not None:
+            self.external_by_rule[hit.rule] += 1
 
 
 def article_chunks(paragraphs: list[Paragraph], resolve_link: LinkResolver, encode: Encode,
@@ -120,7 +124,7 @@ def article_chunks(paragraphs: list[Paragraph], resolve_link: LinkResolver, enco
             if hit is None:
                 counts.no_knowledge += 1
                 continue
-            setattr(counts, hit.source, getattr(counts, hit.source) + 1)
+            counts.count(hit)
             knowledge = hit.knowledge
             if retitle is not None:
                 knowledge = retitle(para.text[link.start:link.end], hit.title, list(knowledge))

@@ -1,16 +1,24 @@
 """Knowledge of entities: in-dump sources, external knowledge bases, and their lookup.
 
-External knowledge base files are JSON Lines (optionally gzipped), one entity per line::
+External knowledge base files are JSON Lines (optionally gzipped), one entity per line, in one of two
+kinds, and each kind is matched to link targets by its own rule:
 
-    {"name": "Aristotle", "description": "one of the greatest ancient Athenian philosophers"}
+    {"title": "Paris", "description": "capital and largest city of France"}
+        an entity with an English Wikipedia title (a Wikidata sitelink): matched on that exact title
+        only (rule ``title``); its label and aliases are not names to match, since a label names many
+        entities ("Paris" is a city, a prince, a dozen towns).
+    {"name": "Aristotle", "description": "...", "aliases": [...], "qualifiers": ["philosopher"]}
+        a knowledge base without titles (WordNet): matched case-insensitively on the name or an alias
+        (rule ``name``), and a title with a disambiguator, "Mercury (planet)", on its bare name only when
+        the row carries that qualifier (rule ``qualified``): never across a qualifier it does not carry.
 
-Optional fields: ``rank`` (lower wins when a name has several lines, default 0) and ``aliases``
-(more names for the same description). Lines in the shape of WordNet rows (``name``, ``gloss``,
-``sense``, ``instance``) are accepted as they are: the entity's description is the gloss of its
-instance synset (a named entity) if it has one, else of its most frequent sense. Wikidata
-descriptions fit the first shape (label -> name, description -> description).
+Optional fields: ``rank`` (lower wins when a title, name or qualified name has several lines, default
+0). Lines in the shape of WordNet rows (``name``, ``gloss``, ``sense``, ``instance``, ``hypernyms``) are
+accepted as they are: a name's description is the gloss of its instance synset (a named entity) if it
+has one, else of its most frequent sense; the hypernyms and the gloss's domain ("(Greek mythology)"),
+with their head nouns ("terrestrial planet", "planet"), are the row's qualifiers.
 
-A bad line (not JSON, no name, no description) is skipped and counted, and the first few are
+A bad line (not JSON, no title or name, no description) is skipped and counted, and the first few are
 named (``file:line: reason``) in the preprocessing stats.
 """
 
@@ -23,7 +31,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from kilm_ray import storage
-from kilm_ray.data.corpus.wikitext import DISAMBIGUATION, EMPTY_TEXT, clean_description, is_disambiguation_title
+from kilm_ray.data.corpus.wikitext import (DISAMBIGUATION, EMPTY_TEXT, clean_description, is_disambiguation_title,
+                                           normalize_title)
 
 _PAREN_SUFFIX = re.compile(r"\s*\([^)]*\)\s*$")
 
@@ -33,18 +42,61 @@ def kb_key(name: str) -> str:
     return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
 
 
-def kb_keys_for_title(title: str) -> list[str]:
-    """Keys to try for a page title: as is, then without a disambiguator ("Mercury (planet)")."""
-    keys = [kb_key(title)]
+# How a knowledge-base row is matched (the ``match`` of its rows; the rule counted in the stats).
+TITLE, NAME, QUALIFIED = "title", "name", "qualified"
+MATCH_RULES = (TITLE, NAME, QUALIFIED)
+
+
+def split_qualifier(title: str) -> Optional[tuple[str, str]]:
+    """("Mercury", "planet") for "Mercury (planet)"; None for a title without a disambiguator."""
     bare = _PAREN_SUFFIX.sub("", title)
-    if bare and bare != title:
-        keys.append(kb_key(bare))
-    return keys
+    if not bare or bare == title:
+        return None
+    return bare, title[len(bare):].strip()[1:-1].strip()
+
+
+def match_keys(title: str) -> list[tuple[str, tuple[str, str, str]]]:
+    """(rule, row id) to try for a resolved page title, in order: the exact title, the name, and for a
+    title with a disambiguator its bare name carrying that qualifier. A row id is (match, key, exact):
+    ``key`` groups rows (the lower-cased name), ``exact`` tells rows of one key apart (the title as
+    Wikipedia spells it, or the qualifier)."""
+    key = kb_key(title)
+    ids = [(TITLE, (TITLE, key, normalize_title(title) or "")), (NAME, (NAME, key, ""))]
+    split = split_qualifier(title)
+    if split is not None:
+        ids.append((QUALIFIED, (QUALIFIED, kb_key(split[0]), kb_key(split[1]))))
+    return ids
+
+
+def external_knowledge(title: str, rows: dict) -> Optional[tuple[str, str]]:
+    """(description, rule) of the first row that matches ``title`` (``rows``: row id -> description)."""
+    for rule, row_id in match_keys(title):
+        if row_id in rows:
+            return rows[row_id], rule
+    return None
 
 
 def wordnet_description(gloss: str) -> str:
     """The definition part of a WordNet gloss, without its quoted usage examples."""
     return re.split(r';\s*"', gloss, maxsplit=1)[0].strip().rstrip(";").strip()
+
+
+_GLOSS_DOMAIN = re.compile(r"^\(([^()]+)\)")
+
+
+def wordnet_qualifiers(hypernyms: Iterable[str], gloss: str = "") -> list[str]:
+    """A WordNet row's qualifiers: its hypernyms and the domain its gloss opens with ("(Greek mythology)
+    the prince of Troy ..."), each also by its head noun ("terrestrial planet" -> "planet"): the words
+    Wikipedia's disambiguators use ("Mercury (planet)", "Paris (mythology)")."""
+    domain = _GLOSS_DOMAIN.match(gloss.strip())
+    out: list[str] = []
+    for name in [*hypernyms, *([domain.group(1)] if domain else [])]:
+        if not isinstance(name, str) or not name.strip():
+            continue
+        for q in (name, name.split()[-1]):
+            if kb_key(q) not in out:
+                out.append(kb_key(q))
+    return out
 
 
 @dataclass
@@ -60,48 +112,87 @@ class KBStats:
             self.bad_examples.append(f"{where}: {reason}")
 
 
-def _entry_from_row(row: dict) -> tuple[list[str], str, tuple]:
-    """(names, description, priority) of one KB line; raises ValueError with the reason."""
+@dataclass(frozen=True)
+class KBEntry:
+    """One knowledge-base line: a titled entity (``title``) or named one (``names``, ``qualifiers``)."""
+
+    title: Optional[str]
+    names: tuple[str, ...]
+    qualifiers: tuple[str, ...]
+    description: str
+    priority: tuple
+
+    def row_ids(self) -> list[tuple[str, str, str]]:
+        if self.title is not None:
+            return [(TITLE, kb_key(self.title), normalize_title(self.title) or "")]
+        ids = []
+        for name in self.names:
+            ids.append((NAME, kb_key(name), ""))
+            ids.extend((QUALIFIED, kb_key(name), q) for q in self.qualifiers)
+        return ids
+
+
+def _strings(row: dict, field_name: str) -> list[str]:
+    values = row.get(field_name) or []
+    if not isinstance(values, list):
+        raise ValueError(f"'{field_name}' is not a list")
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def _entry_from_row(row: dict) -> KBEntry:
+    """The entry of one KB line; raises ValueError with the reason."""
+    title = row.get("title")
+    if title is not None and (not isinstance(title, str) or not normalize_title(title)):
+        raise ValueError("'title' is not a page title")
     name = row.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError("no 'name'")
-    aliases = row.get("aliases") or []
-    if not isinstance(aliases, list):
-        raise ValueError("'aliases' is not a list")
-    names = [name] + [a for a in aliases if isinstance(a, str) and a.strip()]
+    if title is None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError("no 'title' or 'name'")
+    names = [] if title is not None else [name.strip(), *_strings(row, "aliases")]
     if "description" in row:
         desc = row["description"]
         priority: tuple = (0, float(row.get("rank", 0)))
+        qualifiers = [kb_key(q) for q in _strings(row, "qualifiers")]
     elif "gloss" in row:  # WordNet-shaped row: instance synsets (named entities) first, then sense rank
         desc = wordnet_description(str(row["gloss"]))
         priority = (0 if row.get("instance") else 1, float(row.get("sense", 1)))
+        qualifiers = wordnet_qualifiers(_strings(row, "hypernyms"), str(row["gloss"]))
     else:
         raise ValueError("no 'description' (or WordNet 'gloss')")
     if not isinstance(desc, str) or not desc.strip():
         raise ValueError("empty description")
-    return names, desc.strip(), priority
+    return KBEntry(title.strip() if title is not None else None, tuple(names), tuple(dict.fromkeys(qualifiers)),
+                   desc.strip(), priority)
 
 
-def select_best(rows: Iterable[tuple[int, dict]], source: str, stats: KBStats,
-                max_chars: int = 400) -> dict[str, tuple[str, str]]:
-    """key -> (display name, description), keeping the best-priority line for each key."""
-    best: dict[str, tuple[tuple, str, str]] = {}
+def flat_rank(priority: tuple) -> float:
+    """A row's own priority as one ``rank`` (WordNet's (instance, sense) keeps its order)."""
+    return priority[0] * 1e6 + priority[1]
+
+
+def normalized_rows(rows: Iterable[tuple[int, dict]], source: str, stats: KBStats,
+                    max_chars: int = 400) -> Iterator[dict]:
+    """Every good line in our JSONL schema (``import-kb --jsonl / --wordnet-dir``): the same rows win the
+    same titles, names and qualified names when the output is read as when the input is."""
     for line_no, row in rows:
         stats.lines += 1
         try:
-            names, desc, priority = _entry_from_row(row)
+            entry = _entry_from_row(row)
         except (ValueError, TypeError) as exc:
             stats.bad(f"{source}:{line_no}", str(exc))
             continue
-        desc = clean_description(desc, max_chars)
+        desc = clean_description(entry.description, max_chars)
         if desc is None:
             continue
-        for name in names:
-            key = kb_key(name)
-            if key not in best or priority < best[key][0]:
-                best[key] = (priority, name.strip(), desc)
-    stats.entities += len(best)
-    return {key: (name, desc) for key, (_, name, desc) in best.items()}
+        stats.entities += 1
+        out: dict = {"title": entry.title} if entry.title is not None else {"name": entry.names[0]}
+        if len(entry.names) > 1:
+            out["aliases"] = list(entry.names[1:])
+        if entry.qualifiers:
+            out["qualifiers"] = list(entry.qualifiers)
+        out["description"] = desc
+        if flat_rank(entry.priority):
+            out["rank"] = flat_rank(entry.priority)
+        yield out
 
 
 def iter_jsonl(uri: str, stats: KBStats) -> Iterator[tuple[int, dict]]:
@@ -132,10 +223,10 @@ def kb_priority(file_index: int, priority: tuple) -> tuple[float, float, float]:
 
 
 def kb_line_rows(line: str, source_index: int, max_chars: int = 400) -> tuple[list[dict], Optional[str]]:
-    """One line of a knowledge-base file -> (rows ``{key, description, p0, p1, p2}`` (one per name and
-    alias; the smallest ``(p0, p1, p2, description)`` wins a key), None) or ([], the reason it is bad).
-    ``source_index``: which ``--knowledge`` argument the file came from (earlier ones win). A blank line,
-    or one whose description the filters drop, gives ([], None)."""
+    """One line of a knowledge-base file -> (rows ``{key, match, exact, description, p0, p1, p2}``, one
+    per row id (:meth:`KBEntry.row_ids`; the smallest ``(p0, p1, p2, description)`` wins a row id), None)
+    or ([], the reason it is bad). ``source_index``: which ``--knowledge`` argument the file came from
+    (earlier ones win). A blank line, or one whose description the filters drop, gives ([], None)."""
     line = line.strip()
     if not line:
         return [], None
@@ -146,24 +237,25 @@ def kb_line_rows(line: str, source_index: int, max_chars: int = 400) -> tuple[li
     if not isinstance(row, dict):
         return [], "not a JSON object"
     try:
-        names, desc, priority = _entry_from_row(row)
+        entry = _entry_from_row(row)
     except (ValueError, TypeError) as exc:
         return [], str(exc)
-    desc = clean_description(desc, max_chars)
+    desc = clean_description(entry.description, max_chars)
     if desc is None:
         return [], None
-    p0, p1, p2 = kb_priority(source_index, priority)
-    return [{"key": kb_key(name), "description": desc, "p0": p0, "p1": p1, "p2": p2} for name in names], None
+    p0, p1, p2 = kb_priority(source_index, entry.priority)
+    return [{"key": key, "match": match, "exact": exact, "description": desc, "p0": p0, "p1": p1, "p2": p2}
+            for match, key, exact in entry.row_ids()], None
 
 
 def load_knowledge_base(uris: list[str], max_chars: int = 400,
-                        sources: Optional[list[int]] = None) -> tuple[dict[str, str], KBStats]:
-    """KB files -> key -> description, in one process (the lookup path). The winner of a key is the one
-    the distributed path picks (``pipeline.rows.best_kb_rows``): the earlier source (``sources[i]``: the
-    ``--knowledge`` argument file ``i`` came from; default: each file its own), then the row's own
-    priority, then the description."""
+                        sources: Optional[list[int]] = None) -> tuple[dict[tuple[str, str, str], str], KBStats]:
+    """KB files -> row id (match, key, exact) -> description, in one process (the lookup path). The
+    winner of a row id is the one the distributed path picks (``data.rows.best_kb_rows``): the earlier
+    source (``sources[i]``: the ``--knowledge`` argument file ``i`` came from; default: each file its
+    own), then the row's own priority, then the description."""
     stats = KBStats()
-    best: dict[str, tuple] = {}
+    best: dict[tuple, tuple] = {}
     for i, uri in enumerate(uris):
         source = sources[i] if sources else i
         for line_no, line in enumerate(storage.iter_lines(uri), start=1):
@@ -174,11 +266,12 @@ def load_knowledge_base(uris: list[str], max_chars: int = 400,
             if reason is not None:
                 stats.bad(f"{uri}:{line_no}", reason)
             for r in rows:
+                row_id = (r["match"], r["key"], r["exact"])
                 candidate = (r["p0"], r["p1"], r["p2"], r["description"])
-                if r["key"] not in best or candidate < best[r["key"]]:
-                    best[r["key"]] = candidate
+                if row_id not in best or candidate < best[row_id]:
+                    best[row_id] = candidate
     stats.entities = len(best)
-    return {key: value[3] for key, value in best.items()}, stats
+    return {row_id: value[3] for row_id, value in best.items()}, stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,15 +314,14 @@ def parse_wordnet_database(data_noun: str | Path, index_noun: str | Path) -> Ite
                        "hypernyms": [synsets[h][0][0] for h in hyper if h in synsets]}
 
 
-def write_kb_jsonl(table: dict[str, tuple[str, str]], out: str) -> int:
-    """Write key -> (name, description) as our JSONL schema (gzipped if ``out`` ends in .gz)."""
+def write_kb_jsonl(rows: Iterable[dict], out: str) -> int:
+    """Write rows of our JSONL schema (``normalized_rows``), gzipped if ``out`` ends in .gz."""
     import gzip
 
-    lines = "".join(json.dumps({"name": name, "description": desc}, ensure_ascii=False) + "\n"
-                    for name, desc in sorted(table.values()))
-    data = lines.encode("utf-8")
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    data = "".join(lines).encode("utf-8")
     storage.write_bytes(out, gzip.compress(data) if out.endswith(".gz") else data)
-    return len(table)
+    return len(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +336,7 @@ class KnowledgeLookup:
     redirects: dict[str, str] = field(default_factory=dict)
     template: dict[str, str] = field(default_factory=dict)
     first_sentence: dict[str, str] = field(default_factory=dict)
-    external: dict[str, str] = field(default_factory=dict)
+    external: dict[tuple[str, str, str], str] = field(default_factory=dict)  # row id -> description
     sources: tuple[str, ...] = ("template", "first_sentence", "external")
     disambiguation: set[str] = field(default_factory=set)
 
@@ -272,18 +364,19 @@ class KnowledgeLookup:
             title = nxt
         return title
 
-    def describe(self, title: str) -> Optional[tuple[str, str]]:
-        """(description, source) of a resolved page title, trying the sources in order; None for a
-        disambiguation page (it names several entities: no knowledge is right for a link to it)."""
+    def describe(self, title: str) -> Optional[tuple[str, str, Optional[str]]]:
+        """(description, source, rule) of a resolved page title, trying the sources in order (``rule``:
+        how an external row matched, else None); None for a disambiguation page (it names several
+        entities: no knowledge is right for a link to it)."""
         if title in self.disambiguation or is_disambiguation_title(title):
             return None
         for source in self.sources:
             if source == "external":
-                for key in kb_keys_for_title(title):
-                    if key in self.external:
-                        return self.external[key], source
+                found = external_knowledge(title, self.external)
+                if found is not None:
+                    return found[0], source, found[1]
             else:
                 desc = getattr(self, source).get(title)
                 if desc:
-                    return desc, source
+                    return desc, source, None
         return None

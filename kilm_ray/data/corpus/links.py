@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from kilm_ray.data.corpus.knowledge import kb_key, kb_keys_for_title
+from kilm_ray.data.corpus.knowledge import QUALIFIED, kb_key, split_qualifier
 
-PENDING = "pending"  # the choice needs the knowledge base row of the title without its "(...)"
+PENDING = "pending"  # the choice needs the qualified knowledge-base row of the title without its "(...)"
 
 
 def page_link_targets(doc: str) -> list[str]:
@@ -38,29 +38,33 @@ def entity_key(title: str) -> str:
 
 def bare_key(title: str) -> Optional[str]:
     """The key of the title without a disambiguator ("Mercury (planet)" -> "mercury"), if it has one."""
-    keys = kb_keys_for_title(title)
-    return keys[1] if len(keys) > 1 else None
+    split = split_qualifier(title)
+    return kb_key(split[0]) if split is not None else None
+
+
+Choice = tuple[str, str, Optional[str]]  # (description, source, rule of an external match)
 
 
 def choose_knowledge(sources: Sequence[str], template: Optional[str], first_sentence: Optional[str],
-                     external: Optional[str], has_bare: bool = False, external_bare: Optional[str] = None,
-                     bare_looked_up: bool = False) -> Optional[tuple[str, str]] | str:
-    """(description, source) by ``corpus.knowledge_sources`` order, as ``KnowledgeLookup.describe``
-    does; None if no source knows the entity; :data:`PENDING` if the answer depends on the external
-    row of the title without its disambiguator (``has_bare``), which was not looked up yet."""
+                     external: Optional[tuple[str, str]], has_bare: bool = False, external_bare: Optional[str] = None,
+                     bare_looked_up: bool = False) -> Optional[Choice] | str:
+    """(description, source, rule) by ``corpus.knowledge_sources`` order, as ``KnowledgeLookup.describe``
+    does (``external``: the (description, rule) of the title's own row, by title or name); None if no
+    source knows the entity; :data:`PENDING` if the answer depends on the qualified row of the title
+    without its disambiguator (``has_bare``), which was not looked up yet."""
     for source in sources:
         if source == "template" and template:
-            return template, source
+            return template, source, None
         if source == "first_sentence" and first_sentence:
-            return first_sentence, source
+            return first_sentence, source, None
         if source == "external":
             if external:
-                return external, source
+                return external[0], source, external[1]
             if has_bare:
                 if not bare_looked_up:
                     return PENDING
                 if external_bare:
-                    return external_bare, source
+                    return external_bare, source, QUALIFIED
     return None
 
 
@@ -82,6 +86,7 @@ class ResolvedLink:
     title: str
     source: str
     knowledge: list[int]
+    rule: Optional[str] = None  # how an external knowledge-base row matched (knowledge.MATCH_RULES)
 
 
 LinkResolver = Callable[[str], Optional[ResolvedLink]]
@@ -96,14 +101,16 @@ def lookup_resolver(lookup, make_knowledge: Callable[[str, str], list[int]],
         title = lookup.resolve(target)
         if title not in cache:
             found = lookup.describe(title)
-            cache[title] = None if found is None else ResolvedLink(title, found[1], make_knowledge(title, found[0]))
+            cache[title] = None if found is None else ResolvedLink(title, found[1], make_knowledge(title, found[0]),
+                                                                   found[2])
         return cache[title]
 
     return resolve
 
 
-def table_resolver(rows: Iterable[tuple[str, str, str, list[int]]]) -> LinkResolver:
-    """A resolver over one page's resolved links ``(target, title, source, knowledge)``, as the
+def table_resolver(rows: Iterable[tuple[str, str, str, list[int], Optional[str]]]) -> LinkResolver:
+    """A resolver over one page's resolved links ``(target, title, source, knowledge, rule)``, as the
     distributed join brings them back to their page; a target not among them has no knowledge."""
-    table = {target: ResolvedLink(title, source, list(knowledge)) for target, title, source, knowledge in rows}
+    table = {target: ResolvedLink(title, source, list(knowledge), rule)
+             for target, title, source, knowledge, rule in rows}
     return table.get

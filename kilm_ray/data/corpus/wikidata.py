@@ -8,17 +8,16 @@ The dump is one JSON array with one entity per line::
     ...
     ]
 
-Every entity line but the last ends with a comma. An item is kept when it has an English description.
-Its key is the title of its English Wikipedia article (``sitelinks.enwiki.title``): labels are
-ambiguous ("Paris" is a city, a prince, a dozen towns), a sitelink names exactly one article, which is
-what links point to. The English label and aliases are kept as further names of lower rank, so a
-link to a title the dump has no article for may still find the entity by name. Items without an
-enwiki sitelink are kept by their label (lowest rank) only when asked. Properties, lexemes and
-disambiguation pages (instance of Q4167410) are skipped and counted.
+Every entity line but the last ends with a comma. An item is kept when it has an English description
+and an English Wikipedia article, and is matched on that article's exact title (``sitelinks.enwiki.title``)
+only: a sitelink names exactly one article, which is what links point to, while labels and aliases are
+ambiguous ("Paris" is a city, a prince, a dozen towns; a red link to "John Smith (cricketer, born 1850)"
+must not get another John Smith's description). So items without an enwiki sitelink have nothing to
+match and are skipped; properties, lexemes and disambiguation pages (instance of Q4167410) too; all
+counted.
 
-The rows are our knowledge-base JSONL schema (``kilm_ray.data.corpus.knowledge``): ``name``,
-``description``, ``rank`` (0 title, 1 label/alias, 2 label of an item without an enwiki article; the
-lowest wins a name) and ``wikidata`` (the item id, for provenance).
+The rows are our knowledge-base JSONL schema (``kilm_ray.data.corpus.knowledge``): ``title``,
+``description``, and ``wikidata`` and ``label`` for provenance (not matched).
 """
 
 from __future__ import annotations
@@ -26,16 +25,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from kilm_ray.data.corpus.knowledge import kb_key
-
 DISAMBIGUATION_ITEM = "Q4167410"  # "Wikimedia disambiguation page"
-RANK_TITLE, RANK_NAME, RANK_UNLINKED = 0, 1, 2
 
 # What happened to one line (the counts in the import's stats).
 KEPT = "kept"
-KEPT_UNLINKED = "kept_unlinked"
-SKIPPED = ("property", "other_type", "no_english_description", "no_enwiki_sitelink", "no_english_label",
-           "disambiguation")
+SKIPPED = ("property", "other_type", "no_english_description", "no_enwiki_sitelink", "disambiguation")
 
 
 class MalformedEntity(ValueError):
@@ -76,9 +70,9 @@ def _is_disambiguation(entity: dict, description: str) -> bool:
     return False
 
 
-def entity_rows(entity: dict[str, Any], keep_unlinked: bool = False) -> tuple[list[dict], str]:
-    """Knowledge-base rows of one entity and what happened to it (:data:`KEPT`, :data:`KEPT_UNLINKED`
-    or one of :data:`SKIPPED`)."""
+def entity_rows(entity: dict[str, Any]) -> tuple[list[dict], str]:
+    """Knowledge-base rows of one entity (one row, keyed by its enwiki title, or none) and what
+    happened to it (:data:`KEPT` or one of :data:`SKIPPED`)."""
     if entity["type"] != "item":
         return [], "property" if entity["type"] == "property" else "other_type"
     description = _english(entity, "descriptions")
@@ -86,32 +80,23 @@ def entity_rows(entity: dict[str, Any], keep_unlinked: bool = False) -> tuple[li
         return [], "no_english_description"
     if _is_disambiguation(entity, description):
         return [], "disambiguation"
-    qid = entity["id"]
-    label = _english(entity, "labels")
     enwiki = ((entity.get("sitelinks") or {}).get("enwiki") or {}).get("title")
     if not isinstance(enwiki, str) or not enwiki.strip():
-        if not keep_unlinked:
-            return [], "no_enwiki_sitelink"
-        if label is None:
-            return [], "no_english_label"
-        return [{"name": label, "description": description, "rank": RANK_UNLINKED, "wikidata": qid}], KEPT_UNLINKED
-    rows = [{"name": enwiki.strip(), "description": description, "rank": RANK_TITLE, "wikidata": qid}]
-    seen = {kb_key(enwiki)}
-    aliases = [a.get("value") for a in ((entity.get("aliases") or {}).get("en") or []) if isinstance(a, dict)]
-    for name in [label, *aliases]:
-        if isinstance(name, str) and name.strip() and kb_key(name) not in seen:
-            seen.add(kb_key(name))
-            rows.append({"name": name.strip(), "description": description, "rank": RANK_NAME, "wikidata": qid})
-    return rows, KEPT
+        return [], "no_enwiki_sitelink"
+    row = {"title": enwiki.strip(), "description": description, "wikidata": entity["id"]}
+    label = _english(entity, "labels")
+    if label is not None and label != row["title"]:
+        row["label"] = label
+    return [row], KEPT
 
 
-def line_rows(line: str, keep_unlinked: bool = False) -> tuple[list[dict], Optional[str]]:
+def line_rows(line: str) -> tuple[list[dict], Optional[str]]:
     """One dump line -> (rows, outcome); outcome None for the array's bracket lines and blank lines.
     Raises :class:`MalformedEntity`."""
     entity = entity_of_line(line)
     if entity is None:
         return [], None
-    return entity_rows(entity, keep_unlinked)
+    return entity_rows(entity)
 
 
 def write_dump(entities: list[dict], out: str) -> str:
@@ -135,14 +120,14 @@ def write_dump(entities: list[dict], out: str) -> str:
 MAX_EXAMPLES = 20
 
 
-def convert_range(lines, where, write_row, keep_unlinked: bool = False) -> dict[str, Any]:
+def convert_range(lines, where, write_row) -> dict[str, Any]:
     """Every line of one byte range of the dump -> knowledge-base rows (``write_row(row)``); returns the
     counts: ``entities`` (entity lines), ``rows``, one count per outcome, ``malformed`` with the first
     examples (``where(line_no): reason``)."""
     counts: dict[str, Any] = {"entities": 0, "rows": 0, "malformed": 0, "malformed_examples": []}
     for line_no, line in enumerate(lines, start=1):
         try:
-            rows, outcome = line_rows(line, keep_unlinked)
+            rows, outcome = line_rows(line)
         except MalformedEntity as exc:
             counts["malformed"] += 1
             if len(counts["malformed_examples"]) < MAX_EXAMPLES:
