@@ -26,6 +26,7 @@ import pyarrow as pa
 from ray.data import Datasink
 
 from kilm_ray import storage
+from kilm_ray.cluster import release_freed_memory
 
 log = logging.getLogger("kilm_ray.pipeline")
 
@@ -209,13 +210,12 @@ class Stage:
     def finish(self, sink, summarize: Callable[[list[dict]], dict]) -> dict:
         """Record what ``sink``'s completed writers wrote and ``summarize(counts)``: the stage is done."""
         files, counts = merge_reports(sink.reports)
-        record = {"files": files, "summary": summarize(counts)}
-        write_bytes_atomic(self.record_uri, json.dumps(record).encode())
-        return record
+        return self.finish_with(files, summarize(counts))
 
     def finish_with(self, files: dict[str, list[dict]], summary: dict) -> dict:
         record = {"files": files, "summary": summary}
         write_bytes_atomic(self.record_uri, json.dumps(record).encode())
+        release_freed_memory()  # the stage's refs and results are gone: its peak need not stay
         return record
 
 
