@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -55,13 +55,18 @@ def split_qualifier(title: str) -> Optional[tuple[str, str]]:
     return bare, title[len(bare):].strip()[1:-1].strip()
 
 
+def title_row_id(title: str) -> tuple[str, str, str]:
+    """The row id of a titled row, and what a page title looks up for rule ``title``: one function for
+    both sides, so the row and the lookup agree on Wikipedia's spelling rules."""
+    return TITLE, kb_key(title), normalize_title(title) or ""
+
+
 def match_keys(title: str) -> list[tuple[str, tuple[str, str, str]]]:
     """(rule, row id) to try for a resolved page title, in order: the exact title, the name, and for a
     title with a disambiguator its bare name carrying that qualifier. A row id is (match, key, exact):
     ``key`` groups rows (the lower-cased name), ``exact`` tells rows of one key apart (the title as
     Wikipedia spells it, or the qualifier)."""
-    key = kb_key(title)
-    ids = [(TITLE, (TITLE, key, normalize_title(title) or "")), (NAME, (NAME, key, ""))]
+    ids = [(TITLE, title_row_id(title)), (NAME, (NAME, kb_key(title), ""))]
     split = split_qualifier(title)
     if split is not None:
         ids.append((QUALIFIED, (QUALIFIED, kb_key(split[0]), kb_key(split[1]))))
@@ -124,7 +129,7 @@ class KBEntry:
 
     def row_ids(self) -> list[tuple[str, str, str]]:
         if self.title is not None:
-            return [(TITLE, kb_key(self.title), normalize_title(self.title) or "")]
+            return [title_row_id(self.title)]
         ids = []
         for name in self.names:
             ids.append((NAME, kb_key(name), ""))
@@ -164,6 +169,14 @@ def _entry_from_row(row: dict) -> KBEntry:
                    desc.strip(), priority)
 
 
+def clean_entry(row: dict, max_chars: int) -> Optional[KBEntry]:
+    """The entry of one KB line with its description through the description filters; None when they
+    drop it. Raises ValueError / TypeError with the reason the line is bad."""
+    entry = _entry_from_row(row)
+    desc = clean_description(entry.description, max_chars)
+    return None if desc is None else replace(entry, description=desc)
+
+
 def flat_rank(priority: tuple) -> float:
     """A row's own priority as one ``rank`` (WordNet's (instance, sense) keeps its order)."""
     return priority[0] * 1e6 + priority[1]
@@ -176,12 +189,11 @@ def normalized_rows(rows: Iterable[tuple[int, dict]], source: str, stats: KBStat
     for line_no, row in rows:
         stats.lines += 1
         try:
-            entry = _entry_from_row(row)
+            entry = clean_entry(row, max_chars)
         except (ValueError, TypeError) as exc:
             stats.bad(f"{source}:{line_no}", str(exc))
             continue
-        desc = clean_description(entry.description, max_chars)
-        if desc is None:
+        if entry is None:
             continue
         stats.entities += 1
         out: dict = {"title": entry.title} if entry.title is not None else {"name": entry.names[0]}
@@ -189,7 +201,7 @@ def normalized_rows(rows: Iterable[tuple[int, dict]], source: str, stats: KBStat
             out["aliases"] = list(entry.names[1:])
         if entry.qualifiers:
             out["qualifiers"] = list(entry.qualifiers)
-        out["description"] = desc
+        out["description"] = entry.description
         if flat_rank(entry.priority):
             out["rank"] = flat_rank(entry.priority)
         yield out
@@ -237,14 +249,14 @@ def kb_line_rows(line: str, source_index: int, max_chars: int = 400) -> tuple[li
     if not isinstance(row, dict):
         return [], "not a JSON object"
     try:
-        entry = _entry_from_row(row)
+        entry = clean_entry(row, max_chars)
     except (ValueError, TypeError) as exc:
         return [], str(exc)
-    desc = clean_description(entry.description, max_chars)
-    if desc is None:
+    if entry is None:
         return [], None
     p0, p1, p2 = kb_priority(source_index, entry.priority)
-    return [{"key": key, "match": match, "exact": exact, "description": desc, "p0": p0, "p1": p1, "p2": p2}
+    return [{"key": key, "match": match, "exact": exact, "description": entry.description, "p0": p0, "p1": p1,
+             "p2": p2}
             for match, key, exact in entry.row_ids()], None
 
 
