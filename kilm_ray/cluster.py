@@ -3,6 +3,7 @@ for a laptop, with the package shipped to every worker."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ _M_ARENA_MAX = -8
 DRIVER_MALLOC_ARENAS = 2
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     import ctypes
     import platform
